@@ -1,0 +1,330 @@
+"""Pure scoring math: taken-token log-probs from hidden states (chunked), token and step reductions, baselines.
+
+Everything here is a function of tensors or arrays; `engine.py` runs the models and the callback feeds the
+tensors GRPO already computed. Both end in `score_from_token_stats`, so the math lives once.
+
+Sign convention: every method's trajectory score is "higher = more likely to succeed".
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+# Token reductions turn a step's per-token log-ratios into its advantage. "sum" is the exact A_t (times beta).
+TOKEN_REDUCTIONS = ("sum", "mean", "min", "max", "last")
+# The paper's public code reduces each model's log-probs first and subtracts after: agg(log pi) - agg(log ref).
+# Offered under names that say so; they are not the A_t of the theory.
+PAPER_TOKEN_REDUCTIONS = ("paper_mean", "paper_min", "paper_max", "paper_last")
+# Step reductions turn a trajectory's step advantages into one score.
+STEP_REDUCTIONS = ("sum", "mean", "min", "max", "last", "bottom10", "min_cumsum")
+METHODS = (
+    "progress_advantage",
+    "policy_logprob",
+    "reference_logprob",
+    "self_certainty",
+    "deepconf_tail",
+    "deepconf_bottom10",
+)
+BASELINES = METHODS[1:]
+
+
+@dataclass
+class ScoringConfig:
+    """How token log-ratios become step advantages and trajectory scores."""
+
+    beta: float = field(default=1.0, metadata={"help": "A_t = beta * sum of token log-ratios; the KL coefficient of training."})
+    token_reduction: str = field(default="sum", metadata={"help": f"One of {TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS}."})
+    step_reduction: str = field(default="sum", metadata={"help": f"One of {STEP_REDUCTIONS}."})
+    temperature: float = field(
+        default=1.0, metadata={"help": "Logits are divided by this before the softmax. The theory holds at 1.0."}
+    )
+    topk: int = field(default=20, metadata={"help": "DeepConf token confidence: minus the mean log-prob of the top k."})
+    deepconf_window: int = field(default=32, metadata={"help": "DeepConf group confidence: sliding window in tokens."})
+    deepconf_tail_tokens: int = field(default=64, metadata={"help": "DeepConf tail confidence: the last N action tokens."})
+
+    def __post_init__(self):
+        if self.token_reduction not in TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS:
+            raise ValueError(f"token_reduction must be one of {TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS}, got {self.token_reduction!r}")
+        if self.step_reduction not in STEP_REDUCTIONS:
+            raise ValueError(f"step_reduction must be one of {STEP_REDUCTIONS}, got {self.step_reduction!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probs of taken tokens from hidden states, without a [batch, seq, vocab] float32 tensor.
+
+
+@torch.no_grad()
+def token_logprob_stats(
+    hidden: torch.Tensor,
+    lm_head,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    topk: int = 0,
+    chunk_size: int = 1024,
+    with_vocab_stats: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Log-prob of each target token (and optional whole-vocabulary statistics) from final hidden states.
+
+    hidden: [N, H] hidden states at the positions that predict `targets` ([N]). The output layer runs on at most
+    `chunk_size` rows at a time and the softmax is taken in float32, so peak memory is chunk_size x vocab floats.
+    Returns float32 tensors of shape [N]: "logp"; with `with_vocab_stats` also "mean_logp" (mean over the
+    vocabulary of log p, for self-certainty) and "topk_logp" (mean of the top-k log-probs, for DeepConf).
+    """
+    out = {"logp": []}
+    if with_vocab_stats:
+        out["mean_logp"], out["topk_logp"] = [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = lm_head(hidden[start : start + chunk_size]).float()
+        if temperature != 1.0:
+            logits = logits / temperature
+        lse = torch.logsumexp(logits, dim=-1)
+        tgt = targets[start : start + chunk_size]
+        out["logp"].append(logits.gather(-1, tgt[:, None]).squeeze(-1) - lse)
+        if with_vocab_stats:
+            out["mean_logp"].append(logits.mean(-1) - lse)
+            k = min(max(topk, 1), logits.shape[-1])
+            out["topk_logp"].append(logits.topk(k, dim=-1).values.mean(-1) - lse)
+    return {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in out.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Per-trajectory token statistics -> step advantages -> trajectory scores and baselines (numpy, float64).
+
+
+@dataclass
+class TokenStats:
+    """Per action token of one trajectory, in order. Arrays are float64 except `step` (int: assistant-turn index)."""
+
+    step: np.ndarray
+    policy_logp: np.ndarray
+    reference_logp: np.ndarray
+    policy_mean_logp: np.ndarray | None = None  # mean over the vocabulary of log p (self-certainty)
+    policy_topk_logp: np.ndarray | None = None  # mean of the top-k log p (DeepConf)
+    vocab_size: int | None = None
+
+    @property
+    def log_ratio(self) -> np.ndarray:
+        return self.policy_logp - self.reference_logp
+
+
+def _agg(x: np.ndarray, how: str) -> float:
+    if x.size == 0:
+        return float("nan")
+    if how == "sum":
+        return float(x.sum())
+    if how == "mean":
+        return float(x.mean())
+    if how == "min":
+        return float(x.min())
+    if how == "max":
+        return float(x.max())
+    if how == "last":
+        return float(x[-1])
+    raise ValueError(f"unknown reduction {how!r}")
+
+
+def _per_step(values: np.ndarray, step: np.ndarray, n_steps: int, how: str) -> np.ndarray:
+    return np.array([_agg(values[step == i], how) for i in range(n_steps)], dtype=np.float64)
+
+
+def step_advantages(stats: TokenStats, n_steps: int, beta: float = 1.0, token_reduction: str = "sum") -> np.ndarray:
+    """Advantage of every step; NaN for a step with no scored tokens (cut by truncation)."""
+    if token_reduction.startswith("paper_"):
+        how = token_reduction[len("paper_") :]
+        return beta * (
+            _per_step(stats.policy_logp, stats.step, n_steps, how)
+            - _per_step(stats.reference_logp, stats.step, n_steps, how)
+        )
+    return beta * _per_step(stats.log_ratio, stats.step, n_steps, token_reduction)
+
+
+def reduce_steps(values: np.ndarray, how: str = "sum") -> float:
+    """One trajectory score from per-step values (NaN steps, i.e. cut by truncation, are left out)."""
+    v = np.asarray(values, dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return float("nan")
+    if how == "bottom10":
+        k = max(1, math.ceil(0.1 * v.size))
+        return float(np.sort(v)[:k].mean())
+    if how == "min_cumsum":
+        return float(np.cumsum(v).min())
+    return _agg(v, how)
+
+
+def _sliding_means(x: np.ndarray, window: int) -> np.ndarray:
+    if x.size <= window:
+        return np.array([x.mean()])
+    c = np.concatenate([[0.0], np.cumsum(x)])
+    return (c[window:] - c[:-window]) / window
+
+
+def baseline_scores(stats: TokenStats, n_steps: int, config: ScoringConfig) -> dict[str, dict]:
+    """Baselines from the same forward passes: {method: {"score": float, "steps": per-step values}}.
+
+    policy_logprob / reference_logprob: mean log-prob of the action tokens (length-normalised).
+    self_certainty (Kang et al. 2025): KL(U || p) = -log V - mean_v log p_v, averaged over action tokens.
+    DeepConf (Fu et al. 2025): token confidence c = -mean of the top-k log-probs; larger means more peaked, i.e.
+    more confident. deepconf_tail = mean c over the last N tokens; deepconf_bottom10 = mean of the lowest 10 % of
+    sliding-window group confidences.
+    """
+    out = {
+        "policy_logprob": (stats.policy_logp, "mean"),
+        "reference_logprob": (stats.reference_logp, "mean"),
+    }
+    res = {}
+    for name, (vals, how) in out.items():
+        res[name] = {"score": _agg(vals, how), "steps": _per_step(vals, stats.step, n_steps, how)}
+    if stats.policy_mean_logp is not None and stats.vocab_size:
+        sc = -math.log(stats.vocab_size) - stats.policy_mean_logp
+        res["self_certainty"] = {"score": _agg(sc, "mean"), "steps": _per_step(sc, stats.step, n_steps, "mean")}
+    if stats.policy_topk_logp is not None:
+        conf = -stats.policy_topk_logp
+        steps = _per_step(conf, stats.step, n_steps, "mean")
+        if conf.size:
+            tail = float(conf[-config.deepconf_tail_tokens :].mean())
+            groups = _sliding_means(conf, config.deepconf_window)
+            k = max(1, math.ceil(0.1 * groups.size))
+            bottom = float(np.sort(groups)[:k].mean())
+        else:
+            tail = bottom = float("nan")
+        res["deepconf_tail"] = {"score": tail, "steps": steps}
+        res["deepconf_bottom10"] = {"score": bottom, "steps": steps}
+    return res
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Result types (the `progadv score` JSON line is `TrajectoryScore.to_dict()`).
+
+
+@dataclass
+class StepScore:
+    index: int  # 0-based assistant-turn index (what `failure_step` indexes)
+    message_index: int  # index into the trajectory's messages
+    advantage: float  # NaN (null in JSON) when truncation cut every token of the step
+    tokens: int  # tokens scored
+    truncated: bool  # some of this step's own tokens were cut by max_length
+
+    def to_dict(self) -> dict:
+        return {
+            "index": self.index,
+            "message_index": self.message_index,
+            "advantage": _json_float(self.advantage),
+            "tokens": self.tokens,
+            "truncated": self.truncated,
+        }
+
+
+@dataclass
+class TrajectoryScore:
+    id: str
+    score: float
+    steps: list[StepScore]
+    baselines: dict[str, float] = field(default_factory=dict)
+    # Per-step values of each baseline (for failure attribution by baselines), same order as `steps`.
+    step_baselines: dict[str, list[float]] = field(default_factory=dict)
+    group: str | None = None
+    success: float | None = None
+    failure_step: int | None = None
+    truncation: dict | None = None
+    token_log_ratios: list[list[float]] | None = None  # per step, on request
+    metadata: dict | None = None
+
+    @property
+    def advantages(self) -> np.ndarray:
+        return np.array([s.advantage for s in self.steps], dtype=np.float64)
+
+    def method_score(self, method: str) -> float:
+        return self.score if method == "progress_advantage" else self.baselines.get(method, float("nan"))
+
+    def method_steps(self, method: str) -> np.ndarray:
+        if method == "progress_advantage":
+            return self.advantages
+        return np.asarray(self.step_baselines.get(method, [np.nan] * len(self.steps)), dtype=np.float64)
+
+    def to_dict(self) -> dict:
+        d = {
+            "id": self.id,
+            "score": _json_float(self.score),
+            "steps": [s.to_dict() for s in self.steps],
+            "baselines": {k: _json_float(v) for k, v in self.baselines.items()},
+            "step_baselines": {k: [_json_float(x) for x in v] for k, v in self.step_baselines.items()},
+        }
+        for key in ("group", "success", "failure_step", "truncation", "token_log_ratios", "metadata"):
+            val = getattr(self, key)
+            if val is not None:
+                d[key] = val
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrajectoryScore":
+        nan = float("nan")
+        steps = [
+            StepScore(
+                index=s["index"],
+                message_index=s["message_index"],
+                advantage=nan if s["advantage"] is None else s["advantage"],
+                tokens=s["tokens"],
+                truncated=s["truncated"],
+            )
+            for s in d["steps"]
+        ]
+        return cls(
+            id=d["id"],
+            score=nan if d.get("score") is None else d["score"],
+            steps=steps,
+            baselines={k: (nan if v is None else v) for k, v in d.get("baselines", {}).items()},
+            step_baselines={k: [nan if x is None else x for x in v] for k, v in d.get("step_baselines", {}).items()},
+            group=d.get("group"),
+            success=d.get("success"),
+            failure_step=d.get("failure_step"),
+            truncation=d.get("truncation"),
+            token_log_ratios=d.get("token_log_ratios"),
+            metadata=d.get("metadata"),
+        )
+
+
+def _json_float(x):
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+def score_from_token_stats(
+    stats: TokenStats,
+    n_steps: int,
+    config: ScoringConfig,
+    *,
+    id: str = "",
+    message_indices: list[int] | None = None,
+    truncated_steps: set[int] | frozenset = frozenset(),
+    with_token_ratios: bool = False,
+) -> TrajectoryScore:
+    """The one place token statistics become a `TrajectoryScore` (the engine and the callback both call it)."""
+    adv = step_advantages(stats, n_steps, config.beta, config.token_reduction)
+    counts = np.bincount(stats.step, minlength=n_steps) if stats.step.size else np.zeros(n_steps, dtype=int)
+    msg = message_indices if message_indices is not None else list(range(n_steps))
+    steps = [
+        StepScore(index=i, message_index=msg[i], advantage=float(adv[i]), tokens=int(counts[i]), truncated=i in truncated_steps)
+        for i in range(n_steps)
+    ]
+    base = baseline_scores(stats, n_steps, config)
+    ratios = None
+    if with_token_ratios:
+        lr = stats.log_ratio
+        ratios = [lr[stats.step == i].tolist() for i in range(n_steps)]
+    return TrajectoryScore(
+        id=id,
+        score=reduce_steps(adv, config.step_reduction),
+        steps=steps,
+        baselines={k: v["score"] for k, v in base.items()},
+        step_baselines={k: v["steps"].tolist() for k, v in base.items()},
+        token_log_ratios=ratios,
+    )

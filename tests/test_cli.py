@@ -1,0 +1,49 @@
+import json
+
+import numpy as np
+
+from conftest import make_trajectory
+from progadv_trl.cli import main
+from progadv_trl.engine import ProgressScorer
+
+
+def _write(path, recs):
+    path.write_text("\n".join(json.dumps(r) if not isinstance(r, str) else r for r in recs) + "\n")
+    return path
+
+
+def test_score_writes_one_line_per_trajectory(tiny_dir, tiny_models, tiny_tokenizer, tmp_path, trajectories):
+    src = _write(tmp_path / "t.jsonl", trajectories)
+    out = tmp_path / "out" / "s.jsonl"
+    rc = main(["score", "--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"]), str(src), "-o", str(out), "--beta", "0.1"])
+    assert rc == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [t["id"] for t in trajectories]
+    for r in rows:
+        assert set(r) >= {"id", "score", "steps", "baselines"}
+        assert set(r["steps"][0]) == {"index", "message_index", "advantage", "tokens", "truncated"}
+        assert set(r["baselines"]) == {"policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail", "deepconf_bottom10"}
+    pol, ref = tiny_models
+    from progadv_trl.scoring import ScoringConfig
+
+    direct = ProgressScorer(pol, tiny_tokenizer, ref, config=ScoringConfig(beta=0.1)).score(trajectories)
+    np.testing.assert_allclose([r["score"] for r in rows], [d.score for d in direct], atol=1e-6)
+
+
+def test_bad_input_is_one_message_and_no_file(tiny_dir, tmp_path, capsys):
+    src = _write(tmp_path / "t.jsonl", [make_trajectory(0), {"id": "bad", "messages": [{"role": "user", "content": "x"}]}])
+    out = tmp_path / "s.jsonl"
+    rc = main(["score", "--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"]), str(src), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not out.exists()
+    assert "t.jsonl line 2 (id 'bad')" in err and "messages" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [src]  # no temporary file left behind either
+    # skip mode scores the good one and reports the bad one
+    rc = main(["score", "--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"]), str(src), "-o", str(out), "--on-error", "skip"])
+    assert rc == 0 and len(out.read_text().splitlines()) == 1
+    assert "1 bad records skipped" in capsys.readouterr().err
+
+
+def test_missing_file_is_a_message(tmp_path, capsys):
+    rc = main(["score", "--policy", "p", "--reference", "r", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")])
+    assert rc == 2 and "not found" in capsys.readouterr().err
