@@ -171,3 +171,16 @@ def test_llama_architecture(tiny_tokenizer, trajectories, tmp_path):
 
 def as_dicts(items):
     return [t.to_dict() for t in as_trajectories(items)]
+
+
+def test_score_many_matches_separate_scoring(tiny_models, tiny_tokenizer, trajectories):
+    from progadv_trl.engine import reduction_grid
+
+    pol, ref = tiny_models
+    grid = reduction_grid(ScoringConfig(beta=0.3))
+    assert len(grid) == 9 * 7 and "paper_min/min_cumsum" in grid
+    picked = {k: grid[k] for k in ("sum/sum", "mean/min", "paper_last/bottom10")}
+    many = ProgressScorer(pol, tiny_tokenizer, ref).score_many(trajectories[:3], picked)
+    for name, cfg in picked.items():
+        alone = ProgressScorer(pol, tiny_tokenizer, ref, config=cfg).score(trajectories[:3])
+        np.testing.assert_allclose([s.score for s in many[name]], [s.score for s in alone], atol=1e-9)
