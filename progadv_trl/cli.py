@@ -145,6 +145,41 @@ def cmd_score(args) -> int:
     return 0
 
 
+def _reduction_info(scorer, critic) -> dict:
+    c = scorer.config
+    how = "default from the theory (beta * sum over tokens, sum over steps), not tuned"
+    if critic is not None:
+        how = critic.manifest.get("scoring", {}).get("chosen_by", "the bundle's scoring rule")
+    return {"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction, "chosen_by": how}
+
+
+def cmd_evaluate(args) -> int:
+    from .applications import choose_reduction, evaluate, format_table
+    from .engine import reduction_grid
+    from .report import write_report
+
+    trajs = _load_inputs(args)
+    scorer, critic = _scorer(args)
+    selection = None
+    if args.choose_reduction:
+        # One set of forward passes; every token x step reduction; k-fold CV so no choice is scored on its own data.
+        grid = reduction_grid(scorer.config)
+        default = f"{scorer.config.token_reduction}/{scorer.config.step_reduction}"
+        many = scorer.score_many(trajs, grid, progress=len(trajs) > 1)
+        scores = many[default]
+        selection = choose_reduction(many, metric=args.choose_reduction, k=args.folds, seed=args.seed)
+    else:
+        scores = scorer.score(trajs, progress=len(trajs) > 1)
+    metrics = evaluate(
+        scores, n_boot=args.n_boot, seed=args.seed, calibration=args.calibration,
+        reduction=_reduction_info(scorer, critic), reduction_selection=selection, k=args.folds,
+    )
+    print(format_table(metrics))
+    paths = write_report(metrics, scores, args.output)
+    print(f"progadv: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="progadv",
@@ -160,6 +195,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("-o", "--output", required=True, help="output .jsonl (written atomically)")
     s.add_argument("--token-ratios", action="store_true", help="also write every token's log-ratio")
     s.set_defaults(func=cmd_score)
+
+    e = sub.add_parser("evaluate", help="best-of-N, success prediction, failure attribution vs baselines -> DIR")
+    _add_model_args(e)
+    _add_scoring_args(e)
+    e.add_argument("trajectories", help="labelled trajectories (success, group, failure_step)")
+    e.add_argument("-o", "--output", required=True, help="output directory: metrics.json, metrics.md, PNG plots")
+    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--folds", type=int, default=5, help="k for the cross-validated choices")
+    e.add_argument("--calibration", choices=("platt", "isotonic"), default="platt", help="P(success) calibration")
+    e.add_argument(
+        "--choose-reduction", choices=("auroc", "spearman", "best_of_n"), default=None,
+        help="also choose the token/step reduction by k-fold CV on this metric and report its held-out figure",
+    )
+    e.set_defaults(func=cmd_evaluate)
     return p
 
 

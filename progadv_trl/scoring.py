@@ -116,7 +116,8 @@ class TokenStats:
         return self.policy_logp - self.reference_logp
 
 
-def _agg(x: np.ndarray, how: str) -> float:
+def aggregate(x: np.ndarray, how: str) -> float:
+    """sum | mean | min | max | last of a 1-D array; NaN when empty."""
     if x.size == 0:
         return float("nan")
     if how == "sum":
@@ -133,7 +134,7 @@ def _agg(x: np.ndarray, how: str) -> float:
 
 
 def _per_step(values: np.ndarray, step: np.ndarray, n_steps: int, how: str) -> np.ndarray:
-    return np.array([_agg(values[step == i], how) for i in range(n_steps)], dtype=np.float64)
+    return np.array([aggregate(values[step == i], how) for i in range(n_steps)], dtype=np.float64)
 
 
 def step_advantages(stats: TokenStats, n_steps: int, beta: float = 1.0, token_reduction: str = "sum") -> np.ndarray:
@@ -158,7 +159,7 @@ def reduce_steps(values: np.ndarray, how: str = "sum") -> float:
         return float(np.sort(v)[:k].mean())
     if how == "min_cumsum":
         return float(np.cumsum(v).min())
-    return _agg(v, how)
+    return aggregate(v, how)
 
 
 def _sliding_means(x: np.ndarray, window: int) -> np.ndarray:
@@ -183,10 +184,10 @@ def baseline_scores(stats: TokenStats, n_steps: int, config: ScoringConfig) -> d
     }
     res = {}
     for name, (vals, how) in out.items():
-        res[name] = {"score": _agg(vals, how), "steps": _per_step(vals, stats.step, n_steps, how)}
+        res[name] = {"score": aggregate(vals, how), "steps": _per_step(vals, stats.step, n_steps, how)}
     if stats.policy_mean_logp is not None and stats.vocab_size:
         sc = -math.log(stats.vocab_size) - stats.policy_mean_logp
-        res["self_certainty"] = {"score": _agg(sc, "mean"), "steps": _per_step(sc, stats.step, n_steps, "mean")}
+        res["self_certainty"] = {"score": aggregate(sc, "mean"), "steps": _per_step(sc, stats.step, n_steps, "mean")}
     if stats.policy_topk_logp is not None:
         conf = -stats.policy_topk_logp
         steps = _per_step(conf, stats.step, n_steps, "mean")

@@ -47,3 +47,25 @@ def test_bad_input_is_one_message_and_no_file(tiny_dir, tmp_path, capsys):
 def test_missing_file_is_a_message(tmp_path, capsys):
     rc = main(["score", "--policy", "p", "--reference", "r", str(tmp_path / "nope.jsonl"), "-o", str(tmp_path / "o.jsonl")])
     assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_evaluate_end_to_end(tiny_dir, tmp_path, capsys):
+    from conftest import make_trajectory
+
+    recs = []
+    for i in range(24):
+        ok = i % 3 != 0
+        recs.append(make_trajectory(i, n_turns=1 + i % 3, success=ok, failure_step=None if ok else 0, group=f"g{i // 4}"))
+    src = _write(tmp_path / "t.jsonl", recs)
+    out = tmp_path / "eval"
+    rc = main(["evaluate", "--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"]), str(src),
+               "-o", str(out), "--n-boot", "50", "--choose-reduction", "auroc", "--folds", "3"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "progress_advantage" in printed and "n=24" in printed
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["n_trajectories"] == 24
+    assert m["reduction"]["chosen_by"].startswith("default")
+    assert m["reduction_selection"]["how"] and len(m["reduction_selection"]["per_fold"]) == 3
+    for f in ("metrics.md", "roc.png", "best_of_n.png", "traces.png"):
+        assert (out / f).stat().st_size > 0
