@@ -105,11 +105,14 @@ def _scorer(args):
 
     over = _scoring_overrides(args)
     if args.bundle:
-        if args.policy or args.reference:
-            raise SystemExit("progadv: error: give --bundle or --policy/--reference, not both")
+        if args.policy:
+            raise SystemExit("progadv: error: give --bundle or --policy, not both")
         from .critic import ProgressCritic
 
-        critic = ProgressCritic.from_pretrained(args.bundle, trust_remote_code=args.trust_remote_code, device=args.device)
+        # --reference with --bundle: where to find a reference the bundle records by identity (hub id + hashes)
+        critic = ProgressCritic.from_pretrained(
+            args.bundle, trust_remote_code=args.trust_remote_code, device=args.device, reference_path=args.reference
+        )
         scorer = critic.scorer
         scorer.config = dataclasses.replace(scorer.config, **over)
         if args.max_length is not None:
@@ -149,7 +152,8 @@ def _reduction_info(scorer, critic) -> dict:
     c = scorer.config
     how = "default from the theory (beta * sum over tokens, sum over steps), not tuned"
     if critic is not None:
-        how = critic.manifest.get("scoring", {}).get("chosen_by", "the bundle's scoring rule")
+        choice = critic.manifest.get("scoring", {}).get("reduction_choice")
+        how = (choice.get("how") if isinstance(choice, dict) else choice) or "the bundle's scoring rule"
     return {"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction, "chosen_by": how}
 
 
@@ -178,6 +182,28 @@ def cmd_evaluate(args) -> int:
     paths = write_report(metrics, scores, args.output)
     print(f"progadv: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
+
+
+def cmd_export(args) -> int:
+    from .bundle import export_from_paths
+    from .scoring import ScoringConfig
+
+    identity = {"repo_id": args.reference_id, "revision": args.revision} if args.reference_id else None
+    out = export_from_paths(
+        args.policy, args.reference, args.output,
+        scoring_config=ScoringConfig(**_scoring_overrides(args)), max_length=args.max_length,
+        reference_identity=identity, dtype=args.dtype, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
+    )
+    print(f"progadv: bundle written to {out} (check it: progadv inspect {out})", file=sys.stderr)
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .bundle import format_report, verify_bundle
+
+    report = verify_bundle(args.bundle, reference_path=args.reference, require_reference=False, trust_remote_code=args.trust_remote_code)
+    print(format_report(report))
+    return 0 if report.ok else 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -210,6 +236,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="also choose the token/step reduction by k-fold CV on this metric and report its held-out figure",
     )
     e.set_defaults(func=cmd_evaluate)
+
+    x = sub.add_parser("export", help="build a critic bundle from a checkpoint pair (no training needed)")
+    x.add_argument("--policy", required=True, help="policy checkpoint, or a LoRA adapter directory")
+    x.add_argument("--reference", default=None, help="reference checkpoint (LoRA: defaults to the adapter's base)")
+    x.add_argument("--reference-id", default=None, help="record the reference by hub id + file hashes, not weights")
+    x.add_argument("--revision", default=None, help="with --reference-id: the hub revision")
+    x.add_argument("--dtype", default=None)
+    x.add_argument("--trust-remote-code", action="store_true")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
+    _add_scoring_args(x)
+    x.add_argument("output", help="bundle directory to create")
+    x.set_defaults(func=cmd_export)
+
+    i = sub.add_parser("inspect", help="print a bundle's manifest and verify every file")
+    i.add_argument("bundle")
+    i.add_argument("--reference", default=None, help="where a reference recorded by identity lives")
+    i.add_argument("--trust-remote-code", action="store_true")
+    i.set_defaults(func=cmd_inspect)
     return p
 
 

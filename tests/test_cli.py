@@ -69,3 +69,25 @@ def test_evaluate_end_to_end(tiny_dir, tmp_path, capsys):
     assert m["reduction_selection"]["how"] and len(m["reduction_selection"]["per_fold"]) == 3
     for f in ("metrics.md", "roc.png", "best_of_n.png", "traces.png"):
         assert (out / f).stat().st_size > 0
+
+
+def test_export_inspect_and_score_with_bundle(tiny_dir, tmp_path, trajectories, capsys):
+    src = _write(tmp_path / "t.jsonl", trajectories)
+    bundle = tmp_path / "bundle"
+    assert main(["export", "--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"]), "--beta", "0.2", str(bundle)]) == 0
+    assert main(["inspect", str(bundle)]) == 0
+    assert "manifest" in capsys.readouterr().out.lower()
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert main(["score", "--bundle", str(bundle), str(src), "-o", str(a)]) == 0
+    assert main(["score", "--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"]), "--beta", "0.2", str(src), "-o", str(b)]) == 0
+    ra = [json.loads(x)["score"] for x in a.read_text().splitlines()]
+    rb = [json.loads(x)["score"] for x in b.read_text().splitlines()]
+    np.testing.assert_allclose(ra, rb, atol=1e-6)  # the bundle's beta (0.2) is its default
+    # a corrupted weight file: inspect says so, scoring refuses with a message, not a traceback
+    w = next((bundle / "policy").glob("*.safetensors"))
+    w.write_bytes(w.read_bytes()[:-8] + b"corrupt!")
+    assert main(["inspect", str(bundle)]) == 2
+    capsys.readouterr()
+    assert main(["score", "--bundle", str(bundle), str(src), "-o", str(tmp_path / "c.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "progadv: error" in err and not (tmp_path / "c.jsonl").exists()
