@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -17,24 +16,13 @@ import numpy as np
 
 from .applications import format_markdown, is_success
 from .scoring import TrajectoryScore
+from .utils import atomic_write_text
 
 METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"
 ROC_PNG = "roc.png"
 BEST_OF_N_PNG = "best_of_n.png"
 TRACES_PNG = "traces.png"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _figure(**kw):
@@ -136,9 +124,9 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     thr = metrics.get("success_threshold")
     paths = {name: out / name for name in (METRICS_MD, ROC_PNG, BEST_OF_N_PNG, TRACES_PNG, METRICS_JSON)}
-    _atomic_write(paths[METRICS_MD], format_markdown(metrics, title=title))
+    atomic_write_text(paths[METRICS_MD], format_markdown(metrics, title=title))
     plot_roc(metrics, scores, paths[ROC_PNG], threshold=thr)
     plot_best_of_n(metrics, paths[BEST_OF_N_PNG])
     plot_traces(scores, paths[TRACES_PNG], threshold=thr)
-    _atomic_write(paths[METRICS_JSON], json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    atomic_write_text(paths[METRICS_JSON], json.dumps(metrics, indent=2, allow_nan=False) + "\n")
     return paths
