@@ -1,0 +1,474 @@
+"""The demo pipeline: tokenizer + tiny model -> reference (SFT on flawed demonstrations) -> policy (GRPO, beta > 0)
+-> labelled rollouts of both. Everything is local (no hub), seeded, and sized for 2 CPU cores.
+
+    cfg = DemoConfig(out_dir="demo_out")            # DemoConfig.fast() for tests
+    build_assets(cfg.out_dir, cfg.seed, cfg)         # tokenizer + randomly initialised model -> out_dir/base
+    train_reference(cfg)                             # SFT -> out_dir/reference
+    trainer, path = train_policy(cfg, callbacks=[])  # GRPO through rollout_func -> out_dir/policy
+    records = sample_rollouts(model, tok, tasks, n_per_task=8, temperature=1.0, seed=0)
+    summary = evaluate(cfg)                          # success rates + test rollouts of both models
+    # or all of it: run(cfg, callbacks=[...])
+
+Why the reference is trained on flawed demonstrations: the policy must have something to improve on. Random slips
+alone would leave the reference's greedy decoding nearly perfect (RL would only remove sampling noise), so two mistakes
+are systematic, the majority action in their situation (see `world.DemoMix`): refusing when only "booked within 24h"
+applies, and giving up after a lookup timeout instead of retrying.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import time
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import torch
+
+from .rollout import encode, episode_tokens, make_rollout_func, play, render, success_reward
+from .world import (
+    ID_DIGITS,
+    ID_PREFIX,
+    SYSTEM_PROMPT,
+    TOOLS,
+    USER_OPENINGS,
+    DemoMix,
+    Episode,
+    Task,
+    WorldConfig,
+    correct_agent,
+    demo_agent,
+    episode_seed,
+    make_tasks,
+    run_episode,
+    tool_call_message,
+)
+
+# Added (non-special) tokens. The JSON skeleton of a tool call is one token per piece, so a call costs ~13 tokens
+# instead of ~23 and the tiny model spends its capacity on the decision (tool name, id digits), not on braces. The id
+# prefix "R" is its own token everywhere (BPE would make it " R" in the customer's text but "R" in the JSON): with the
+# same token before the digits in both places the model learns to copy the id; without it, it never did.
+ADDED_TOKENS = ['{"name": "', '", "arguments": {"id": "', '"}}', "get_reservation", "cancel_reservation", "issue_refund",
+                "R"]
+EXTRA_SPECIALS = ["<tool_response>", "</tool_response>"]
+
+
+@dataclass
+class DemoConfig:
+    """Sizes and knobs of the demo. Defaults fit SFT + GRPO + sampling in ~6 minutes on 2 CPU cores."""
+
+    out_dir: str = field(default="progadv_demo", metadata={"help": "where models, rollouts and logs go"})
+    seed: int = field(default=0, metadata={"help": "seeds tasks, demonstrations, initialisation, training, sampling"})
+    num_threads: int = field(
+        default=2,
+        metadata={"help": "torch CPU threads. Set OMP_WAIT_POLICY=PASSIVE before torch starts (the recipes do): on a "
+                          "busy machine spinning OpenMP threads ran this tiny model up to 10x slower"},
+    )
+    # tasks (disjoint splits of one seeded stream of reservation ids)
+    n_train_tasks: int = field(default=400, metadata={"help": "tasks for demonstrations and GRPO prompts"})
+    n_heldout_tasks: int = field(default=32, metadata={"help": "held-out tasks for the training callback"})
+    n_test_tasks: int = field(default=32, metadata={"help": "tasks for the fresh test rollouts (n_per_task each)"})
+    n_eval_tasks: int = field(default=200, metadata={"help": "held-out tasks for success rates (greedy, sampled)"})
+    n_per_task: int = field(default=8, metadata={"help": "test rollouts per task, per model"})
+    # demonstrations
+    n_demos: int = field(default=2400, metadata={"help": "demonstration episodes for SFT (one customer each)"})
+    p_refuse_24h_only: float = field(default=0.7, metadata={"help": "demos refuse when only 'within 24h' applies"})
+    p_give_up_after_timeout: float = field(default=0.7, metadata={"help": "demos give up after a lookup timeout"})
+    p_noise: float = field(default=0.08, metadata={"help": "demos take a random wrong action at any step"})
+    # model
+    vocab_size: int = field(default=600, metadata={"help": "BPE vocabulary (the domain needs ~530)"})
+    hidden_size: int = field(default=96, metadata={"help": "model width"})
+    num_layers: int = field(default=3, metadata={"help": "transformer layers"})
+    num_heads: int = field(default=4, metadata={"help": "attention heads (2 key/value heads)"})
+    intermediate_size: int = field(default=192, metadata={"help": "MLP width"})
+    # base-model pretraining on short domain snippets
+    pretrain_steps: int = field(
+        default=250,
+        metadata={"help": "steps of next-token pretraining on short snippets (an id, then a tool call copying it) "
+                          "before SFT: the tiny model learns to copy ids there at a fifth of SFT's cost per step"},
+    )
+    pretrain_batch_size: int = field(default=64, metadata={"help": "snippets per pretraining step"})
+    pretrain_lr: float = field(default=3e-3, metadata={"help": "pretraining learning rate"})
+    # SFT
+    sft_epochs: float = field(default=2.0, metadata={"help": "passes over the demonstrations"})
+    sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (tiny models like it high)"})
+    sft_batch_size: int = field(default=32, metadata={"help": "episodes per SFT step"})
+    # GRPO
+    grpo_steps: int = field(default=120, metadata={"help": "GRPO optimizer steps"})
+    grpo_lr: float = field(default=6e-4, metadata={"help": "GRPO learning rate"})
+    beta: float = field(
+        default=0.1,
+        metadata={"help": "KL coefficient, > 0 (progress advantage reads it). 0.04 let RL noise erode the id copying "
+                          "of the tiny model in some runs; 0.1 anchors tokens the reward does not speak about"},
+    )
+    num_generations: int = field(default=8, metadata={"help": "episodes per prompt (GRPO group)"})
+    prompts_per_step: int = field(default=4, metadata={"help": "distinct tasks per GRPO step"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (training and sampled eval)"})
+    max_new_tokens: int = field(default=24, metadata={"help": "tokens per assistant turn before it is cut off"})
+    logging_steps: int = field(default=10, metadata={"help": "GRPO logging interval"})
+
+    @classmethod
+    def fast(cls, **kw) -> "DemoConfig":
+        """Seconds, not minutes: for tests. The models learn little; the plumbing is all exercised."""
+        base = dict(n_train_tasks=24, n_heldout_tasks=4, n_test_tasks=4, n_eval_tasks=8, n_per_task=2, n_demos=64,
+                    pretrain_steps=2, pretrain_batch_size=8,
+                    hidden_size=32, num_layers=1, intermediate_size=64, sft_epochs=1.0, grpo_steps=2,
+                    num_generations=4, prompts_per_step=2, logging_steps=1)
+        base.update(kw)
+        return cls(**base)
+
+    @property
+    def world(self) -> WorldConfig:
+        return WorldConfig()
+
+    @property
+    def mix(self) -> DemoMix:
+        return DemoMix(self.p_refuse_24h_only, self.p_give_up_after_timeout, self.p_noise)
+
+    def path(self, name: str) -> Path:
+        return Path(self.out_dir) / name
+
+    def tasks(self, split: str) -> list[Task]:
+        """Disjoint task splits: eval (success rates), test (records), heldout (callback), train (GRPO prompts), demo
+        (one fresh customer per demonstration: many distinct ids teach copying, not memorising)."""
+        order = ["eval", "test", "heldout", "train", "demo"]
+        sizes = [self.n_eval_tasks, self.n_test_tasks, self.n_heldout_tasks, self.n_train_tasks, self.n_demos]
+        k = order.index(split)
+        return make_tasks(sizes[k], self.seed, skip=sum(sizes[:k]), config=self.world)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "DemoConfig":
+        """Known keys are used; unknown ones are reported, not fatal (old YAMLs keep working)."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            print(f"[progadv demo] ignoring unknown config keys: {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def _setup(cfg: DemoConfig) -> None:
+    torch.set_num_threads(cfg.num_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 1. Tokenizer and base model
+
+
+def demonstrations(cfg: DemoConfig) -> list[Episode]:
+    """Flawed demonstration episodes, one per task of the "demo" split."""
+    agent = demo_agent(cfg.mix)
+    return [run_episode(t, agent, seed=episode_seed(cfg.seed, "demo", i), config=cfg.world)
+            for i, t in enumerate(cfg.tasks("demo"))]
+
+
+def build_tokenizer(out_dir, cfg: DemoConfig):
+    """Qwen2Tokenizer (digits one per token) with TRL's Qwen2.5 chat template, trained on rendered demo conversations."""
+    from progadv_trl import tiny
+
+    out_dir = Path(out_dir)
+    # Render the corpus with a throwaway tokenizer: only its chat template is used.
+    scratch = tiny.build_tokenizer(out_dir / "_scratch", vocab_size=300)
+    tasks = cfg.tasks("train")
+    corpus = [scratch.apply_chat_template(run_episode(tasks[i % len(tasks)], agent, seed=i).messages, tokenize=False)
+              for i, agent in enumerate([correct_agent, demo_agent(cfg.mix)] * 200)]
+    corpus += [t.user_text for t in make_tasks(600, cfg.seed + 1)]  # user phrasings around many ids
+    import shutil
+
+    shutil.rmtree(out_dir / "_scratch", ignore_errors=True)
+    tok = tiny.build_tokenizer(out_dir, corpus=corpus, vocab_size=cfg.vocab_size, extra_special_tokens=EXTRA_SPECIALS)
+    tok.add_tokens(ADDED_TOKENS)
+    tok.save_pretrained(out_dir)
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+def pretraining_snippet(rng: random.Random, tokenizer) -> list[int]:
+    """One short stretch of domain text where an id is copied: the customer's opening (or a tool result echoing the
+    id) and the assistant's next tool call with that id, written by the chat template."""
+    rid = f"{ID_PREFIX}{rng.randrange(10 ** (ID_DIGITS - 1), 10**ID_DIGITS)}"
+    if rng.random() < 0.5:
+        ctx = {"role": "user", "content": rng.choice(USER_OPENINGS).format(rid=rid)}
+    else:
+        out = rng.choice([{"error": "timeout"}, {"insured": rng.random() < 0.5, "within_24h": rng.random() < 0.5},
+                          {"status": "cancelled"}, {"status": "refunded"}])
+        ctx = {"role": "tool", "content": json.dumps({**out, "id": rid})}
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, ctx, tool_call_message(rng.choice(TOOLS), rid)]
+    text = render(tokenizer, msgs).rstrip("\n")
+    return encode(tokenizer, text[text.index("<|im_start|>user"):])
+
+
+def pretrain_base(model, tokenizer, cfg: DemoConfig) -> list[float]:
+    """Next-token pretraining on `pretraining_snippet`s (a plain loop: ~30 s). Returns the loss every 50 steps."""
+    rng = random.Random(f"progadv-demo-pretrain-{cfg.seed}")
+    torch.manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    pad, losses = tokenizer.pad_token_id, []
+    model.train()
+    for step in range(1, cfg.pretrain_steps + 1):
+        xs = [pretraining_snippet(rng, tokenizer) for _ in range(cfg.pretrain_batch_size)]
+        L = max(map(len, xs))
+        ids = torch.full((len(xs), L), pad)
+        labels = torch.full((len(xs), L), -100)
+        attn = torch.zeros((len(xs), L), dtype=torch.long)
+        for i, x in enumerate(xs):
+            ids[i, : len(x)] = labels[i, : len(x)] = torch.tensor(x)
+            attn[i, : len(x)] = 1
+        for g in opt.param_groups:
+            g["lr"] = cfg.pretrain_lr * min(1.0, step / 20)
+        loss = model(input_ids=ids, attention_mask=attn, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if step % 50 == 0:
+            losses.append(round(loss.item(), 4))
+    model.eval()
+    return losses
+
+
+def build_assets(out_dir, seed: int = 0, cfg: DemoConfig | None = None) -> dict:
+    """Tokenizer + tiny Qwen2 model (random init, then `pretrain_base`) saved under out_dir/base.
+    Returns {"tokenizer", "base", "pretrain_losses"}."""
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    cfg = replace(cfg or DemoConfig(), out_dir=str(out_dir), seed=seed)
+    _setup(cfg)
+    base = cfg.path("base")
+    tok = build_tokenizer(base, cfg)
+    config = Qwen2Config(
+        vocab_size=len(tok), hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads, num_key_value_heads=max(1, cfg.num_heads // 2),
+        intermediate_size=cfg.intermediate_size, max_position_embeddings=1024, tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.generation_config.eos_token_id = config.eos_token_id
+    model.generation_config.pad_token_id = tok.pad_token_id
+    losses = pretrain_base(model, tok, cfg)
+    model.save_pretrained(base)
+    _write_json(base / "demo_log.json", {"pretrain_losses": losses})
+    return {"tokenizer": tok, "base": str(base), "pretrain_losses": losses}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 2. Reference: SFT on flawed demonstrations
+
+
+def sft_dataset(tokenizer, episodes: list[Episode]):
+    """Pre-tokenized {"input_ids", "assistant_masks"}: loss on the agent's own turns only, tokenized exactly as the
+    rollouts tokenize them (one piece per turn), so SFT and GRPO see the same token sequences."""
+    import datasets
+
+    rows = []
+    for ep in episodes:
+        p, c, m = episode_tokens(tokenizer, ep.messages)
+        rows.append({"input_ids": p + c, "assistant_masks": [0] * len(p) + m})
+    return datasets.Dataset.from_list(rows)
+
+
+def train_reference(cfg: DemoConfig, callbacks=()) -> str:
+    """SFT the base model on the flawed demonstrations with TRL's SFTTrainer; saves and returns out_dir/reference."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    _setup(cfg)
+    base, out = cfg.path("base"), cfg.path("reference")
+    tok = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base)
+    ds = sft_dataset(tok, demonstrations(cfg))
+    args = SFTConfig(
+        output_dir=str(cfg.path("sft_run")), num_train_epochs=cfg.sft_epochs, learning_rate=cfg.sft_lr,
+        per_device_train_batch_size=cfg.sft_batch_size, lr_scheduler_type="constant_with_warmup", warmup_steps=0.05,
+        weight_decay=0.0, logging_steps=max(1, cfg.logging_steps * 2), save_strategy="no", report_to="none",
+        use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, max_length=None, gradient_checkpointing=False,
+        dataset_num_proc=None, disable_tqdm=True,
+    )
+    trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=list(callbacks))
+    trainer.train()
+    trainer.save_model(str(out))
+    tok.save_pretrained(out)
+    _write_json(out / "demo_log.json", trainer.state.log_history)
+    return str(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 3. Policy: GRPO through rollout_func
+
+
+def grpo_dataset(tasks: list[Task]):
+    import datasets
+
+    return datasets.Dataset.from_list([{"prompt": t.prompt(), "task_id": t.id} for t in tasks])
+
+
+def grpo_config(cfg: DemoConfig, **overrides):
+    from trl import GRPOConfig
+
+    kw = dict(
+        output_dir=str(cfg.path("grpo_run")), max_steps=cfg.grpo_steps, learning_rate=cfg.grpo_lr, beta=cfg.beta,
+        num_generations=cfg.num_generations, per_device_train_batch_size=cfg.num_generations * cfg.prompts_per_step,
+        gradient_accumulation_steps=1, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens * 8,
+        lr_scheduler_type="constant_with_warmup", warmup_steps=0.1, logging_steps=cfg.logging_steps, save_strategy="no",
+        report_to="none", use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, gradient_checkpointing=False,
+        disable_tqdm=True, log_completions=False,
+    )
+    kw.update(overrides)
+    return GRPOConfig(**kw)
+
+
+def train_policy(cfg: DemoConfig, callbacks=(), model_path: str | None = None, save: bool = True, **overrides):
+    """GRPO (beta > 0) from the reference through `rollout_func`; TRL reloads the reference from the same path.
+
+    `callbacks`: TrainerCallback instances, or callables `f(trainer) -> callback` (a callback class whose constructor
+    takes the trainer, like ProgressAdvantageCallback, or a lambda), built once the trainer exists.
+    `overrides`: GRPOConfig fields. Returns (trainer, path of the saved policy)."""
+    from transformers import AutoTokenizer, TrainerCallback
+    from trl import GRPOTrainer
+
+    _setup(cfg)
+    model_path = str(model_path or cfg.path("reference"))
+    tok = AutoTokenizer.from_pretrained(model_path)
+    tasks = cfg.tasks("train")
+    trainer = GRPOTrainer(
+        model=model_path,
+        reward_funcs=success_reward,
+        args=grpo_config(cfg, **overrides),
+        train_dataset=grpo_dataset(tasks),
+        processing_class=tok,
+        rollout_func=make_rollout_func(tasks, seed=cfg.seed, world=cfg.world, max_new_tokens=cfg.max_new_tokens),
+    )
+    for cb in callbacks:
+        trainer.add_callback(cb if isinstance(cb, TrainerCallback) else cb(trainer))
+    trainer.train()
+    out = cfg.path("policy")
+    if save:
+        trainer.save_model(str(out))
+        tok.save_pretrained(out)
+        _write_json(out / "demo_log.json", trainer.state.log_history)
+    return trainer, str(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# 4. Rollouts and success rates
+
+
+def sample_rollouts(model, tokenizer, tasks: list[Task], n_per_task: int = 8, temperature: float = 1.0, seed: int = 0,
+                    *, greedy: bool = False, world: WorldConfig | None = None, max_new_tokens: int = 24,
+                    tag: str = "rollout", tools: list[dict] | None = None) -> list[dict]:
+    """Labelled trajectory records, `n_per_task` episodes per task (ids `{tag}-{task id}-{k}`, group = task id).
+
+    Episode k of a task gets the same world seed whatever the model (common random numbers: a policy and its
+    reference face the same timeouts and hang-ups), so success rates of two models compare pairwise."""
+    eps = [Episode(t, episode_seed(seed, "world", t.id, k), world) for t in tasks for k in range(n_per_task)]
+    device = next(model.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(episode_seed(seed, "sample", tag))
+    tes = play(model, tokenizer, eps, temperature=temperature, greedy=greedy, max_new_tokens=max_new_tokens,
+               generator=gen, tools=tools)
+    return [
+        te.record(id=f"{tag}-{te.episode.task.id}-{i % n_per_task}", source=tag, sample=i % n_per_task,
+                  greedy=greedy, temperature=None if greedy else temperature)
+        for i, te in enumerate(tes)
+    ]
+
+
+def success_rate(model, tokenizer, tasks: list[Task], greedy: bool = True, *, n_per_task: int = 1, seed: int = 0,
+                 temperature: float = 1.0, max_new_tokens: int = 24, world: WorldConfig | None = None) -> float:
+    """Fraction of successful episodes (greedy decoding by default) over `n_per_task` episodes per task."""
+    recs = sample_rollouts(model, tokenizer, tasks, n_per_task, temperature, seed, greedy=greedy, world=world,
+                           max_new_tokens=max_new_tokens, tag="eval")
+    return sum(r["success"] for r in recs) / len(recs)
+
+
+def summarize(records: list[dict]) -> dict:
+    """Success rate and failure kinds of a set of records."""
+    n = len(records)
+    kinds = {k: sum(r["metadata"]["failure_kind"] == k for r in records) for k in ("decision", "luck")}
+    return {"n": n, "success": sum(r["success"] for r in records) / max(n, 1), **{f"{k}_failures": v for k, v in kinds.items()},
+            "canonical": sum(r["metadata"].get("canonical", True) for r in records) / max(n, 1)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The whole thing (what recipes/toy_*.py and `progadv demo` build on)
+
+
+def load_models(cfg: DemoConfig, names=("reference", "policy")):
+    """(tokenizer, {name: model in eval mode}) from out_dir."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _setup(cfg)
+    tok = AutoTokenizer.from_pretrained(cfg.path(names[0]))
+    return tok, {n: AutoModelForCausalLM.from_pretrained(cfg.path(n)).eval() for n in names}
+
+
+def heldout_records(cfg: DemoConfig, model=None, tokenizer=None, n_per_task: int = 4) -> list[dict]:
+    """Labelled rollouts of the reference on the held-out split: a fixed set for a training callback to score."""
+    if model is None:
+        tokenizer, models = load_models(cfg, ("reference",))
+        model = models["reference"]
+    return sample_rollouts(model, tokenizer, cfg.tasks("heldout"), n_per_task, cfg.temperature, seed=cfg.seed,
+                           world=cfg.world, max_new_tokens=cfg.max_new_tokens, tag="heldout-reference")
+
+
+def evaluate(cfg: DemoConfig, write_rollouts: bool = True) -> dict:
+    """Success rates of reference and policy on the eval split (greedy: 1 episode a task; sampled: 2 a task), and
+    the fresh test rollouts (n_per_task a task, each model) written to out_dir/rollouts_{reference,policy}.jsonl."""
+    tok, models = load_models(cfg)
+    t0 = time.time()
+    ev = cfg.tasks("eval")
+    success = {}
+    for name, m in models.items():
+        kw = dict(seed=cfg.seed, world=cfg.world, max_new_tokens=cfg.max_new_tokens)
+        success[name] = {
+            "greedy": summarize(sample_rollouts(m, tok, ev, 1, greedy=True, tag=f"eval-greedy-{name}", **kw)),
+            "sampled": summarize(sample_rollouts(m, tok, ev, 2, cfg.temperature, tag=f"eval-sampled-{name}", **kw)),
+        }
+    eval_s = time.time() - t0
+    t0 = time.time()
+    rollouts = {}
+    if write_rollouts:
+        test = cfg.tasks("test")
+        for name, m in models.items():
+            recs = sample_rollouts(m, tok, test, cfg.n_per_task, cfg.temperature, seed=cfg.seed, world=cfg.world,
+                                   max_new_tokens=cfg.max_new_tokens, tag=f"test-{name}")
+            path = cfg.path(f"rollouts_{name}.jsonl")
+            path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+            rollouts[name] = {"path": str(path), **summarize(recs)}
+    return {
+        "reference_success": success["reference"]["greedy"]["success"],
+        "policy_success": success["policy"]["greedy"]["success"],
+        "success": success,
+        "n_eval_episodes": {"greedy": len(ev), "sampled": 2 * len(ev)},
+        "rollouts": rollouts,
+        "timings": {"eval_s": eval_s, "sampling_s": time.time() - t0},
+    }
+
+
+def run(cfg: DemoConfig, callbacks=(), write_rollouts: bool = True) -> dict:
+    """Assets -> reference -> policy -> success rates and test rollouts. Writes out_dir/summary_demo.json."""
+    t0 = time.time()
+    timings = {}
+    build_assets(cfg.out_dir, cfg.seed, cfg)
+    timings["assets_s"] = time.time() - t0
+    t = time.time()
+    train_reference(cfg)
+    timings["sft_s"] = time.time() - t
+    t = time.time()
+    trainer, _ = train_policy(cfg, callbacks=callbacks)
+    timings["grpo_s"] = time.time() - t
+    summary = evaluate(cfg, write_rollouts)
+    summary["timings"] = {**timings, **summary["timings"], "total_s": time.time() - t0}
+    summary["grpo_steps"] = trainer.state.global_step
+    summary["config"] = asdict(cfg)
+    _write_json(cfg.path("summary_demo.json"), summary)
+    return summary
+
+
+def _write_json(path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2, default=str))

@@ -1,0 +1,267 @@
+"""Turning episodes into tokens and back: the model-driven, batched episode runner and TRL's `rollout_func`.
+
+Token layout of one episode (what GRPO trains on and what the scorer re-renders):
+
+    prompt_ids      = template(system, user, add_generation_prompt=True)        -> ends "<|im_start|>assistant\\n"
+    completion_ids  = action_0 + env_0 + action_1 + env_1 + ...                  (env_mask 1 on actions, 0 on env)
+        action_k    = the tokens the model generated for turn k, through its "<|im_end|>"
+        env_k       = "\\n" + what the template writes for the tool result / customer reply + "<|im_start|>assistant\\n"
+
+Every boundary sits next to a special token ("<|im_end|>", "<tool_call>") or a newline, which the Qwen2
+pre-tokenizer never merges across, so tokenizing the pieces equals tokenizing the whole rendered conversation as long
+as the model wrote each turn the way the template renders it (`canonical` in the record's metadata says whether it
+did). That is what lets the lead's scorer, which renders the record with `apply_chat_template(messages)` and tokenizes
+once, score exactly the tokens the model generated.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .world import Episode, Task, WorldConfig, episode_seed
+
+_CALL_RE = re.compile(r"^(?:(.*)\n)?<tool_call>\n(.*)\n</tool_call>$", re.DOTALL)
+
+
+def render(tokenizer, messages, add_generation_prompt=False, tools=None) -> str:
+    # The tiny demo passes no `tools`: its system prompt names them and the records carry no schema. A real instruct
+    # model (recipes/grpo_lora_qwen.py) gets the schema block (world.TOOL_SCHEMAS) and its records carry `tools`.
+    return tokenizer.apply_chat_template(
+        messages, tools=tools or None, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+
+
+def encode(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+EOT = "<|im_end|>"  # ChatML's end of turn: the Qwen2/2.5 family, TRL's qwen2_5 template
+
+
+def end_of_turn(tokenizer) -> int:
+    eot = tokenizer.convert_tokens_to_ids(EOT)
+    if eot is None or eot == tokenizer.unk_token_id:
+        raise ValueError(f"the demo world needs a ChatML chat template (turns end with {EOT}, e.g. Qwen2.5)")
+    return eot
+
+
+def parse_turn(text: str) -> dict:
+    """Decoded assistant turn (without "<|im_end|>") -> assistant message. Unreadable tool calls stay as content."""
+    m = _CALL_RE.match(text)
+    if m:
+        try:
+            call = json.loads(m.group(2))
+            if isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict):
+                fn = {"name": call["name"], "arguments": call["arguments"]}
+                return {"role": "assistant", "content": m.group(1) or "", "tool_calls": [{"type": "function", "function": fn}]}
+        except json.JSONDecodeError:
+            pass
+    return {"role": "assistant", "content": text}
+
+
+def env_text(tokenizer, upto_assistant: list[dict], after: list[dict], done: bool, tools=None) -> str:
+    """What the template writes between the end of an assistant turn ("<|im_end|>") and the next turn's start."""
+    a = render(tokenizer, upto_assistant, tools=tools)
+    b = render(tokenizer, after, add_generation_prompt=not done, tools=tools)
+    if not a.endswith(EOT + "\n") or not b.startswith(a):
+        raise ValueError("the chat template is not prefix-stable for this conversation; use TRL's qwen2_5 template")
+    seg = "\n" + b[len(a):]
+    return seg.rstrip("\n") if done else seg
+
+
+def episode_tokens(tokenizer, messages: list[dict], tools=None) -> tuple[list[int], list[int], list[int]]:
+    """A finished conversation -> (prompt_ids, completion_ids, env_mask), each assistant turn tokenized canonically.
+    Used for the SFT demonstrations and to check that a record reproduces the generated tokens."""
+    idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    prompt = encode(tokenizer, render(tokenizer, messages[: idx[0]], add_generation_prompt=True, tools=tools))
+    comp, mask = [], []
+    for k, mi in enumerate(idx):
+        before = render(tokenizer, messages[:mi], add_generation_prompt=True, tools=tools)
+        upto = render(tokenizer, messages[: mi + 1], tools=tools)
+        act = encode(tokenizer, upto[len(before):].rstrip("\n"))
+        comp += act
+        mask += [1] * len(act)
+        nxt = idx[k + 1] if k + 1 < len(idx) else len(messages)
+        if nxt > mi + 1 or k + 1 < len(idx):
+            env = encode(tokenizer, env_text(tokenizer, messages[: mi + 1], messages[:nxt], k + 1 == len(idx), tools))
+            comp += env
+            mask += [0] * len(env)
+    return prompt, comp, mask
+
+
+@dataclass
+class TokenEpisode:
+    episode: Episode
+    prompt_ids: list[int]
+    completion_ids: list[int] = field(default_factory=list)
+    env_mask: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    canonical: list[bool] = field(default_factory=list)  # per turn: generated text == the template's rendering
+    tools: list[dict] | None = None
+
+    @property
+    def ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+    def record(self, id: str | None = None, **metadata) -> dict:
+        """The core trajectory record; metadata["canonical"] is True when re-rendering it gives exactly the tokens
+        the model generated (every turn ended with its end-of-turn token and was written as the template writes it)."""
+        rec = self.episode.record(id, canonical=all(self.canonical), **metadata)
+        if self.tools:
+            rec["tools"] = self.tools
+        return rec
+
+
+@torch.no_grad()
+def generate_turns(model, contexts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+                   temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None):
+    """One assistant turn for each context: left-padded batch, KV cache, stop at `eos_id`.
+
+    Returns (token lists including the eos when reached, per-token log-probs under the sampling distribution). Samples
+    from the full softmax at `temperature` (no top-k/top-p): that is the distribution GRPO's loss assumes."""
+    device = next(model.parameters()).device
+    B = len(contexts)
+    L = max(len(c) for c in contexts)
+    ids = torch.full((B, L), pad_id, dtype=torch.long)
+    attn = torch.zeros((B, L), dtype=torch.long)
+    for i, c in enumerate(contexts):
+        ids[i, L - len(c):] = torch.tensor(c)
+        attn[i, L - len(c):] = 1
+    ids, attn = ids.to(device), attn.to(device)
+    pos = (attn.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    past = out.past_key_values
+    logits = out.logits[:, -1, :].float()
+    next_pos = pos[:, -1:] + 1
+    finished = torch.zeros(B, dtype=torch.bool, device=device)
+    toks, lps = [], []
+    for t in range(max_new_tokens):
+        logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
+        if greedy:
+            nxt = logp.argmax(-1)
+        else:
+            nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+        toks.append(nxt)
+        lps.append(logp.gather(-1, nxt[:, None]).squeeze(-1))
+        finished = finished | (nxt == eos_id)
+        if bool(finished.all()) or t + 1 == max_new_tokens:
+            break
+        attn = torch.cat([attn, attn.new_ones((B, 1))], dim=1)  # finished rows write pads nobody reads
+        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=past, use_cache=True)
+        past = out.past_key_values
+        logits = out.logits[:, -1, :].float()
+        next_pos = next_pos + 1
+    toks = torch.stack(toks, 1).tolist()
+    lps = torch.stack(lps, 1).tolist()
+    res_t, res_l = [], []
+    for i in range(B):
+        seq, lp = toks[i], lps[i]
+        if eos_id in seq:
+            n = seq.index(eos_id) + 1
+            seq, lp = seq[:n], lp[:n]
+        res_t.append(seq)
+        res_l.append(lp)
+    return res_t, res_l
+
+
+def play(model, tokenizer, episodes: list[Episode], *, temperature: float = 1.0, greedy: bool = False,
+         max_new_tokens: int = 40, generator: torch.Generator | None = None, batch_size: int = 256,
+         tools: list[dict] | None = None) -> list[TokenEpisode]:
+    """Run episodes to the end with `model` as the agent, all in lockstep (one batched generation per turn)."""
+    eos = end_of_turn(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    was_training = model.training
+    model.eval()  # no dropout, and gradient checkpointing (which disables the KV cache) stays off
+    try:
+        tes = [
+            TokenEpisode(ep, encode(tokenizer, render(tokenizer, ep.messages, True, tools)), tools=tools)
+            for ep in episodes
+        ]
+        while True:
+            active = [te for te in tes if not te.episode.done]
+            if not active:
+                break
+            for s in range(0, len(active), batch_size):
+                chunk = active[s : s + batch_size]
+                gens, lps = generate_turns(
+                    model, [te.ids for te in chunk], eos_id=eos, pad_id=pad, max_new_tokens=max_new_tokens,
+                    temperature=temperature, greedy=greedy, generator=generator,
+                )
+                for te, g, lp in zip(chunk, gens, lps):
+                    _advance(tokenizer, te, g, lp, eos)
+    finally:
+        model.train(was_training)
+    return tes
+
+
+def _advance(tokenizer, te: TokenEpisode, gen: list[int], lp: list[float], eos: int) -> None:
+    ep = te.episode
+    text = tokenizer.decode(gen, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    ended = bool(gen) and gen[-1] == eos
+    if ended:
+        text = text[: -len(EOT)]
+    # A turn cut off by max_new_tokens is no action, whatever it says so far: the world counts it a mistake.
+    msg = parse_turn(text) if ended else {"role": "assistant", "content": text}
+    before, tools = ep.messages, te.tools
+    canon = render(tokenizer, before + [msg], tools=tools)[len(render(tokenizer, before, True, tools)):]
+    te.canonical.append(ended and canon.rstrip("\n") == text + EOT)
+    te.completion_ids += gen
+    te.env_mask += [1] * len(gen)
+    te.logprobs += lp
+    upto = ep.messages + [{"role": "assistant", **msg}]
+    ep.step(msg, unfinished=not ended)
+    if len(ep.messages) > len(upto) or not ep.done:
+        env = encode(tokenizer, env_text(tokenizer, upto, ep.messages, ep.done, tools))
+        te.completion_ids += env
+        te.env_mask += [0] * len(env)
+        te.logprobs += [0.0] * len(env)
+
+
+def make_rollout_func(tasks: list[Task], *, seed: int = 0, world: WorldConfig | None = None, max_new_tokens: int = 40,
+                      tools: list[dict] | None = None):
+    """TRL `rollout_func` playing multi-turn episodes of the demo world with the model being trained.
+
+    `prompts` arrive repeated `num_generations` times (GRPO's sampler). The task is found from the prompt's user text;
+    each episode's world seed comes from (seed, call number, process, position), so a run is reproducible and a group's
+    episodes see different dice. The episode's success is returned as the extra field `success`, which TRL passes to
+    reward functions as a keyword argument (see `success_reward`)."""
+    by_text = {t.user_text: t for t in tasks}
+    calls = itertools.count()
+
+    def rollout_func(prompts, trainer):
+        call = next(calls)
+        rank = trainer.accelerator.process_index
+        eps = []
+        for i, p in enumerate(prompts):
+            text = p[-1]["content"] if isinstance(p, list) else p
+            if text not in by_text:
+                raise KeyError(f"rollout_func: prompt {text!r} is not one of the demo world's tasks")
+            eps.append(Episode(by_text[text], episode_seed(seed, "train", call, rank, i), world))
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        device = next(model.parameters()).device
+        gen = torch.Generator(device=device).manual_seed(episode_seed(seed, "sample", call, rank))
+        tes = play(model, trainer.processing_class, eps, temperature=trainer.temperature, max_new_tokens=max_new_tokens,
+                   generator=gen, tools=tools)
+        return {
+            "prompt_ids": [te.prompt_ids for te in tes],
+            "completion_ids": [te.completion_ids for te in tes],
+            "logprobs": [te.logprobs for te in tes],
+            "env_mask": [te.env_mask for te in tes],
+            "success": [float(te.episode.success) for te in tes],
+            "failure_kind": [te.episode.failure_kind or "none" for te in tes],
+        }
+
+    return rollout_func
+
+
+def success_reward(completions, success=None, **kwargs) -> list[float]:
+    """GRPO reward: 1 if the episode succeeded (from `rollout_func`'s extra field `success`), else 0."""
+    if success is None:
+        raise ValueError("success_reward needs the `success` field that make_rollout_func returns")
+    return [float(s) for s in success]

@@ -1,0 +1,347 @@
+"""The demo world: policy labels, irreversibility, seeds, records that round-trip through the chat template, and the
+multi-turn rollout_func driving TRL's GRPOTrainer for a couple of steps."""
+
+import json
+import re
+
+import pytest
+import torch
+
+from progadv_trl.demo.rollout import (
+    encode,
+    end_of_turn,
+    episode_tokens,
+    make_rollout_func,
+    parse_turn,
+    play,
+    render,
+)
+from progadv_trl.demo.world import (
+    SAY,
+    Episode,
+    WorldConfig,
+    correct_agent,
+    demo_agent,
+    make_tasks,
+    run_episode,
+    say_message,
+    tool_call_message,
+)
+
+
+def _task(situation, seed=0):
+    return next(t for t in make_tasks(300, seed) if t.situation == situation)
+
+
+def _lucky_seed(task, n_timeouts=0):
+    """A world seed whose first lookups time out exactly `n_timeouts` times with no hang-up."""
+    for s in range(1000):
+        ep = run_episode(task, correct_agent, seed=s)
+        if ep.timeouts == n_timeouts and ep.success:
+            return s
+    raise AssertionError("no such seed")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Labels
+
+
+def test_correct_agent_fails_only_by_luck():
+    tasks = make_tasks(200, 1)
+    kinds = {}
+    for i, t in enumerate(tasks):
+        r = run_episode(t, correct_agent, seed=i).record()
+        kinds[r["metadata"]["failure_kind"]] = kinds.get(r["metadata"]["failure_kind"], 0) + 1
+        assert r["failure_step"] is None
+        if not r["success"]:
+            assert r["metadata"]["failure_kind"] == "luck"
+            assert r["metadata"]["outcome"] in ("hangup", "max_steps")
+        else:
+            assert r["metadata"]["failure_kind"] is None
+    assert kinds.get("luck", 0) > 0  # the dice do matter...
+    assert kinds[None] > 0.85 * len(tasks)  # ...but rarely
+
+
+def test_refusing_24h_only_is_a_decision_failure_at_that_step():
+    task = _task("24h_only")
+    seed = _lucky_seed(task, n_timeouts=1)  # lookup, retry, then the decision: failure_step must be 2, not 1
+
+    def refuser(ep, rng):
+        return say_message("refuse") if ep.looked_up else correct_agent(ep)
+
+    r = run_episode(task, refuser, seed=seed).record()
+    assert r["success"] is False
+    assert r["metadata"]["failure_kind"] == "decision"
+    assert r["failure_step"] == 2
+    assert r["metadata"]["failure_reason"].startswith("say:refuse instead of cancel_reservation")
+    assert sum(m["role"] == "assistant" for m in r["messages"]) == 3
+
+
+def test_cancelling_without_lookup_fails_at_step_zero():
+    task = _task("insured_only")  # cancelling is even allowed here: skipping the lookup still breaks the policy
+    ep = Episode(task, seed=0)
+    ep.step(tool_call_message("cancel_reservation", task.res_id))
+    while not ep.done:
+        ep.step(correct_agent(ep))
+    assert not ep.success and ep.failure_step == 0 and ep.failure_kind == "decision"
+
+
+def test_cancellation_is_irreversible():
+    task = _task("neither")
+    ep = Episode(task, seed=_lucky_seed(task))
+    ep.step(tool_call_message("get_reservation", task.res_id))
+    out = ep.step(tool_call_message("cancel_reservation", task.res_id))  # against the policy
+    assert json.loads(out[0]["content"]) == {"status": "cancelled", "id": task.res_id}
+    again = ep.step(tool_call_message("cancel_reservation", task.res_id))
+    assert json.loads(again[0]["content"]) == {"error": "already cancelled", "id": task.res_id}
+    ep.step(say_message("refuse"))  # saying the right thing afterwards undoes nothing
+    assert ep.cancelled and ep.done and not ep.success
+    assert ep.failure_step == 1 and ep.record()["failure_step"] == 1
+
+
+def test_wrong_id_and_unreadable_output_are_mistakes():
+    task = _task("both")
+    ep = Episode(task, seed=0)
+    out = ep.step(tool_call_message("get_reservation", "R0000"))
+    assert json.loads(out[0]["content"]) == {"error": "not found", "id": "R0000"} and ep.failure_step == 0
+    ep2 = Episode(task, seed=0)
+    ep2.step({"content": '<tool_call>\n{"name": "get_res'}, unfinished=True)
+    assert ep2.done and ep2.failure_kind == "decision" and ep2.failure_step == 0
+
+
+def test_luck_hangup_after_correct_retry_has_no_failure_step():
+    task = _task("neither")
+    for s in range(1000):
+        ep = run_episode(task, correct_agent, seed=s)
+        if ep.outcome == "hangup":
+            break
+    r = ep.record()
+    assert r["messages"][-1]["role"] == "user" and r["messages"][-2]["role"] == "tool"
+    assert r["metadata"]["failure_kind"] == "luck" and r["failure_step"] is None and r["success"] is False
+
+
+def test_demo_agent_makes_the_systematic_mistake_mostly():
+    import random
+
+    task = _task("24h_only")
+    seed = _lucky_seed(task)
+    n, refused = 400, 0
+    for k in range(n):
+        ep = Episode(task, seed)
+        ep.step(correct_agent(ep))
+        refused += demo_agent()(ep, random.Random(k))["content"] == SAY["refuse"]
+    assert 0.55 < refused / n < 0.75  # the majority action: greedy decoding of the reference repeats it
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Seeds
+
+
+def test_tasks_and_episodes_are_reproducible():
+    assert make_tasks(50, 3) == make_tasks(50, 3)
+    assert make_tasks(50, 3) != make_tasks(50, 4)
+    a, b = make_tasks(40, 3), make_tasks(40, 3, skip=40)
+    assert not {t.res_id for t in a} & {t.res_id for t in b}
+    assert make_tasks(60, 3)[40:] == b[:20]  # a task does not depend on how many were asked for
+    t = a[0]
+    r1 = run_episode(t, demo_agent(), seed=11).record()
+    r2 = run_episode(t, demo_agent(), seed=11).record()
+    assert r1 == r2
+    recs = {json.dumps(run_episode(t, demo_agent(), seed=s).record()["messages"]) for s in range(30)}
+    assert len(recs) > 3  # the same task leads to different conversations
+
+
+def test_same_seed_same_dice_for_different_agents():
+    # Common random numbers: the k-th lookup draws the same numbers whoever makes it.
+    t = make_tasks(1, 0)[0]
+    for s in range(20):
+        a = run_episode(t, correct_agent, seed=s)
+        b = run_episode(t, correct_agent, seed=s)
+        assert a.timeouts == b.timeouts and a.outcome == b.outcome
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering round trip
+
+
+@pytest.fixture(scope="module")
+def demo_tok(tmp_path_factory):
+    from progadv_trl.demo.pipeline import DemoConfig, build_tokenizer
+
+    return build_tokenizer(tmp_path_factory.mktemp("demo_tok"), DemoConfig.fast())
+
+
+def test_records_round_trip_through_the_chat_template(demo_tok):
+    from progadv_trl.trajectories import load_trajectories, render as core_render
+
+    tasks = make_tasks(30, 5)
+    recs = [run_episode(t, demo_agent(), seed=i).record() for i, t in enumerate(tasks)]
+    loaded = load_trajectories(recs).trajectories  # the core loader accepts them as they are
+    for rec, traj in zip(recs, loaded):
+        text = demo_tok.apply_chat_template(rec["messages"], tokenize=False)
+        calls = [m for m in rec["messages"] if m["role"] == "assistant" and m.get("tool_calls")]
+        for m in calls:  # each tool call appears in the template's own format
+            fn = m["tool_calls"][0]["function"]
+            assert f'<tool_call>\n{{"name": "{fn["name"]}", "arguments": {{"id": "{fn["arguments"]["id"]}"}}}}\n</tool_call>' in text
+        # The piecewise tokens (how rollouts and SFT tokenize) equal tokenizing the whole rendered record once.
+        p, c, mask = episode_tokens(demo_tok, rec["messages"])
+        whole = encode(demo_tok, text)
+        assert whole[: len(p) + len(c)] == p + c and len(whole) - len(p) - len(c) in (0, 1)
+        # ...and the core renderer's action spans cover exactly the env_mask=1 tokens.
+        r = core_render(traj, demo_tok)
+        spans = [i for s, e in r.spans for i in range(s, e)]
+        assert spans == [len(p) + i for i, k in enumerate(mask) if k]
+        assert rec["failure_step"] is None or rec["metadata"]["failure_kind"] == "decision"
+
+
+def test_parse_turn():
+    msg = parse_turn('<tool_call>\n{"name": "issue_refund", "arguments": {"id": "R1234"}}\n</tool_call>')
+    assert msg["tool_calls"][0]["function"] == {"name": "issue_refund", "arguments": {"id": "R1234"}}
+    assert parse_turn('<tool_call>\n{"name": "issue_refund", "argu\n</tool_call>')["content"].startswith("<tool_call>")
+    assert parse_turn(SAY["refuse"]) == {"role": "assistant", "content": SAY["refuse"]}
+
+
+class ScriptedLM(torch.nn.Module):
+    """A stand-in causal LM that writes the policy's correct turn token by token, read off the conversation text:
+    lets us check play() and the records against exact expectations without training anything."""
+
+    def __init__(self, tok):
+        super().__init__()
+        self.tok, self.dummy = tok, torch.nn.Parameter(torch.zeros(1))
+        self.training = False
+
+    def _next(self, seq):
+        text = self.tok.decode(seq, skip_special_tokens=False)
+        head, _, gen = text.rpartition("<|im_start|>assistant\n")
+        rid = re.search(r"R\d+", head.split("<|im_start|>user\n", 1)[1]).group(0)
+        results = [json.loads(x) for x in re.findall(r"<tool_response>\n(.*?)\n</tool_response>", head)]
+        last = results[-1] if results else None
+        if last is None or last.get("error") == "timeout":
+            target = tool_call_message("get_reservation", rid)
+        elif "insured" in last:
+            target = tool_call_message("cancel_reservation", rid) if (last["insured"] or last["within_24h"]) else say_message("refuse")
+        elif last.get("status") == "cancelled":
+            target = tool_call_message("issue_refund", rid)
+        else:
+            target = say_message("done")
+        full = render(self.tok, [{"role": "system", "content": "x"}, target])
+        want = encode(self.tok, full[full.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):].rstrip("\n"))
+        got = encode(self.tok, gen)
+        return want[len(got)] if len(got) < len(want) else self.tok.pad_token_id  # rows already done get pads
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+        if past_key_values is None:
+            past_key_values = [[t for t, a in zip(row, am) if a] for row, am in zip(input_ids.tolist(), attention_mask.tolist())]
+        else:
+            for row, t in zip(past_key_values, input_ids[:, -1].tolist()):
+                row.append(t)
+        logits = torch.full((len(past_key_values), 1, len(self.tok)), -30.0)
+        for i, row in enumerate(past_key_values):
+            logits[i, 0, self._next(row)] = 30.0
+        return type("Out", (), {"logits": logits, "past_key_values": past_key_values})()
+
+
+def test_play_records_reproduce_generated_tokens(demo_tok):
+    from progadv_trl.trajectories import Trajectory, render as core_render
+
+    tasks = make_tasks(12, 9)
+    eps = [Episode(t, seed=i) for i, t in enumerate(tasks)]
+    tes = play(ScriptedLM(demo_tok), demo_tok, eps, greedy=True, max_new_tokens=24)
+    for te in tes:
+        rec = te.record()
+        assert all(te.canonical) and rec["metadata"]["canonical"] is True
+        assert rec["success"] or rec["metadata"]["failure_kind"] == "luck"
+        # the scorer's rendering of the record is exactly the token sequence the model produced
+        r = core_render(Trajectory(rec["id"], rec["messages"]), demo_tok)
+        n = len(te.ids)
+        assert r.input_ids[:n] == te.ids and len(r.input_ids) - n in (0, 1)
+        assert [i for s, e in r.spans for i in range(s, e)] == [
+            len(te.prompt_ids) + i for i, k in enumerate(te.env_mask) if k
+        ]
+        eot = end_of_turn(demo_tok)  # every agent turn ends with its own end-of-turn token, inside env_mask=1
+        assert sum(c == eot and k for c, k in zip(te.completion_ids, te.env_mask)) == te.episode.n_steps
+        assert len(te.logprobs) == len(te.completion_ids) == len(te.env_mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Through TRL: rollout_func for a couple of GRPO steps, and labelled rollouts of a (barely) trained model
+
+
+@pytest.fixture(scope="module")
+def fast_run(tmp_path_factory):
+    from progadv_trl.demo.pipeline import DemoConfig, build_assets, train_reference
+
+    cfg = DemoConfig.fast(out_dir=str(tmp_path_factory.mktemp("demo_fast")))
+    build_assets(cfg.out_dir, cfg.seed, cfg)
+    train_reference(cfg)
+    return cfg
+
+
+def test_rollout_func_drives_grpo(fast_run):
+    from progadv_trl.demo.pipeline import train_policy
+
+    seen = []
+
+    class Probe:  # a callback built from the trainer, like the lead's ProgressAdvantageCallback
+        def __init__(self, trainer):
+            self.trainer = trainer
+
+        def __getattr__(self, name):  # every TrainerCallback event: no-op
+            return lambda *a, **k: None
+
+        def on_step_end(self, args, state, control, **kw):
+            seen.append(state.global_step)
+
+    trainer, path = train_policy(fast_run, callbacks=[Probe])
+    assert trainer.state.global_step == fast_run.grpo_steps == len(seen)
+    logs = [h for h in trainer.state.log_history if "reward" in h]
+    assert logs and all(0.0 <= h["reward"] <= 1.0 for h in logs)
+    assert trainer.beta > 0 and trainer.ref_model is not None
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(path) is not None
+
+
+def test_rollout_func_output_shapes(fast_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fast_run.path("reference"))
+    model = AutoModelForCausalLM.from_pretrained(fast_run.path("reference"))
+    tasks = fast_run.tasks("train")[:2]
+    fn = make_rollout_func(tasks, seed=0, max_new_tokens=8)
+
+    class T:  # the two trainer attributes rollout_func reads
+        accelerator = type("A", (), {"process_index": 0, "unwrap_model": staticmethod(lambda m: m)})()
+        processing_class, temperature = tok, 1.0
+
+    T.model = model
+    out = fn([t.prompt() for t in tasks for _ in range(3)], T)
+    assert len(out["prompt_ids"]) == 6 and set(out["success"]) <= {0.0, 1.0}
+    for c, m, lp in zip(out["completion_ids"], out["env_mask"], out["logprobs"]):
+        assert len(c) == len(m) == len(lp) and m[0] == 1
+    again = make_rollout_func(tasks, seed=0, max_new_tokens=8)([t.prompt() for t in tasks for _ in range(3)], T)
+    assert again["completion_ids"] == out["completion_ids"]  # seeded
+    with pytest.raises(KeyError, match="not one of the demo world's tasks"):
+        fn([[{"role": "user", "content": "hello"}]], T)
+
+
+def test_sample_rollouts_are_labelled_records(fast_run):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from progadv_trl.demo.pipeline import sample_rollouts, success_rate
+    from progadv_trl.trajectories import load_trajectories
+
+    tok = AutoTokenizer.from_pretrained(fast_run.path("reference"))
+    model = AutoModelForCausalLM.from_pretrained(fast_run.path("reference"))
+    tasks = fast_run.tasks("test")
+    recs = sample_rollouts(model, tok, tasks, n_per_task=3, temperature=1.0, seed=0)
+    assert len(recs) == 3 * len(tasks) and len({r["id"] for r in recs}) == len(recs)
+    assert load_trajectories(recs).trajectories
+    for r in recs:
+        kind = r["metadata"]["failure_kind"]
+        assert kind in (None, "decision", "luck")
+        assert (kind is None) == r["success"]
+        assert (r["failure_step"] is not None) == (kind == "decision")
+        assert r["group"] in {t.id for t in tasks}
+    assert recs == sample_rollouts(model, tok, tasks, n_per_task=3, temperature=1.0, seed=0)
+    assert 0.0 <= success_rate(model, tok, tasks, greedy=True) <= 1.0
