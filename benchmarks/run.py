@@ -120,14 +120,36 @@ def bench_lora_memory(root: Path) -> dict:
     return {"lora_memory_ratio": nbytes(peft_model) / full_pair}
 
 
-def bench_capture(root: Path) -> dict:
-    try:
-        from progadv_trl.callback import ProgressAdvantageCallback  # noqa: F401
-    except ImportError:
-        return {"capture_overhead_pct": None}
-    from benchmarks_capture import capture_overhead  # noqa: WPS433 (kept beside this file)
+def bench_capture(root: Path, steps: int = 12, repeat: int = 3) -> dict:
+    """GRPO steps with and without the callback capturing training rollouts (no held-out set, no export), same
+    seed, runs interleaved so machine load hits both alike; the best of `repeat` runs each."""
+    from dist_callback import grpo_args, parity_reward, prompts
+    from transformers import AutoTokenizer
+    from trl import GRPOTrainer
 
-    return capture_overhead(root)
+    from progadv_trl.callback import ProgressAdvantageCallback
+    from progadv_trl.tiny import build_model, build_tokenizer
+
+    tok = build_tokenizer(root / "cap")
+    build_model(tok, root / "cap")
+    tok = AutoTokenizer.from_pretrained(root / "cap")
+
+    def one(with_cb: bool) -> float:
+        args = grpo_args(root / f"cap_run_{with_cb}", max_steps=steps, eval_strategy="no", max_completion_length=16)
+        t = GRPOTrainer(model=str(root / "cap"), args=args, reward_funcs=parity_reward, train_dataset=prompts(256),
+                        processing_class=tok)  # fmt: skip
+        if with_cb:
+            t.add_callback(ProgressAdvantageCallback(t, export=None, write_tables=False))
+        t0 = time.perf_counter()
+        t.train()
+        return (time.perf_counter() - t0) / steps
+
+    times = {True: [], False: []}
+    for _ in range(repeat):
+        for flag in (False, True):
+            times[flag].append(one(flag))
+    with_s, without_s = min(times[True]), min(times[False])
+    return {"capture_overhead_pct": 100 * (with_s / without_s - 1), "grpo_step_s_with": with_s, "grpo_step_s_without": without_s}
 
 
 def main(argv=None) -> int:

@@ -107,6 +107,11 @@ class DemoConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (training and sampled eval)"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens per assistant turn before it is cut off"})
     logging_steps: int = field(default=10, metadata={"help": "GRPO logging interval"})
+    # the callback and the evaluation (progadv demo)
+    heldout_per_task: int = field(default=4, metadata={"help": "labelled reference rollouts per held-out task"})
+    heldout_eval_steps: int = field(default=20, metadata={"help": "the callback scores the held-out set this often"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals"})
+    progress: bool = field(default=False, metadata={"help": "progress bars for SFT and GRPO (the trainers' tqdm)"})
 
     @classmethod
     def fast(cls, **kw) -> "DemoConfig":
@@ -114,7 +119,8 @@ class DemoConfig:
         base = dict(n_train_tasks=24, n_heldout_tasks=4, n_test_tasks=4, n_eval_tasks=8, n_per_task=2, n_demos=64,
                     pretrain_steps=2, pretrain_batch_size=8,
                     hidden_size=32, num_layers=1, intermediate_size=64, sft_epochs=1.0, grpo_steps=2,
-                    num_generations=4, prompts_per_step=2, logging_steps=1)
+                    num_generations=4, prompts_per_step=2, logging_steps=1, heldout_per_task=2, heldout_eval_steps=1,
+                    n_boot=50)
         base.update(kw)
         return cls(**base)
 
@@ -286,7 +292,7 @@ def train_reference(cfg: DemoConfig, callbacks=()) -> str:
         per_device_train_batch_size=cfg.sft_batch_size, lr_scheduler_type="constant_with_warmup", warmup_steps=0.05,
         weight_decay=0.0, logging_steps=max(1, cfg.logging_steps * 2), save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, max_length=None, gradient_checkpointing=False,
-        dataset_num_proc=None, disable_tqdm=True,
+        dataset_num_proc=None, disable_tqdm=not cfg.progress,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=list(callbacks))
     trainer.train()
@@ -315,7 +321,7 @@ def grpo_config(cfg: DemoConfig, **overrides):
         gradient_accumulation_steps=1, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens * 8,
         lr_scheduler_type="constant_with_warmup", warmup_steps=0.1, logging_steps=cfg.logging_steps, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, gradient_checkpointing=False,
-        disable_tqdm=True, log_completions=False,
+        disable_tqdm=not cfg.progress, log_completions=False,
     )
     kw.update(overrides)
     return GRPOConfig(**kw)
@@ -405,12 +411,12 @@ def load_models(cfg: DemoConfig, names=("reference", "policy")):
     return tok, {n: AutoModelForCausalLM.from_pretrained(cfg.path(n)).eval() for n in names}
 
 
-def heldout_records(cfg: DemoConfig, model=None, tokenizer=None, n_per_task: int = 4) -> list[dict]:
+def heldout_records(cfg: DemoConfig, model=None, tokenizer=None, n_per_task: int | None = None) -> list[dict]:
     """Labelled rollouts of the reference on the held-out split: a fixed set for a training callback to score."""
     if model is None:
         tokenizer, models = load_models(cfg, ("reference",))
         model = models["reference"]
-    return sample_rollouts(model, tokenizer, cfg.tasks("heldout"), n_per_task, cfg.temperature, seed=cfg.seed,
+    return sample_rollouts(model, tokenizer, cfg.tasks("heldout"), n_per_task or cfg.heldout_per_task, cfg.temperature, seed=cfg.seed,
                            world=cfg.world, max_new_tokens=cfg.max_new_tokens, tag="heldout-reference")
 
 

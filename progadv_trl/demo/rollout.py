@@ -56,7 +56,8 @@ def parse_turn(text: str) -> dict:
     if m:
         try:
             call = json.loads(m.group(2))
-            if isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict):
+            # An empty name is no tool call (and no valid record): it stays as the text the model wrote.
+            if isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"] and isinstance(call.get("arguments"), dict):
                 fn = {"name": call["name"], "arguments": call["arguments"]}
                 return {"role": "assistant", "content": m.group(1) or "", "tool_calls": [{"type": "function", "function": fn}]}
         except json.JSONDecodeError:

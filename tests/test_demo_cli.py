@@ -1,0 +1,74 @@
+"""`progadv demo --fast`: every stage runs, the files the README promises exist, and a seed reproduces the run.
+
+The fast configuration learns little (seconds of training), so these tests check the plumbing and the contracts,
+not the demo's numbers; those are measured by the full `progadv demo` and reported in the README.
+"""
+
+import json
+
+import pytest
+
+from progadv_trl.cli import main
+
+SUMMARY_KEYS = {"reference_success", "policy_success", "reference_success_sampled", "policy_success_sampled",
+                "timings", "evaluation", "paths", "training_curves"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def demo_runs(tmp_path_factory):
+    runs = []
+    for k in range(2):
+        out = tmp_path_factory.mktemp(f"demo{k}")
+        assert main(["demo", "--out", str(out), "--fast", "--no-progress"]) == 0
+        runs.append(out)
+    return runs
+
+
+def test_demo_writes_summary_report_and_bundle(demo_runs, capsys):
+    out = demo_runs[0]
+    summary = json.loads((out / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    assert 0.0 <= summary["reference_success"] <= 1.0 and 0.0 <= summary["policy_success"] <= 1.0
+    assert summary["callback_errors"] == 0
+    for name in ("policy", "reference"):
+        h = summary["evaluation"][name]
+        assert "progress_advantage" in h["methods"] and "reference_logprob" in h["methods"]
+        for f in ("metrics.json", "metrics.md", "roc.png", "best_of_n.png", "traces.png"):
+            assert (out / "report" / name / f).is_file()
+    assert (out / "report" / "training.png").is_file()
+    assert "## policy rollouts" in (out / "report" / "README.md").read_text()
+    # the callback scored the held-out set before the first step and at the end
+    steps = summary["training_curves"]["heldout_steps"]
+    assert steps[0] == 0 and steps[-1] == summary["grpo_steps"]
+    assert (out / "bundle" / "manifest.json").is_file()
+
+
+def test_demo_bundle_loads_and_scores_the_heldout_set(demo_runs):
+    from progadv_trl.critic import ProgressCritic
+    from progadv_trl.trajectories import load_trajectories
+
+    out = demo_runs[0]
+    critic = ProgressCritic.from_pretrained(out / "bundle")
+    assert critic.manifest["provenance"]["trainer_class"] == "GRPOTrainer"
+    trajs = load_trajectories(out / "heldout_reference.jsonl").trajectories
+    scores = critic.score(trajs)
+    assert len(scores) == len(trajs) and all(len(s.steps) == sum(m["role"] == "assistant" for m in t.messages)
+                                             for s, t in zip(scores, trajs))  # fmt: skip
+
+
+def test_demo_is_reproducible(demo_runs):
+    a, b = demo_runs
+    for f in ("heldout_reference.jsonl", "rollouts_policy.jsonl", "rollouts_reference.jsonl"):
+        assert (a / f).read_text() == (b / f).read_text(), f
+    sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
+    assert sa["evaluation"] == sb["evaluation"]
+    assert sa["training_curves"]["heldout_step_advantage_mean"] == sb["training_curves"]["heldout_step_advantage_mean"]
+
+
+def test_demo_bad_config_is_a_message(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- not\n- a mapping\n")
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--out", str(tmp_path / "o"), "--config", str(bad)])
+    assert "must be a mapping" in str(e.value)
+    assert not (tmp_path / "o").exists()
