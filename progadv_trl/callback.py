@@ -695,9 +695,30 @@ class ProgressAdvantageCallback(TrainerCallback):
             },
             heldout_metrics=last,
             heldout_fingerprint=fingerprint_trajectories(self.heldout) if self.heldout else None,
+            calibration=self._calibration(),
             reference_adapter=ref_adapter,
             overwrite=True,
         )
+
+    def _calibration(self) -> dict | None:
+        """Platt calibration of P(success) on the last held-out scores, for ProgressCritic.predict_success. None
+        without labels of both kinds. It is only as good as the held-out set is like the rollouts scored later
+        (on- or off-policy): the manifest says what it was fitted on."""
+        from .applications import Calibrator, is_success
+
+        pairs = [(s.score, is_success(s, self.success_threshold)) for s in self.last_heldout]
+        pairs = [(x, y) for x, y in pairs if y is not None and math.isfinite(x)]
+        ys = [y for _, y in pairs]
+        if not ys or all(ys) or not any(ys):
+            return None
+        cal = Calibrator("platt").fit([x for x, _ in pairs], ys).to_dict()
+        c = self.config
+        cal.update(
+            method="progress_advantage",
+            scoring={"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction},
+            fitted_on=f"the callback's held-out set at step {self.trainer.state.global_step} (n={len(pairs)})",
+        )
+        return cal
 
     def _export(self, out_dir):
         if not self.is_main:  # TODO(distributed): ZeRO-3 / FSDP would need the full weights gathered first

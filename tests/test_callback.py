@@ -10,6 +10,7 @@ import types
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import TrainerCallback
@@ -143,6 +144,22 @@ def test_tables_history_and_bundle(runs):
     assert [(h["kind"], h["step"]) for h in cb.history] == [("heldout", 0), ("heldout", 2), ("eval", 2), ("heldout", 4), ("eval", 4)]
     assert t.state.stateful_callbacks["progadv_trl"]["history"] == cb.history
     assert (Path(t.args.output_dir) / "progadv_bundle" / "manifest.json").is_file()
+
+
+def test_bundle_carries_a_calibration_fitted_on_the_heldout_set(runs, tiny_dir):
+    from progadv_trl.applications import Calibrator
+    from progadv_trl.critic import ProgressCritic
+
+    t, cb = runs["cb"]["trainer"], runs["cb"]["callback"]
+    critic = ProgressCritic.from_pretrained(Path(t.args.output_dir) / "progadv_bundle")
+    cal = critic.calibration
+    assert cal["method"] == "progress_advantage" and f"n={N_HELDOUT}" in cal["fitted_on"]
+    # the stored calibration is the Platt fit of the final held-out scores and their labels
+    expected = Calibrator("platt").fit([s.score for s in cb.last_heldout], [bool(s.success) for s in cb.last_heldout])
+    recs = heldout_records(N_HELDOUT)
+    p = critic.predict_success(recs)
+    assert np.allclose(p, expected.predict([s.score for s in critic.score(recs)]), atol=1e-6)
+    assert all(0.0 <= x <= 1.0 for x in p)
 
 
 # ----------------------------------------------------------------------------------------------------------------
