@@ -118,11 +118,9 @@ def unwrap(trainer, model=None):
 
 
 def is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
+    from .engine import is_peft_model
+
+    return is_peft_model(model)
 
 
 def beta(trainer) -> float:

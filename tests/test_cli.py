@@ -91,3 +91,13 @@ def test_export_inspect_and_score_with_bundle(tiny_dir, tmp_path, trajectories, 
     assert main(["score", "--bundle", str(bundle), str(src), "-o", str(tmp_path / "c.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "progadv: error" in err and not (tmp_path / "c.jsonl").exists()
+
+
+def test_top_level_names_load_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, progadv_trl; assert 'torch' not in sys.modules; "
+            "from progadv_trl import ProgressCritic, ProgressAdvantageCallback, ProgressScorer; print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
