@@ -906,14 +906,18 @@ def _rows(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
 def format_table(metrics: Mapping) -> str:
     """One fixed-width text table: methods x (best-of-N, AUROC, Spearman, attribution per rule), cells
     `value [95% CI] n=...`; best-of-N n counts groups, attribution cells are exact/within-1 accuracy."""
-    header, rows = _rows(metrics)
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    out = [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    out = [text_table(*_rows(metrics))]
     skipped = metrics.get("skipped_methods") or []
     if skipped:
         out.append(f"skipped (no finite scores): {', '.join(skipped)}")
     return "\n".join(out)
+
+
+def text_table(header: list[str], rows: list[list[str]]) -> str:
+    """Fixed-width columns, a dashed rule under the header."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    line = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows])
 
 
 def format_markdown(metrics: Mapping, title: str = "progadv evaluate") -> str:

@@ -401,19 +401,24 @@ class ProgressAdvantageCallback(TrainerCallback):
         self._frozen_reference = ref
         return ref
 
+    def _separate_reference(self):
+        """The reference the trainer's KL term uses, as a separate model: `reference=`, else its ref_model, else
+        (beta == 0, full fine-tuning) a frozen copy of the initial checkpoint. None for a PEFT policy whose
+        reference is its own adapter state (adapters disabled, or TRL's "ref" adapter)."""
+        if self.reference_arg is not None:
+            return self._reference_model()
+        ref = trl_hooks.trainer_reference(self.trainer)
+        if ref is None and not trl_hooks.is_peft(trl_hooks.unwrap(self.trainer)):
+            ref = self._reference_model()
+        return ref
+
     def _make_scorer(self):
         from .engine import ProgressScorer
 
         t = self.trainer
         policy = trl_hooks.unwrap(t)
-        # The reference the trainer's KL term uses: its ref_model, else the PEFT model's reference adapter state,
-        # else (beta == 0, full fine-tuning) a frozen copy of the initial checkpoint
-        ctx = None
-        reference = self._reference_model() if self.reference_arg is not None else trl_hooks.trainer_reference(t)
-        if reference is None:
-            ctx = trl_hooks.peft_reference_context(t)
-            if ctx is None:
-                reference = self._reference_model()
+        reference = self._separate_reference()
+        ctx = trl_hooks.peft_reference_context(t) if reference is None else None
         # Each rank must run the same number of forward passes (ZeRO-3 / FSDP): one batch per chunk, whatever
         # its length, so the chunk count (equal on every rank) is the forward count.
         return ProgressScorer(
@@ -671,13 +676,9 @@ class ProgressAdvantageCallback(TrainerCallback):
             ) from e
         t = self.trainer
         policy = trl_hooks.unwrap(t)
-        ref_adapter = None
-        reference = self._reference_model() if self.reference_arg is not None else trl_hooks.trainer_reference(t)
-        if reference is None:
-            if trl_hooks.is_peft(policy):  # the bundle stores the adapter; its reference is the base or "ref"
-                ref_adapter = "ref" if "ref" in policy.peft_config else None
-            else:
-                reference = self._reference_model()
+        reference = self._separate_reference()
+        # A PEFT policy with no separate reference: the bundle stores the adapter; its reference is the base or "ref"
+        ref_adapter = "ref" if reference is None and "ref" in policy.peft_config else None
         last = next((h["figures"] for h in reversed(self.history) if h["kind"] == "heldout"), None)
         return export_bundle(
             out_dir,

@@ -190,6 +190,7 @@ def cmd_inspect(args) -> int:
 
 def cmd_demo(args) -> int:
     import os
+    from pathlib import Path
 
     # Before torch starts its thread pool: idle OpenMP threads that spin slowed this tiny model up to 10x on a busy
     # 2-core machine.
@@ -206,7 +207,7 @@ def cmd_demo(args) -> int:
         import yaml
 
         try:
-            over = yaml.safe_load(open(args.config)) or {}
+            over = yaml.safe_load(Path(args.config).read_text()) or {}
         except (OSError, yaml.YAMLError) as e:
             raise SystemExit(f"progadv: error: cannot read --config {args.config}: {e}")
         if not isinstance(over, dict):

@@ -28,7 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config  # noqa: E402
 
 from progadv_trl.demo import TOOL_SCHEMAS, make_rollout_func, make_tasks, sample_rollouts, success_reward, summarize  # noqa: E402
-from progadv_trl.demo.pipeline import grpo_dataset  # noqa: E402
+from progadv_trl.demo.pipeline import grpo_dataset, write_jsonl  # noqa: E402
 
 
 @dataclass
@@ -83,7 +83,7 @@ def main(args: WorldArguments, training_args: GRPOConfig, model_args: ModelConfi
     _, result["policy_greedy"] = success(model, tok, ev, args, tools)
     # Fresh labelled test rollouts of both models (the reference = this model with the adapter off).
     recs, result["policy_test"] = success(model, tok, test, args, tools, greedy=False, n=args.n_per_task, tag="test-policy")
-    (out / "rollouts_policy.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_jsonl(out / "rollouts_policy.jsonl", recs)
     if hasattr(model, "disable_adapter"):  # LoRA: the reference is the same weights, adapter off
         with model.disable_adapter():
             recs, result["reference_test"] = success(model, tok, test, args, tools, greedy=False, n=args.n_per_task,
@@ -92,7 +92,7 @@ def main(args: WorldArguments, training_args: GRPOConfig, model_args: ModelConfi
         ref = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=model.dtype).to(model.device)
         recs, result["reference_test"] = success(ref, tok, test, args, tools, greedy=False, n=args.n_per_task,
                                                  tag="test-reference")
-    (out / "rollouts_reference.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_jsonl(out / "rollouts_reference.jsonl", recs)
     (out / "summary_world.json").write_text(json.dumps(result, indent=2))
     trainer.accelerator.print(json.dumps(result, indent=2))
     return result

@@ -19,7 +19,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
-from progadv_trl.demo import TOOL_SCHEMAS, make_tasks, sample_rollouts, summarize  # noqa: E402
+from progadv_trl.demo import TOOL_SCHEMAS, make_tasks, sample_rollouts, summarize, write_jsonl  # noqa: E402
 
 
 @dataclass
@@ -53,8 +53,7 @@ def main(a: SampleArguments) -> dict:
                            max_new_tokens=a.max_turn_tokens, tools=TOOL_SCHEMAS if a.tool_schema else None,
                            tag="world")
     out = Path(a.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_jsonl(out, recs)
     s = summarize(recs)
     print(json.dumps({"output": str(out), **s}))
     return s

@@ -26,8 +26,9 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from ..applications import _fmt, _md_table, text_table
 from ..utils import atomic_write_text
-from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference
+from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference, write_jsonl
 
 N_STAGES = 6
 SETS = {
@@ -49,10 +50,6 @@ def _stage(i: int, what: str, timings: dict, key: str):
     yield
     timings[key] = round(time.perf_counter() - t0, 1)
     _say(f"{i}/{N_STAGES} done in {timings[key]:.0f} s")
-
-
-def _jsonl(path: Path, records: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -83,7 +80,7 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     with _stage(3, f"GRPO, {cfg.grpo_steps} steps, beta={cfg.beta}, with ProgressAdvantageCallback", timings, "grpo_s"):
         holder["heldout"] = heldout_records(cfg)
-        _jsonl(out / "heldout_reference.jsonl", holder["heldout"])
+        write_jsonl(out / "heldout_reference.jsonl", holder["heldout"])
         trainer, _ = train_policy(cfg, callbacks=[callback])
     cb = holder["cb"]
     if not (out / "bundle" / "manifest.json").exists():
@@ -94,7 +91,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         ev = evaluate(cfg)
 
     with _stage(6, "scoring the test rollouts with the bundle; evaluation against the baselines", timings, "evaluate_s"):
-        evaluations = {name: evaluate_set(out / "bundle", ev["rollouts"][name]["path"], out / "report" / name, cfg)
+        from ..critic import ProgressCritic
+
+        critic = ProgressCritic.from_pretrained(out / "bundle")  # verified and loaded once for both sets
+        evaluations = {name: evaluate_set(critic, ev["rollouts"][name]["path"], out / "report" / name, cfg)
                        for name in SETS}  # fmt: skip
         curves = training_curves(cb.history, trainer.state.log_history, out / "report" / "training.png")
 
@@ -129,17 +129,15 @@ def run_demo(cfg: DemoConfig) -> dict:
 # Evaluation of one rollout set
 
 
-def evaluate_set(bundle: Path, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
-    """Score `rollouts` with the bundle (every reduction from one forward pass), choose a reduction by 5-fold CV on
+def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
+    """Score `rollouts` with the critic (every reduction from one forward pass), choose a reduction by 5-fold CV on
     AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) and write the report."""
     from ..applications import choose_reduction
     from ..applications import evaluate as app_evaluate
-    from ..critic import ProgressCritic
     from ..engine import reduction_grid
     from ..report import write_report
     from ..trajectories import load_trajectories
 
-    critic = ProgressCritic.from_pretrained(bundle)
     loaded = load_trajectories(rollouts, on_error="skip")  # the world writes valid records; never lose a run to one
     if loaded.errors:
         _say(f"{rollouts}: {loaded.summary()}")
@@ -205,18 +203,19 @@ def training_curves(history: list[dict], log_history: list[dict], path: Path) ->
     train_adv = [e.get("progadv/train/step_advantage_mean") for e in logs]
     kl = [e.get("kl") for e in logs]
 
+    nan = lambda xs: [float("nan") if x is None else x for x in xs]  # noqa: E731 - matplotlib skips NaN, not None
     fig = _figure(figsize=(12, 3.6))
     a1, a2, a3 = fig.subplots(1, 3)
     for m, v in auroc.items():
-        a1.plot(steps, [float("nan") if x is None else x for x in v], marker="o", ms=3,
+        a1.plot(steps, nan(v), marker="o", ms=3,
                 lw=2 if m == "progress_advantage" else 1, label=m)  # fmt: skip
     a1.axhline(0.5, color="grey", ls=":", lw=1)
     a1.set(xlabel="GRPO step", ylabel="AUROC", title="held-out success prediction", ylim=(0, 1.02))
     if auroc:
         a1.legend(fontsize=6)
-    a2.plot(steps, adv, marker="o", ms=3, label="held-out (reference rollouts)")
+    a2.plot(steps, nan(adv), marker="o", ms=3, label="held-out (reference rollouts)")
     if any(x is not None for x in train_adv):
-        a2.plot(train_steps, [float("nan") if x is None else x for x in train_adv], ms=3, label="training rollouts")
+        a2.plot(train_steps, nan(train_adv), ms=3, label="training rollouts")
     a2.axhline(0, color="grey", lw=0.5)
     a2.set(xlabel="GRPO step", ylabel="mean step advantage (beta * nats)", title="progress advantage per step")
     a2.legend(fontsize=7)
@@ -224,7 +223,7 @@ def training_curves(history: list[dict], log_history: list[dict], path: Path) ->
     a3.set(xlabel="GRPO step", ylabel="mean reward", title="training", ylim=(0, 1.02))
     if any(x is not None for x in kl):
         ax = a3.twinx()
-        ax.plot(train_steps, [float("nan") if x is None else x for x in kl], color="tab:red", lw=1, label="kl")
+        ax.plot(train_steps, nan(kl), color="tab:red", lw=1, label="kl")
         ax.set_ylabel("kl", color="tab:red")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -237,22 +236,16 @@ def training_curves(history: list[dict], log_history: list[dict], path: Path) ->
 # Text
 
 
-def _f(v, ci=None) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
-
-
 def headline_rows(h: dict) -> tuple[list[str], list[list[str]]]:
     header = ["method", "AUROC (all)", "AUROC (decision fails)", "best-of-N", "attribution exact/±1"]
     rows = []
     for m, r in h["methods"].items():
-        rows.append([m, f"{_f(r['auroc'], r['auroc_ci'])} n={r['n']}",
-                     f"{_f(r['auroc_decision_failures'], r['auroc_decision_failures_ci'])} n={r['n_decision']}",
-                     f"{_f(r['best_of_n'], r['best_of_n_ci'])} g={r['n_groups']}",
-                     f"{_f(r['attribution_exact'])}/{_f(r['attribution_within1'])} n={r['n_attributed']}"])  # fmt: skip
-    rows.append(["(random pick / pass@N)", "", "", f"{_f(h['random_pick'])} / {_f(h['pass_at_n'])}", ""])
-    rows.append(["(random step)", "", "", "", _f(h["attribution_chance"])])
+        rows.append([m, f"{_fmt(r['auroc'], r['auroc_ci'])} n={r['n']}",
+                     f"{_fmt(r['auroc_decision_failures'], r['auroc_decision_failures_ci'])} n={r['n_decision']}",
+                     f"{_fmt(r['best_of_n'], r['best_of_n_ci'])} g={r['n_groups']}",
+                     f"{_fmt(r['attribution_exact'])}/{_fmt(r['attribution_within1'])} n={r['n_attributed']}"])  # fmt: skip
+    rows.append(["(random pick / pass@N)", "", "", f"{_fmt(h['random_pick'])} / {_fmt(h['pass_at_n'])}", ""])
+    rows.append(["(random step)", "", "", "", _fmt(h["attribution_chance"])])
     return header, rows
 
 
@@ -266,13 +259,10 @@ def format_summary(summary: dict) -> str:
         f"reference {summary['reference_success_sampled']:.3f} -> policy {summary['policy_success_sampled']:.3f}",
     ]
     for name, h in summary["evaluation"].items():
-        header, rows = headline_rows(h)
-        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-        lines += ["", f"{name} test rollouts: {SETS[name]}"]
-        lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+        lines += ["", f"{name} test rollouts: {SETS[name]}", text_table(*headline_rows(h))]
         cv = h["cv_reduction"]
         if cv.get("chosen"):
-            lines.append(f"(5-fold CV would pick the reduction {cv['chosen']}: out-of-fold AUROC {_f(cv['out_of_fold_auroc'])})")
+            lines.append(f"(5-fold CV would pick the reduction {cv['chosen']}: out-of-fold AUROC {_fmt(cv['out_of_fold_auroc'])})")
     t = summary["timings"]
     lines += ["", "timings (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items() if k.endswith("_s")), "",
               f"report: {summary['paths']['report']}", f"critic bundle: {summary['paths']['bundle']}  "
@@ -281,8 +271,6 @@ def format_summary(summary: dict) -> str:
 
 
 def report_markdown(summary: dict, evaluations: dict) -> str:
-    from ..applications import _md_table
-
     md = ["# progadv demo", "",
           f"Held-out success, greedy (n={summary['n_eval_episodes']['greedy']}): reference "
           f"**{summary['reference_success']:.3f}** -> policy **{summary['policy_success']:.3f}** "

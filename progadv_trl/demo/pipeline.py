@@ -7,7 +7,7 @@
     trainer, path = train_policy(cfg, callbacks=[])  # GRPO through rollout_func -> out_dir/policy
     records = sample_rollouts(model, tok, tasks, n_per_task=8, temperature=1.0, seed=0)
     summary = evaluate(cfg)                          # success rates + test rollouts of both models
-    # or all of it: run(cfg, callbacks=[...])
+    # or all of it, with the callback, the bundle and the report: progadv_trl.demo.main.run_demo(cfg)
 
 Why the reference is trained on flawed demonstrations: the policy must have something to improve on. Random slips
 alone would leave the reference's greedy decoding nearly perfect (RL would only remove sampling noise), so two mistakes
@@ -21,11 +21,12 @@ import json
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
 
+from ..utils import atomic_write_text
 from .rollout import encode, episode_tokens, make_rollout_func, play, render, success_reward
 from .world import (
     ID_DIGITS,
@@ -399,7 +400,7 @@ def summarize(records: list[dict]) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The whole thing (what recipes/toy_*.py and `progadv demo` build on)
+# Loading and evaluating (what recipes/toy_*.py and `progadv demo` build on)
 
 
 def load_models(cfg: DemoConfig, names=("reference", "policy")):
@@ -442,7 +443,7 @@ def evaluate(cfg: DemoConfig, write_rollouts: bool = True) -> dict:
             recs = sample_rollouts(m, tok, test, cfg.n_per_task, cfg.temperature, seed=cfg.seed, world=cfg.world,
                                    max_new_tokens=cfg.max_new_tokens, tag=f"test-{name}")
             path = cfg.path(f"rollouts_{name}.jsonl")
-            path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+            write_jsonl(path, recs)
             rollouts[name] = {"path": str(path), **summarize(recs)}
     return {
         "reference_success": success["reference"]["greedy"]["success"],
@@ -454,27 +455,10 @@ def evaluate(cfg: DemoConfig, write_rollouts: bool = True) -> dict:
     }
 
 
-def run(cfg: DemoConfig, callbacks=(), write_rollouts: bool = True) -> dict:
-    """Assets -> reference -> policy -> success rates and test rollouts. Writes out_dir/summary_demo.json."""
-    t0 = time.time()
-    timings = {}
-    build_assets(cfg.out_dir, cfg.seed, cfg)
-    timings["assets_s"] = time.time() - t0
-    t = time.time()
-    train_reference(cfg)
-    timings["sft_s"] = time.time() - t
-    t = time.time()
-    trainer, _ = train_policy(cfg, callbacks=callbacks)
-    timings["grpo_s"] = time.time() - t
-    summary = evaluate(cfg, write_rollouts)
-    summary["timings"] = {**timings, **summary["timings"], "total_s": time.time() - t0}
-    summary["grpo_steps"] = trainer.state.global_step
-    summary["config"] = asdict(cfg)
-    _write_json(cfg.path("summary_demo.json"), summary)
-    return summary
-
-
 def _write_json(path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=2, default=str))
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+
+
+def write_jsonl(path, records: list[dict]) -> None:
+    """Trajectory records, one JSON line each, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
