@@ -62,7 +62,7 @@ def _time(fn, repeat=3):
 
 def bench_scoring(root: Path, n: int) -> dict:
     from progadv_trl.engine import ProgressScorer, _hidden_fn
-    from progadv_trl.tiny import build_model, build_tokenizer, perturbed_copy
+    from progadv_trl.demo.tiny import build_model, build_tokenizer, perturbed_copy
 
     tok = build_tokenizer(root / "tok")
     # A vocabulary of a real model's size: the output layer and the softmax are where naive scoring pays.
@@ -110,7 +110,7 @@ def bench_scoring(root: Path, n: int) -> dict:
 def bench_lora_memory(root: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
-    from progadv_trl.tiny import build_model, build_tokenizer
+    from progadv_trl.demo.tiny import build_model, build_tokenizer
 
     tok = build_tokenizer(root / "tok2")
     base = build_model(tok, hidden_size=128, num_layers=4, intermediate_size=256)
@@ -128,7 +128,7 @@ def bench_capture(root: Path, steps: int = 12, repeat: int = 3) -> dict:
     from trl import GRPOTrainer
 
     from progadv_trl.callback import ProgressAdvantageCallback
-    from progadv_trl.tiny import build_model, build_tokenizer
+    from progadv_trl.demo.tiny import build_model, build_tokenizer
 
     tok = build_tokenizer(root / "cap")
     build_model(tok, root / "cap")

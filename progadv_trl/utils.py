@@ -1,10 +1,18 @@
-"""Small shared helpers."""
+"""The one shared place for writing files and making values JSON-safe (torch-free).
+
+Used by the CLI, the evaluation report, the bundle and the demo, so that "written atomically" and "no NaN in
+JSON" mean the same thing everywhere.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -21,3 +29,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_jsonl(path: str | os.PathLike, records) -> None:
+    """Records (dicts), one JSON line each, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+
+
+def json_safe(x: Any, *, strict: bool = False) -> Any:
+    """Plain JSON values: NaN/inf -> None (JSON has no NaN), numpy/torch scalars and arrays -> Python, tuples ->
+    lists, dataclasses -> dicts, paths -> str. Anything else is returned as is, or with `strict=True` raises a
+    TypeError naming it (the bundle manifest must hold only plain data)."""
+    if isinstance(x, dict):
+        return {str(k): json_safe(v, strict=strict) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v, strict=strict) for v in x]
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return json_safe(dataclasses.asdict(x), strict=strict)
+    if isinstance(x, bool) or x is None or isinstance(x, (str, int)):
+        return x
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy arrays/scalars (np.bool_ too), 0-d tensors
+        return json_safe(x.tolist(), strict=strict)
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if strict:
+        raise TypeError(f"cannot store a {type(x).__name__} as JSON ({x!r}): pass plain numbers, strings, lists or dicts")
+    return x

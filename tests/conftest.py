@@ -13,7 +13,7 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """{tokenizer, reference, policy}: paths of a saved tokenizer, a reference model and a perturbed 'policy'."""
-    from progadv_trl.tiny import build_model, build_tokenizer, perturbed_copy
+    from progadv_trl.demo.tiny import build_model, build_tokenizer, perturbed_copy
 
     root = tmp_path_factory.mktemp("tiny")
     tok = build_tokenizer(root / "tokenizer")

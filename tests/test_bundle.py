@@ -302,7 +302,7 @@ def test_refuses_missing_and_corrupted_files(bundle_copy):
 
 
 def test_refuses_swapped_tokenizer(bundle_copy, tmp_path):
-    from progadv_trl.tiny import build_tokenizer
+    from progadv_trl.demo.tiny import build_tokenizer
 
     other = build_tokenizer(tmp_path / "other_tok", vocab_size=380)
     shutil.rmtree(bundle_copy / TOKENIZER_DIR)

@@ -161,7 +161,7 @@ def test_from_pretrained_lora_dir(tiny_dir, tiny_tokenizer, trajectories, tmp_pa
 
 
 def test_llama_architecture(tiny_tokenizer, trajectories, tmp_path):
-    from progadv_trl.tiny import build_model, perturbed_copy
+    from progadv_trl.demo.tiny import build_model, perturbed_copy
 
     ref = build_model(tiny_tokenizer, tmp_path / "ref", arch="llama").eval()
     pol = perturbed_copy(ref).eval()

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from conftest import WEATHER_TOOL, make_trajectory
-from progadv_trl.tiny import build_tokenizer
+from progadv_trl.demo.tiny import build_tokenizer
 from progadv_trl.trajectories import (
     ChatTemplateError,
     TokenizerMismatchError,

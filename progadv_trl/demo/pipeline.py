@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, write_jsonl  # noqa: F401 - write_jsonl re-exported for recipes
 from .rollout import encode, episode_tokens, make_rollout_func, play, render, success_reward
 from .world import (
     ID_DIGITS,
@@ -173,7 +173,7 @@ def demonstrations(cfg: DemoConfig) -> list[Episode]:
 
 def build_tokenizer(out_dir, cfg: DemoConfig):
     """Qwen2Tokenizer (digits one per token) with TRL's Qwen2.5 chat template, trained on rendered demo conversations."""
-    from progadv_trl import tiny
+    from . import tiny
 
     out_dir = Path(out_dir)
     # Render the corpus with a throwaway tokenizer: only its chat template is used.
@@ -459,6 +459,3 @@ def _write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, default=str))
 
 
-def write_jsonl(path, records: list[dict]) -> None:
-    """Trajectory records, one JSON line each, written atomically."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))

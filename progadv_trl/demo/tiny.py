@@ -1,4 +1,5 @@
-"""Tiny local tokenizers and models: tests, the demo and the smoke-tested recipes build them here.
+"""Tiny local tokenizers and models: the demo builds its model here, and so do the tests, the benchmarks and the
+smoke-tested recipes (the demo owns it: it is the one that ships to users).
 
 Nothing is downloaded: a byte-level BPE is trained with `tokenizers` on a small corpus, wrapped with TRL's own
 Qwen2.5 chat template (the one with tool calls), saved with `save_pretrained` and reloaded through `AutoTokenizer`
