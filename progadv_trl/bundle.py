@@ -539,6 +539,13 @@ def export_bundle(
         provenance: extra provenance fields (merged with those taken from `training`).
         overwrite: replace an existing bundle at out_dir.
     """
+    from .reference import Reference
+
+    if isinstance(reference, Reference):  # TEMP until the bundle package takes the resolver
+        if reference.kind == "named_adapter":
+            reference, reference_adapter = None, reference.adapter
+        else:
+            reference = reference.model
     out = Path(out_dir).absolute()
     _check_target(out, overwrite)
     if tokenizer is None:
@@ -768,7 +775,7 @@ def export_from_paths(
     hashes instead of stored (its files are read from `reference_identity["path"]`, `reference_path` or the cache).
     Pickle checkpoints are read with transformers' safe loader and written as safetensors.
     """
-    from .engine import load_pair
+    from .reference import load_pair
 
     for p in (policy_path, reference_path):
         if p is not None and not Path(p).exists():
@@ -790,7 +797,7 @@ def export_from_paths(
     return export_bundle(
         out_dir,
         policy,
-        reference,
+        reference.model,
         tokenizer,
         scoring_config=scoring_config,
         max_length=max_length,
@@ -1169,7 +1176,7 @@ def load_bundle(
     assert manifest is not None and report.reference_dir is not None
     kw: dict[str, Any] = dict(trust_remote_code=trust_remote_code, use_safetensors=True)
     if dtype is not None:
-        from .engine import _resolve_dtype
+        from .reference import resolve_dtype as _resolve_dtype
 
         kw["dtype"] = _resolve_dtype(dtype)
     pol = manifest["policy"]

@@ -8,28 +8,16 @@ reference, the reference is the same weights under `disable_adapter()`: one copy
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from .reference import Reference, is_peft_model, load_pair, resolve
 from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
 from .trajectories import Rendered, Trajectory, as_trajectories, check_same_tokenizer, render
 
 # Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def is_peft_model(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(model, PeftModel)
-
-
-def is_adapter_dir(path) -> bool:
-    return Path(path, "adapter_config.json").is_file()
 
 
 def _plain_model(model):
@@ -107,13 +95,12 @@ class ProgressScorer:
     """Progress advantage of every agent step, for a policy against its reference.
 
     Args:
-        policy: a causal LM, or a `peft.PeftModel` (then `reference=None` means: the same model, adapter disabled).
+        policy: a causal LM, or a `peft.PeftModel` (then `reference=None` means: the same model, adapter disabled, or
+            TRL's "ref" adapter when it has one; see `reference.resolve`).
         tokenizer: the tokenizer both models read (its chat template renders the trajectories).
-        reference: a separate reference model, or None (PEFT policy, or `reference_context`).
+        reference: a `reference.Reference`, a separate reference model, or None (a PEFT policy).
         config: `ScoringConfig` (beta, reductions, temperature, baseline knobs).
         max_length: truncate longer trajectories (start kept, most recent context kept; see `trajectories.truncate`).
-        reference_context: a callable returning a context manager under which `policy` acts as the reference
-            (e.g. switching to TRL's frozen "ref" adapter).
         reference_tokenizer: when given, checked against `tokenizer` (vocabulary and chat template).
         batch_tokens: padded tokens per forward pass; lower it to save memory.
         compute_baselines: also compute self-certainty and DeepConf (full-vocabulary statistics of the policy).
@@ -127,23 +114,17 @@ class ProgressScorer:
         *,
         config: ScoringConfig | None = None,
         max_length: int | None = None,
-        reference_context=None,
         reference_tokenizer=None,
         batch_tokens: int = 16384,
         chunk_size: int = 1024,
         compute_baselines: bool = True,
     ):
-        if reference is None and reference_context is None and not is_peft_model(policy):
-            raise ValueError(
-                "no reference: pass `reference=` (a model), a PEFT policy (its adapter is disabled for the "
-                "reference), or `reference_context=`"
-            )
+        self.reference: Reference = resolve(policy, reference)
         if reference_tokenizer is not None:
             check_same_tokenizer(tokenizer, reference_tokenizer)
-        self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
+        self.policy, self.tokenizer = policy, tokenizer
         self.config = config or ScoringConfig()
         self.max_length = max_length
-        self.reference_context = reference_context
         self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
         self.compute_baselines = compute_baselines
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -173,13 +154,6 @@ class ProgressScorer:
         trajs = as_trajectories(trajectories)
         return trajs, [render(t, self.tokenizer, self.max_length) for t in trajs]
 
-    def _reference_ctx(self):
-        if self.reference is not None:
-            return contextlib.nullcontext()
-        if self.reference_context is not None:
-            return self.reference_context()
-        return self.policy.disable_adapter()
-
     def _batches(self, rendered: list[Rendered]) -> list[list[int]]:
         """Indices grouped into padded batches of at most `batch_tokens`, longest first (less padding)."""
         order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].input_ids))
@@ -206,7 +180,7 @@ class ProgressScorer:
             from tqdm.auto import tqdm
 
             it = tqdm(batches, desc="scoring", unit="batch", disable=None)
-        ref_model = self.reference if self.reference is not None else self.policy
+        ref_model = self.reference.model_for(self.policy)
         with _eval_mode(self.policy), _eval_mode(ref_model):
             for batch in it:
                 T = max(len(rendered[i].input_ids) for i in batch)
@@ -228,7 +202,7 @@ class ProgressScorer:
                 pol = taken_token_stats(
                     self.policy, ids, mask, index, topk=cfg.topk, with_vocab_stats=self.compute_baselines, **kw
                 )
-                with self._reference_ctx():
+                with self.reference.active(self.policy):
                     ref = taken_token_stats(ref_model, ids, mask, index, **kw)
                 owner_t, step_t = np.array(owner, dtype=np.int64), np.array(step_of, dtype=np.int64)
                 arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"]}
@@ -290,55 +264,3 @@ def finish_score(t: Trajectory, r: Rendered, stats: TokenStats, config: ScoringC
     res.group, res.success, res.failure_step = t.group, t.success, t.failure_step
     res.truncation, res.metadata = r.truncation, t.metadata
     return res
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Loading checkpoint pairs
-
-
-def _resolve_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype == "auto":
-        return "auto"
-    return getattr(torch, str(dtype))
-
-
-def load_pair(policy_path, reference_path=None, *, dtype=None, device=None, trust_remote_code=False):
-    """(policy, reference or None, tokenizer). A LoRA policy comes back as a PeftModel with reference None."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    kw = dict(trust_remote_code=trust_remote_code)
-    if dtype is not None:
-        kw["dtype"] = _resolve_dtype(dtype)
-    policy_path = str(policy_path)
-    if is_adapter_dir(policy_path):
-        from peft import PeftConfig, PeftModel
-
-        base_path = reference_path or PeftConfig.from_pretrained(policy_path).base_model_name_or_path
-        if not base_path:
-            raise ValueError(f"{policy_path} is a LoRA adapter with no base model recorded: pass the reference path")
-        base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
-        policy = PeftModel.from_pretrained(base, policy_path)
-        reference = None
-        tok_path = policy_path if _has_tokenizer(policy_path) else base_path
-    else:
-        if reference_path is None:
-            raise ValueError("a full-weight policy needs a reference: pass reference_path")
-        policy = AutoModelForCausalLM.from_pretrained(policy_path, **kw)
-        reference = AutoModelForCausalLM.from_pretrained(str(reference_path), **kw)
-        tok_path = policy_path if _has_tokenizer(policy_path) else str(reference_path)
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
-    other = str(reference_path) if reference_path is not None else None
-    if other is not None and other != tok_path and _has_tokenizer(other):
-        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(other, trust_remote_code=trust_remote_code))
-    if device is not None:
-        policy.to(device)
-        if reference is not None:
-            reference.to(device)
-    return policy.eval(), (reference.eval() if reference is not None else None), tokenizer
-
-
-def _has_tokenizer(path) -> bool:
-    p = Path(path)
-    return (p / "tokenizer_config.json").is_file() or (p / "tokenizer.json").is_file()

@@ -117,12 +117,6 @@ def unwrap(trainer, model=None):
     return trainer.accelerator.unwrap_model(model)
 
 
-def is_peft(model) -> bool:
-    from .engine import is_peft_model
-
-    return is_peft_model(model)
-
-
 def beta(trainer) -> float:
     return float(trainer.beta)
 
@@ -146,18 +140,6 @@ def trainer_reference(trainer):
     """The separate reference model the trainer loaded (beta > 0, full fine-tuning), unwrapped; else None."""
     ref = getattr(trainer, "ref_model", None)
     return None if ref is None else unwrap(trainer, ref)
-
-
-def peft_reference_context(trainer) -> Callable | None:
-    """For a PEFT policy: a callable returning the context under which the model is the reference, as TRL does it
-    (its frozen "ref" adapter when it made one, else all adapters disabled). None for a full model."""
-    model = unwrap(trainer)
-    if not is_peft(model):
-        return None
-    from trl.trainer.utils import use_adapter
-
-    name = "ref" if "ref" in model.peft_config else None
-    return lambda: use_adapter(model, adapter_name=name)
 
 
 def prepare_frozen_reference(trainer, model) -> None:
@@ -213,9 +195,9 @@ class TrainerHooks:
     """Instance-level wrappers on one GRPOTrainer / RLOOTrainer that hand each captured `RolloutBatch` to `on_batch`.
 
     reference_pass: with beta == 0 TRL computes no reference log-probs; when True, one extra no-grad reference
-        forward per generation batch is run here (its wall time is reported in `RolloutBatch.ref_pass_seconds`).
-        `reference_model` is the frozen reference for a full (non-PEFT) model; a PEFT model uses its disabled
-        adapter. When False and beta == 0, nothing is captured.
+        forward per generation batch is run here (its wall time is reported in `RolloutBatch.ref_pass_seconds`)
+        with `reference` (a `reference.Reference`: a frozen model, or the PEFT model's adapters switched). When
+        False and beta == 0, nothing is captured.
     on_error: called with the exception when the capture code fails; it decides whether to re-raise. TRL's own
         exceptions always propagate untouched.
     log_extras: callable(mode) -> dict of figures added to every `trainer.log` call in that mode.
@@ -229,14 +211,14 @@ class TrainerHooks:
         on_error: Callable[[BaseException], None],
         log_extras: Callable[[str], dict] | None = None,
         reference_pass: bool = False,
-        reference_model=None,
+        reference=None,
     ):
         check_trl_version()
         self.trainer = trainer
         self.kind = trainer_kind(trainer)
         self.on_batch, self.on_error, self.log_extras = on_batch, on_error, log_extras
         self.reference_pass = reference_pass
-        self.reference_model = reference_model
+        self.reference = reference
         self._originals: dict[str, Callable] = {}
         self._generation = 0
         self._pending = {"train": 0, "eval": 0}  # loss passes still to capture, per mode
@@ -322,15 +304,14 @@ class TrainerHooks:
         fn = self._originals["_get_per_token_logps_and_entropies"]
         t0 = time.perf_counter()
         with torch.no_grad(), rng_guard(ids.device):
-            if self.reference_model is not None:
-                logps, _, _ = fn(self.reference_model, ids, att, keep, batch_size=bs)
+            if self.reference is None:
+                raise RuntimeError("reference pass requested but no reference was given")
+            if self.reference.kind == "separate":
+                logps, _, _ = fn(self.reference.model, ids, att, keep, batch_size=bs)
             else:
-                ctx = peft_reference_context(t)
-                if ctx is None:
-                    raise RuntimeError("reference pass requested but there is no reference model and no PEFT adapter")
                 from trl.models.utils import disable_gradient_checkpointing
 
-                with ctx(), disable_gradient_checkpointing(t.model, t.args.gradient_checkpointing_kwargs):
+                with self.reference.active(unwrap(t)), disable_gradient_checkpointing(t.model, t.args.gradient_checkpointing_kwargs):
                     logps, _, _ = fn(t.model, ids, att, keep, batch_size=bs)
         self._ref_seconds += time.perf_counter() - t0
         return logps.detach()

@@ -87,11 +87,16 @@ class count_forwards:
             h.remove()
 
 
+def is_ours(key: str) -> bool:
+    """A key the callback logs: progadv/train/..., progadv/errors, eval_progadv/{eval,heldout}/..."""
+    return key.startswith(("progadv/", "eval_progadv/"))
+
+
 def grpo_figures(log_history) -> list[dict]:
     """The trainer's own figures, entry by entry (progadv keys, timings and our extra entries left out)."""
     out = []
     for e in log_history:
-        own = {k: v for k, v in e.items() if not k.startswith("progadv/") and k not in TIMING_KEYS}
+        own = {k: v for k, v in e.items() if not is_ours(k) and k not in TIMING_KEYS}
         if set(own) - {"step", "epoch"}:
             out.append(own)
     return out

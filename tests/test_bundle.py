@@ -164,13 +164,13 @@ def test_lora_round_trip_stores_adapter_and_unmerged_base(tmp_path, tiny_dir, ti
 
 def test_two_adapters_reference_adapter_merged(tmp_path, tiny_dir, tiny_tokenizer):
     """TRL's "ref" adapter (training an existing adapter with beta > 0): both adapters stored merged, as full weights."""
-    from trl.trainer.utils import use_adapter
+    from progadv_trl.reference import Reference
 
     model = _lora(tiny_dir["reference"], seed=0)
     model = _lora(None, seed=1, adapter="ref", model=model)
     model.set_adapter("default")
     trajs = _trajs()[:3]
-    before = ProgressScorer(model, tiny_tokenizer, reference_context=lambda: use_adapter(model, "ref")).score(trajs)
+    before = ProgressScorer(model, tiny_tokenizer, Reference("named_adapter", adapter="ref")).score(trajs)
     with pytest.raises(BundleError, match="reference_adapter='ref'"):
         export_bundle(tmp_path / "x", model, None, tiny_tokenizer)
     assert not (tmp_path / "x").exists()

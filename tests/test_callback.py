@@ -75,31 +75,45 @@ def test_figures_reach_log_history(runs):
         q = [e[f"progadv/train/step_advantage_q{p}"] for p in ("10", "25", "50", "75", "90")]
         assert q == sorted(q)
     ev = [e for e in log if "eval_loss" in e]
-    assert len(ev) == 2 and all("progadv/eval/step_advantage_mean" in e for e in ev)
+    assert len(ev) == 2 and all("eval_progadv/eval/step_advantage_mean" in e for e in ev)
     # Rewards are the labels: per-prompt-group best-of-N over the 2 eval prompts, with its reference points
     for e in ev:
-        assert e["progadv/eval/best_of_n/groups"] == 2
-        assert e["progadv/eval/rollouts"] == 8
-        assert 0.0 <= e["progadv/eval/best_of_n/random_pick"] <= e["progadv/eval/best_of_n/pass_at_n"] <= 1.0
-    held = _entries(log, "progadv/heldout/")
-    assert [e["progadv/heldout/global_step"] for e in held] == [0, 2, 4]  # baseline, every eval_steps, end
+        assert e["eval_progadv/eval/best_of_n/groups"] == 2
+        assert e["eval_progadv/eval/rollouts"] == 8
+        assert 0.0 <= e["eval_progadv/eval/best_of_n/random_pick"] <= e["eval_progadv/eval/best_of_n/pass_at_n"] <= 1.0
+    held = _entries(log, "eval_progadv/heldout/")
+    assert [e["eval_progadv/heldout/global_step"] for e in held] == [0, 2, 4]  # baseline, every eval_steps, end
     assert held[0]["step"] == 0
     for e in held:
-        assert e["progadv/heldout/rollouts"] == N_HELDOUT
-        assert "progadv/heldout/auroc/progress_advantage" in e and "progadv/heldout/auroc/self_certainty" in e
-        assert "progadv/heldout/best_of_n/progress_advantage" in e
-        assert "progadv/heldout/attribution_exact/progress_advantage" in e
-        assert "progadv/heldout/step_advantage_by_step/0" in e
+        assert e["eval_progadv/heldout/rollouts"] == N_HELDOUT
+        assert "eval_progadv/heldout/auroc/progress_advantage" in e and "eval_progadv/heldout/auroc/self_certainty" in e
+        assert "eval_progadv/heldout/best_of_n/progress_advantage" in e
+        assert "eval_progadv/heldout/attribution_exact/progress_advantage" in e
+        assert "eval_progadv/heldout/step_advantage_by_step/0" in e
         assert e["progadv/errors"] == 0
     # Before the first step the policy is the reference: every advantage is exactly 0
-    assert held[0]["progadv/heldout/step_advantage_mean"] == 0.0
-    assert held[-1]["progadv/heldout/step_advantage_mean"] != 0.0
+    assert held[0]["eval_progadv/heldout/step_advantage_mean"] == 0.0
+    assert held[-1]["eval_progadv/heldout/step_advantage_mean"] != 0.0
+
+
+def test_trackers_file_evaluation_figures_with_evaluation(runs):
+    """TensorBoard and wandb rename keys with transformers' `rewrite_logs`: eval_X -> eval/X, anything else -> train/X.
+    Held-out and evaluation-rollout figures must land beside the trainer's own eval figures, training ones under train/."""
+    from transformers.integrations.integration_utils import rewrite_logs
+
+    names = {k for e in runs["cb"]["log"] for k in rewrite_logs(dict(e))}
+    held = {k for k in names if "progadv/heldout/" in k}
+    ev = {k for k in names if "progadv/eval/" in k}
+    train = {k for k in names if "progadv/train/" in k}
+    assert held and all(k.startswith("eval/progadv/heldout/") for k in held)
+    assert ev and all(k.startswith("eval/progadv/eval/") for k in ev)
+    assert train and all(k.startswith("train/progadv/train/") for k in train)
 
 
 def test_every_backend_gets_the_figures(runs):
     log, seen = runs["cb"]["log"], runs["cb"]["backend"]
-    ours = [{k: v for k, v in e.items() if k.startswith("progadv/")} for e in log]
-    assert [{k: v for k, v in e.items() if k.startswith("progadv/")} for e in seen] == ours
+    ours = [{k: v for k, v in e.items() if k.startswith(("progadv/", "eval_progadv/"))} for e in log]
+    assert [{k: v for k, v in e.items() if k.startswith(("progadv/", "eval_progadv/"))} for e in seen] == ours
     assert sum(bool(e) for e in ours) >= 6
 
 
@@ -116,7 +130,7 @@ def test_captured_tensors_reproduce_grpo_kl(runs):
     assert len(kls) == 4 and max(k for k, _ in kls) > 0.01  # the policy moved: the check is not 0 == 0
     for grpo, ours in kls:
         assert ours == pytest.approx(grpo, rel=1e-5, abs=1e-7)
-    ev = [(e["eval_kl"], e["progadv/eval/kl"]) for e in log if "eval_kl" in e]
+    ev = [(e["eval_kl"], e["eval_progadv/eval/kl"]) for e in log if "eval_kl" in e]
     assert len(ev) == 2
     for grpo, ours in ev:
         assert ours == pytest.approx(grpo, rel=1e-5, abs=1e-7)
@@ -228,10 +242,10 @@ def test_tables_go_to_wandb_and_trackio_when_asked(runs, monkeypatch):
     monkeypatch.setitem(sys.modules, "trackio", fake("trackio"))
     df = pd.DataFrame({"a": [1, 2]})
     monkeypatch.setattr(cb.trainer.args, "report_to", [])
-    cb._send_table("progadv/heldout_steps", df)
+    cb.outputs.send_table("progadv/heldout_steps", df)
     assert sent == []
     monkeypatch.setattr(cb.trainer.args, "report_to", ["wandb", "trackio"])
-    cb._send_table("progadv/heldout_steps", df)
+    cb.outputs.send_table("progadv/heldout_steps", df)
     assert sent == [("wandb", {"progadv/heldout_steps": ("table", 2)}), ("trackio", {"progadv/heldout_steps": ("table", 2)})]
 
 
@@ -244,7 +258,7 @@ def test_errors_are_counted_not_raised(tiny_dir, tmp_path):
     def broken():
         raise RuntimeError("boom")
 
-    cb._make_scorer = broken
+    cb.heldout.make_scorer = broken
     t.add_callback(cb)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
@@ -256,7 +270,7 @@ def test_errors_are_counted_not_raised(tiny_dir, tmp_path):
     assert any("progadv/train/kl" in e for e in t.state.log_history)  # the rest keeps working
 
     strict = ProgressAdvantageCallback(t, heldout=heldout_records(2), strict=True, export=None)
-    strict._make_scorer = broken
+    strict.heldout.make_scorer = broken
     with pytest.raises(RuntimeError, match="boom"):
         strict.score_heldout()
     strict.hooks.uninstall()
@@ -272,16 +286,9 @@ def test_bad_heldout_records_are_named(tiny_dir, tmp_path):
     recs = heldout_records(2) + [{"id": "bad", "messages": "not a list"}]
     with pytest.warns(UserWarning, match=r"1 bad record\(s\) skipped.*bad"):
         cb = ProgressAdvantageCallback(t, heldout=recs, export=None)
-    assert [tr.id for tr in cb.heldout] == ["t0", "t1"]
+    assert [tr.id for tr in cb.heldout.trajectories] == ["t0", "t1"]
     cb.hooks.uninstall()
     with pytest.raises(TrajectoryError, match="messages"):
         ProgressAdvantageCallback(t, heldout=recs, export=None, strict=True)
     with pytest.raises(ValueError, match="export must be one of"):
         ProgressAdvantageCallback(t, export="always")
-
-
-def test_export_without_bundle_module_is_a_clear_error(runs, monkeypatch, tmp_path):
-    cb = runs["cb"]["callback"]
-    monkeypatch.setitem(sys.modules, "progadv_trl.bundle", None)  # as if bundle.py were missing
-    with pytest.raises(RuntimeError, match="export_bundle is unavailable.*export=None"):
-        cb.export_bundle(tmp_path / "b")

@@ -44,16 +44,16 @@ def test_heldout_is_sharded_and_gathered(ranks):
     out, (r0, r1) = ranks
     assert r0["last_heldout_ids"] == ["t0", "t1", "t2", "t3", "t4"]  # all of them, once, in order
     assert r1["last_heldout_ids"] == []
-    held = [e for e in r0["log_history"] if "progadv/heldout/global_step" in e]
-    assert [e["progadv/heldout/global_step"] for e in held] == [0, 2]
-    assert all(e["progadv/heldout/rollouts"] == 5 for e in held)
-    assert held[0]["progadv/heldout/step_advantage_mean"] == 0.0
+    held = [e for e in r0["log_history"] if "eval_progadv/heldout/global_step" in e]
+    assert [e["eval_progadv/heldout/global_step"] for e in held] == [0, 2]
+    assert all(e["eval_progadv/heldout/rollouts"] == 5 for e in held)
+    assert held[0]["eval_progadv/heldout/step_advantage_mean"] == 0.0
 
 
 def test_only_main_logs_and_writes(ranks):
     out, (r0, r1) = ranks
-    assert any(k.startswith("progadv/") for e in r0["log_history"] for k in e)
-    assert not any(k.startswith("progadv/") for e in r1["log_history"] for k in e)
+    assert any(k.startswith(("progadv/", "eval_progadv/")) for e in r0["log_history"] for k in e)
+    assert not any(k.startswith(("progadv/", "eval_progadv/")) for e in r1["log_history"] for k in e)
     import pandas as pd
 
     tables = sorted(p.relative_to(out).as_posix() for p in (out / "progadv").rglob("*.parquet"))
@@ -72,6 +72,6 @@ def test_gathered_figures_match_the_trainer(ranks):
     train = [e for e in log if "loss" in e]
     assert all(e["progadv/train/rollouts"] == 4 for e in train)  # 2 per rank, gathered
     ev = [e for e in log if "eval_kl" in e]
-    assert len(ev) == 1 and ev[0]["progadv/eval/kl"] == pytest.approx(ev[0]["eval_kl"], rel=1e-5)
+    assert len(ev) == 1 and ev[0]["eval_progadv/eval/kl"] == pytest.approx(ev[0]["eval_kl"], rel=1e-5)
     # 2 eval prompts x 4 rollouts, each prompt's group split 2 + 2 across the ranks and put back together
-    assert ev[0]["progadv/eval/rollouts"] == 8 and ev[0]["progadv/eval/best_of_n/groups"] == 2
+    assert ev[0]["eval_progadv/eval/rollouts"] == 8 and ev[0]["eval_progadv/eval/best_of_n/groups"] == 2

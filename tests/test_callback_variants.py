@@ -32,7 +32,7 @@ def _grpo(model, out_dir, tok, train_n=16, **kw):
 
 
 def _held(log):
-    return [e for e in log if "progadv/heldout/global_step" in e]
+    return [e for e in log if "eval_progadv/heldout/global_step" in e]
 
 
 def _assert_kl_matches(log, n):
@@ -63,9 +63,9 @@ def test_lora_new_adapter(tiny_dir, tmp_path):
     kls = _assert_kl_matches(log, 2)
     assert kls[-1][0] > 0
     held = _held(log)
-    assert [e["progadv/heldout/global_step"] for e in held] == [0, 2]
-    assert held[0]["progadv/heldout/step_advantage_mean"] == 0.0  # LoRA B starts at 0: policy == reference
-    assert held[1]["progadv/heldout/step_advantage_mean"] != 0.0
+    assert [e["eval_progadv/heldout/global_step"] for e in held] == [0, 2]
+    assert held[0]["eval_progadv/heldout/step_advantage_mean"] == 0.0  # LoRA B starts at 0: policy == reference
+    assert held[1]["eval_progadv/heldout/step_advantage_mean"] != 0.0
     assert cb.errors == 0
     manifest = json.loads((Path(tmp_path) / "progadv_bundle" / "manifest.json").read_text())
     assert manifest["policy"]["kind"] == "lora" and manifest["reference"]["is_policy_base"]
@@ -91,7 +91,7 @@ def test_lora_existing_adapter_uses_trl_ref_adapter(tiny_dir, tmp_path):
     t.add_callback(cb)
     t.train()
     held = _held(t.state.log_history)
-    assert held[0]["progadv/heldout/step_advantage_mean"] == 0.0  # "ref" == the adapter at the start
+    assert held[0]["eval_progadv/heldout/step_advantage_mean"] == 0.0  # "ref" == the adapter at the start
     _assert_kl_matches(t.state.log_history, 1)
     # Scoring against the bare base instead would have given non-zero advantages at the start
     from progadv_trl.engine import ProgressScorer
@@ -123,9 +123,9 @@ def test_beta_zero_skips_training_figures_with_one_warning(tiny_dir, tmp_path):
     log = t.state.log_history
     assert not any(k.startswith("progadv/train/") for e in log for k in e)
     held = _held(log)  # held-out scoring loads a frozen reference from the initial checkpoint
-    assert [e["progadv/heldout/global_step"] for e in held] == [0, 2]
-    assert held[0]["progadv/heldout/step_advantage_mean"] == 0.0
-    assert held[1]["progadv/heldout/step_advantage_mean"] != 0.0
+    assert [e["eval_progadv/heldout/global_step"] for e in held] == [0, 2]
+    assert held[0]["eval_progadv/heldout/step_advantage_mean"] == 0.0
+    assert held[1]["eval_progadv/heldout/step_advantage_mean"] != 0.0
     assert cb.errors == 0
 
 
@@ -136,7 +136,8 @@ def test_beta_zero_reference_pass_full_model(tiny_dir, tmp_path):
     t = _grpo(str(d), tmp_path, _tok(d), beta=0.0)
     cb = ProgressAdvantageCallback(t, reference_pass=True, export=None)
     t.add_callback(cb)
-    ref = cb.hooks.reference_model
+    assert cb.hooks.reference.kind == "separate"
+    ref = cb.hooks.reference.model
     assert ref is not None and not any(p.requires_grad for p in ref.parameters())
     c = count_forwards(ref)
     t.train()
@@ -158,7 +159,7 @@ def test_beta_zero_reference_pass_lora(tiny_dir, tmp_path):
     lora = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "up_proj"], task_type="CAUSAL_LM")
     t = _grpo(str(d), tmp_path, _tok(d), beta=0.0, peft_config=lora, learning_rate=5e-2)
     cb = ProgressAdvantageCallback(t, reference_pass=True, export=None)
-    assert cb.hooks.reference_model is None  # the adapter is disabled instead: no second copy of the weights
+    assert cb.hooks.reference.kind == "adapter_disabled"  # no second copy of the weights
     t.add_callback(cb)
     t.train()
     train = [e for e in t.state.log_history if "progadv/train/token_log_ratio_mean" in e]
@@ -194,9 +195,9 @@ def test_rloo(tiny_dir, tmp_path):
     assert kls[-1][0] != 0
     assert all(e["progadv/train/token_log_ratio_mean"] == e["progadv/train/kl"] for e in log if "kl" in e)
     ev = [e for e in log if "eval_kl" in e]
-    assert len(ev) == 1 and ev[0]["progadv/eval/kl"] == pytest.approx(ev[0]["eval_kl"], rel=1e-5)
-    assert ev[0]["progadv/eval/best_of_n/groups"] == 2
-    assert [e["progadv/heldout/global_step"] for e in _held(log)] == [0, 2]
+    assert len(ev) == 1 and ev[0]["eval_progadv/eval/kl"] == pytest.approx(ev[0]["eval_kl"], rel=1e-5)
+    assert ev[0]["eval_progadv/eval/best_of_n/groups"] == 2
+    assert [e["eval_progadv/heldout/global_step"] for e in _held(log)] == [0, 2]
     assert cb.errors == 0
 
 

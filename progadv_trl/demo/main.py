@@ -193,7 +193,7 @@ def training_curves(history: list[dict], log_history: list[dict], path: Path) ->
 
     held = [h for h in history if h["kind"] == "heldout"]
     steps = [h["step"] for h in held]
-    pre = "progadv/heldout/"
+    pre = "eval_progadv/heldout/"
     auroc = {m: [h["figures"].get(f"{pre}auroc/{m}") for h in held] for m in HEADLINE_METHODS}
     auroc = {m: v for m, v in auroc.items() if any(x is not None for x in v)}
     adv = [h["figures"].get(f"{pre}step_advantage_mean") for h in held]
