@@ -1,4 +1,8 @@
-"""`progadv`: score, evaluate, export, inspect and demo.
+"""`progadv`: score, evaluate, export, inspect, demo.
+
+Every command's options are dataclasses with `help` metadata, parsed by transformers' `HfArgumentParser` (the
+parser under TRL's `TrlParser`), so each option reads the same on the command line, in `--help` and in Python.
+Nothing here imports torch until a command runs: `progadv --help` stays fast.
 
 Bad input never ends in a traceback: user errors print one message (naming the record and field where there is
 one) and exit with status 2; output files are written atomically, so a failed run leaves nothing half-written.
@@ -7,70 +11,125 @@ one) and exit with status 2; output files are written atomically, so a failed ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+from dataclasses import dataclass, field
+
+from transformers.hf_argparser import HfArgumentParser
 
 from . import __version__
+from .config import PAPER_TOKEN_REDUCTIONS, SELECTION_METRICS, STEP_REDUCTIONS, TOKEN_REDUCTIONS
 from .utils import atomic_write_text
 
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from .trajectories import ChatTemplateError, TokenizerMismatchError, TrajectoryError
 
-    errs: list[type[BaseException]] = [TrajectoryError, ChatTemplateError, TokenizerMismatchError, FileNotFoundError]
-    try:
-        from .bundle import BundleError
+@dataclass
+class ModelArguments:
+    """The models: a critic bundle, or a policy/reference checkpoint pair."""
 
-        errs.append(BundleError)
-    except ImportError:
-        pass
-    return tuple(errs)
+    bundle: str | None = field(default=None, metadata={"help": "a critic bundle directory (progadv export / the training callback)"})
+    policy: str | None = field(default=None, metadata={"help": "policy checkpoint directory, or a LoRA adapter directory"})
+    reference: str | None = field(
+        default=None,
+        metadata={"help": "reference checkpoint (LoRA policy: default the adapter's base). With --bundle: where a "
+                          "reference recorded by identity lives"},
+    )
+    dtype: str | None = field(default=None, metadata={"help": "torch dtype to load the models in (default: the checkpoint's)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cpu)"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the checkpoint"})
+
+
+@dataclass
+class ScoringArguments:
+    """Overrides of the scoring config (default: the bundle's, else beta=1, sum over tokens, sum over steps)."""
+
+    beta: float | None = field(default=None, metadata={"help": "A_t = beta * sum of token log-ratios (default 1.0)"})
+    token_reduction: str | None = field(default=None, metadata={"choices": TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS,
+                                                                "help": "how a step's token log-ratios are reduced"})  # fmt: skip
+    step_reduction: str | None = field(default=None, metadata={"choices": STEP_REDUCTIONS,
+                                                               "help": "how a trajectory's steps are reduced"})  # fmt: skip
+    temperature: float | None = field(default=None, metadata={"help": "divide logits by this (the theory holds at 1.0)"})
+    max_length: int | None = field(default=None, metadata={"help": "truncate longer trajectories (start + most recent kept)"})
+    batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per forward pass"})
+
+    def overrides(self) -> dict:
+        """The ScoringConfig fields given on the command line."""
+        keys = ("beta", "token_reduction", "step_reduction", "temperature")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+
+
+@dataclass
+class InputArguments:
+    """Where trajectories come from and what happens to bad records."""
+
+    on_error: str = field(default="raise", metadata={"choices": ("raise", "skip"),
+                                                     "help": "bad records: stop, or skip them and name them"})  # fmt: skip
+
+
+@dataclass
+class ScoreArguments:
+    output: str = field(metadata={"aliases": ["-o"], "help": "output .jsonl (written atomically)"})
+    token_ratios: bool = field(default=False, metadata={"help": "also write every token's log-ratio"})
+
+
+@dataclass
+class EvaluateArguments:
+    output: str = field(metadata={"aliases": ["-o"], "help": "output directory: metrics.json, metrics.md, PNG plots"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals (0: none)"})
+    seed: int = field(default=0, metadata={"help": "seeds the bootstrap, the folds and best-of-N tie-breaks"})
+    folds: int = field(default=5, metadata={"help": "k for the cross-validated choices"})
+    calibration: str = field(default="platt", metadata={"choices": ("platt", "isotonic"), "help": "P(success) calibration"})
+    choose_reduction: str | None = field(
+        default=None,
+        metadata={"choices": SELECTION_METRICS,
+                  "help": "also choose the token/step reduction by k-fold CV on this metric; its held-out figure is reported"},
+    )  # fmt: skip
+
+
+@dataclass
+class ExportArguments:
+    policy: str = field(metadata={"help": "policy checkpoint, or a LoRA adapter directory"})
+    reference: str | None = field(default=None, metadata={"help": "reference checkpoint (LoRA: default the adapter's base)"})
+    reference_id: str | None = field(default=None, metadata={"help": "record the reference by hub id + file hashes, not weights"})
+    revision: str | None = field(default=None, metadata={"help": "with --reference-id: the hub revision"})
+    dtype: str | None = field(default=None, metadata={"help": "torch dtype to load the models in"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the checkpoint"})
+    overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle (atomically)"})
+
+
+@dataclass
+class InspectArguments:
+    reference: str | None = field(default=None, metadata={"help": "where a reference recorded by identity lives"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the bundle"})
+
+
+@dataclass
+class DemoArguments:
+    out: str = field(metadata={"help": "run directory (models, rollouts, bundle, report, summary.json)"})
+    config: str | None = field(default=None, metadata={"help": "YAML of DemoConfig fields, read like the recipes' (see recipes/toy_*.yaml)"})
+    seed: int | None = field(default=None, metadata={"help": "seeds everything (default 0)"})
+    fast: bool = field(default=False, metadata={"help": "seconds instead of minutes: checks the plumbing, learns little"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Shared arguments
+# Shared steps
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("models (a bundle, or a policy/reference pair)")
-    g.add_argument("--bundle", help="a critic bundle directory (progadv export / the training callback)")
-    g.add_argument("--policy", help="policy checkpoint directory, or a LoRA adapter directory")
-    g.add_argument("--reference", help="reference checkpoint (for a LoRA policy: defaults to the adapter's base)")
-    g.add_argument("--dtype", default=None, help="torch dtype to load the models in (default: the checkpoint's)")
-    g.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)")
-    g.add_argument("--trust-remote-code", action="store_true", help="allow model code shipped with the checkpoint")
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .bundle import BundleError
+    from .trajectories import ChatTemplateError, TokenizerMismatchError, TrajectoryError
+
+    return (TrajectoryError, ChatTemplateError, TokenizerMismatchError, BundleError, FileNotFoundError)
 
 
-def _add_scoring_args(p: argparse.ArgumentParser) -> None:
-    from .scoring import PAPER_TOKEN_REDUCTIONS, STEP_REDUCTIONS, TOKEN_REDUCTIONS
-
-    g = p.add_argument_group("scoring (defaults: the bundle's, else beta=1, sum over tokens, sum over steps)")
-    g.add_argument("--beta", type=float, default=None, help="A_t = beta * sum of token log-ratios (default 1.0)")
-    g.add_argument("--token-reduction", choices=TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS, default=None)
-    g.add_argument("--step-reduction", choices=STEP_REDUCTIONS, default=None)
-    g.add_argument("--temperature", type=float, default=None, help="divide logits by this (the theory holds at 1.0)")
-    g.add_argument("--max-length", type=int, default=None, help="truncate longer trajectories (start + most recent kept)")
-    g.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
-    g.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad records: stop, or skip and report")
-
-
-def _scoring_overrides(args) -> dict:
-    return {
-        k: v
-        for k, v in {
-            "beta": args.beta,
-            "token_reduction": args.token_reduction,
-            "step_reduction": args.step_reduction,
-            "temperature": args.temperature,
-        }.items()
-        if v is not None
-    }
-
-
-def _load_inputs(args):
+def _load_inputs(path: str, inputs: InputArguments):
     from .trajectories import load_trajectories
 
-    res = load_trajectories(args.trajectories, on_error=args.on_error)
+    res = load_trajectories(path, on_error=inputs.on_error)
     if res.errors:
         print(f"progadv: {res.summary()}", file=sys.stderr)
     if not res.trajectories:
@@ -78,56 +137,34 @@ def _load_inputs(args):
     return res.trajectories
 
 
-def _scorer(args):
-    """A ProgressScorer from --bundle or --policy/--reference, with the command line's overrides applied."""
-    import dataclasses
-
+def _scorer(model: ModelArguments, scoring: ScoringArguments):
+    """(ProgressScorer, ProgressCritic or None) from --bundle or --policy/--reference, with the overrides applied."""
     from .engine import ProgressScorer
     from .scoring import ScoringConfig
 
-    over = _scoring_overrides(args)
-    if args.bundle:
-        if args.policy:
+    over = scoring.overrides()
+    if model.bundle:
+        if model.policy:
             raise SystemExit("progadv: error: give --bundle or --policy, not both")
         from .critic import ProgressCritic
 
-        # --reference with --bundle: where to find a reference the bundle records by identity (hub id + hashes)
         critic = ProgressCritic.from_pretrained(
-            args.bundle, trust_remote_code=args.trust_remote_code, device=args.device, reference_path=args.reference
-        )
+            model.bundle, trust_remote_code=model.trust_remote_code, device=model.device, dtype=model.dtype,
+            reference_path=model.reference,
+        )  # fmt: skip
         scorer = critic.scorer
         scorer.config = dataclasses.replace(scorer.config, **over)
-        if args.max_length is not None:
-            scorer.max_length = args.max_length
-        scorer.batch_tokens = args.batch_tokens
+        if scoring.max_length is not None:
+            scorer.max_length = scoring.max_length
+        scorer.batch_tokens = scoring.batch_tokens
         return scorer, critic
-    if not args.policy:
+    if not model.policy:
         raise SystemExit("progadv: error: give --bundle, or --policy (and --reference unless the policy is a LoRA adapter)")
     scorer = ProgressScorer.from_pretrained(
-        args.policy,
-        args.reference,
-        config=ScoringConfig(**over),
-        dtype=args.dtype,
-        device=args.device,
-        trust_remote_code=args.trust_remote_code,
-        max_length=args.max_length,
-        batch_tokens=args.batch_tokens,
-    )
+        model.policy, model.reference, config=ScoringConfig(**over), dtype=model.dtype, device=model.device,
+        trust_remote_code=model.trust_remote_code, max_length=scoring.max_length, batch_tokens=scoring.batch_tokens,
+    )  # fmt: skip
     return scorer, None
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Commands
-
-
-def cmd_score(args) -> int:
-    trajs = _load_inputs(args)
-    scorer, _ = _scorer(args)
-    scores = scorer.score(trajs, with_token_ratios=args.token_ratios, progress=len(trajs) > 1)
-    lines = [json.dumps(s.to_dict()) for s in scores]
-    atomic_write_text(args.output, "\n".join(lines) + "\n")
-    print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
-    return 0
 
 
 def _reduction_info(scorer, critic) -> dict:
@@ -139,13 +176,28 @@ def _reduction_info(scorer, critic) -> dict:
     return {"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction, "chosen_by": how}
 
 
-def cmd_evaluate(args) -> int:
+# ----------------------------------------------------------------------------------------------------------------
+# Commands: one function each, taking the parsed dataclasses
+
+
+def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArguments, inputs: InputArguments,
+              args: ScoreArguments) -> int:  # fmt: skip
+    trajs = _load_inputs(trajectories, inputs)
+    scorer, _ = _scorer(model, scoring)
+    scores = scorer.score(trajs, with_token_ratios=args.token_ratios, progress=len(trajs) > 1)
+    atomic_write_text(args.output, "".join(json.dumps(s.to_dict()) + "\n" for s in scores))
+    print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
+    return 0
+
+
+def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArguments, inputs: InputArguments,
+                 args: EvaluateArguments) -> int:  # fmt: skip
     from .applications import choose_reduction, evaluate, format_table
     from .engine import reduction_grid
     from .report import write_report
 
-    trajs = _load_inputs(args)
-    scorer, critic = _scorer(args)
+    trajs = _load_inputs(trajectories, inputs)
+    scorer, critic = _scorer(model, scoring)
     selection = None
     if args.choose_reduction:
         # One set of forward passes; every token x step reduction; k-fold CV so no choice is scored on its own data.
@@ -159,38 +211,60 @@ def cmd_evaluate(args) -> int:
     metrics = evaluate(
         scores, n_boot=args.n_boot, seed=args.seed, calibration=args.calibration,
         reduction=_reduction_info(scorer, critic), reduction_selection=selection, k=args.folds,
-    )
+    )  # fmt: skip
     print(format_table(metrics))
     paths = write_report(metrics, scores, args.output)
     print(f"progadv: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
     return 0
 
 
-def cmd_export(args) -> int:
+def cmd_export(output: str, args: ExportArguments, scoring: ScoringArguments) -> int:
     from .bundle import export_from_paths
     from .scoring import ScoringConfig
 
     identity = {"repo_id": args.reference_id, "revision": args.revision} if args.reference_id else None
     out = export_from_paths(
-        args.policy, args.reference, args.output,
-        scoring_config=ScoringConfig(**_scoring_overrides(args)), max_length=args.max_length,
+        args.policy, args.reference, output,
+        scoring_config=ScoringConfig(**scoring.overrides()), max_length=scoring.max_length,
         reference_identity=identity, dtype=args.dtype, trust_remote_code=args.trust_remote_code, overwrite=args.overwrite,
-    )
+    )  # fmt: skip
     print(f"progadv: bundle written to {out} (check it: progadv inspect {out})", file=sys.stderr)
     return 0
 
 
-def cmd_inspect(args) -> int:
+def cmd_inspect(bundle: str, args: InspectArguments) -> int:
     from .bundle import format_report, verify_bundle
 
-    report = verify_bundle(args.bundle, reference_path=args.reference, require_reference=False, trust_remote_code=args.trust_remote_code)
+    report = verify_bundle(bundle, reference_path=args.reference, require_reference=False, trust_remote_code=args.trust_remote_code)
     print(format_report(report))
     return 0 if report.ok else 2
 
 
-def cmd_demo(args) -> int:
+def demo_config(args: DemoArguments):
+    """The DemoConfig of a `progadv demo` call: --config read by TRL's `TrlParser`, as the recipes read their YAML
+    (unknown keys are an error), then --out / --seed / --no-progress on top; --fast starts from `DemoConfig.fast`."""
+    from trl import TrlParser
+
+    from .demo.pipeline import DemoConfig
+
+    given: dict = {}
+    if args.config:
+        import yaml
+
+        try:
+            (cfg,) = TrlParser(DemoConfig).parse_args_and_config(["--config", args.config])
+            given = yaml.safe_load(open(args.config, encoding="utf-8")) or {}
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise SystemExit(f"progadv: error: --config {args.config}: {e}")
+        given = {k: getattr(cfg, k) for k in given}
+    given.update(out_dir=args.out, progress=not args.no_progress)
+    if args.seed is not None:
+        given["seed"] = args.seed
+    return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
+
+
+def cmd_demo(args: DemoArguments) -> int:
     import os
-    from pathlib import Path
 
     # Before torch starts its thread pool: idle OpenMP threads that spin slowed this tiny model up to 10x on a busy
     # 2-core machine.
@@ -200,24 +274,26 @@ def cmd_demo(args) -> int:
     # transformers 5 renamed gradient checkpointing; TRL 1.16 still calls the old names every step. Not ours to fix.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
     from .demo.main import run_demo
-    from .demo.pipeline import DemoConfig
 
-    over = {}
-    if args.config:
-        import yaml
-
-        try:
-            over = yaml.safe_load(Path(args.config).read_text()) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise SystemExit(f"progadv: error: cannot read --config {args.config}: {e}")
-        if not isinstance(over, dict):
-            raise SystemExit(f"progadv: error: --config {args.config} must be a mapping of DemoConfig fields")
-    over.update(out_dir=args.out, progress=not args.no_progress)
-    if args.seed is not None:
-        over["seed"] = args.seed
-    cfg = DemoConfig.fast(**over) if args.fast else DemoConfig.from_dict(over)
-    run_demo(cfg)
+    run_demo(demo_config(args))
     return 0
+
+
+# name: (help, positional arguments as (name, help), dataclasses, function)
+COMMANDS = {
+    "score": ("per-step progress advantage of every trajectory -> JSONL",
+              [("trajectories", "trajectories: .jsonl, .json or .parquet")],
+              (ModelArguments, ScoringArguments, InputArguments, ScoreArguments), cmd_score),
+    "evaluate": ("best-of-N, success prediction, failure attribution vs baselines -> DIR",
+                 [("trajectories", "labelled trajectories (success, group, failure_step)")],
+                 (ModelArguments, ScoringArguments, InputArguments, EvaluateArguments), cmd_evaluate),
+    "export": ("build a critic bundle from a checkpoint pair (no training needed)",
+               [("output", "bundle directory to create")], (ExportArguments, ScoringArguments), cmd_export),
+    "inspect": ("print a bundle's manifest and verify every file", [("bundle", "the bundle directory")],
+                (InspectArguments,), cmd_inspect),
+    "demo": ("the whole loop on a CPU: tiny agent, GRPO + callback, bundle, evaluation (~6 min)", [], (DemoArguments,),
+             cmd_demo),
+}  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -226,64 +302,29 @@ def build_parser() -> argparse.ArgumentParser:
         description="Progress advantage for LLM agents: A_t = beta * sum over a step's tokens of log pi - log pi_ref.",
     )
     p.add_argument("--version", action="version", version=f"progadv_trl {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    s = sub.add_parser("score", help="per-step progress advantage of every trajectory -> JSONL")
-    _add_model_args(s)
-    _add_scoring_args(s)
-    s.add_argument("trajectories", help="trajectories: .jsonl, .json or .parquet")
-    s.add_argument("-o", "--output", required=True, help="output .jsonl (written atomically)")
-    s.add_argument("--token-ratios", action="store_true", help="also write every token's log-ratio")
-    s.set_defaults(func=cmd_score)
-
-    e = sub.add_parser("evaluate", help="best-of-N, success prediction, failure attribution vs baselines -> DIR")
-    _add_model_args(e)
-    _add_scoring_args(e)
-    e.add_argument("trajectories", help="labelled trajectories (success, group, failure_step)")
-    e.add_argument("-o", "--output", required=True, help="output directory: metrics.json, metrics.md, PNG plots")
-    e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--folds", type=int, default=5, help="k for the cross-validated choices")
-    e.add_argument("--calibration", choices=("platt", "isotonic"), default="platt", help="P(success) calibration")
-    e.add_argument(
-        "--choose-reduction", choices=("auroc", "spearman", "best_of_n"), default=None,
-        help="also choose the token/step reduction by k-fold CV on this metric and report its held-out figure",
-    )
-    e.set_defaults(func=cmd_evaluate)
-
-    x = sub.add_parser("export", help="build a critic bundle from a checkpoint pair (no training needed)")
-    x.add_argument("--policy", required=True, help="policy checkpoint, or a LoRA adapter directory")
-    x.add_argument("--reference", default=None, help="reference checkpoint (LoRA: defaults to the adapter's base)")
-    x.add_argument("--reference-id", default=None, help="record the reference by hub id + file hashes, not weights")
-    x.add_argument("--revision", default=None, help="with --reference-id: the hub revision")
-    x.add_argument("--dtype", default=None)
-    x.add_argument("--trust-remote-code", action="store_true")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing bundle (atomically)")
-    _add_scoring_args(x)
-    x.add_argument("output", help="bundle directory to create")
-    x.set_defaults(func=cmd_export)
-
-    i = sub.add_parser("inspect", help="print a bundle's manifest and verify every file")
-    i.add_argument("bundle")
-    i.add_argument("--reference", default=None, help="where a reference recorded by identity lives")
-    i.add_argument("--trust-remote-code", action="store_true")
-    i.set_defaults(func=cmd_inspect)
-
-    d = sub.add_parser("demo", help="the whole loop on a CPU: tiny agent, GRPO + callback, bundle, evaluation (~10 min)")
-    d.add_argument("--out", required=True, help="run directory (models, rollouts, bundle, report, summary.json)")
-    d.add_argument("--config", default=None, help="YAML of DemoConfig fields (see recipes/toy_*.yaml)")
-    d.add_argument("--seed", type=int, default=None, help="seeds everything (default 0)")
-    d.add_argument("--fast", action="store_true", help="seconds instead of minutes: checks the plumbing, learns little")
-    d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    d.set_defaults(func=cmd_demo)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
+    for name, (help_, positionals, types, _) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_, description=help_, dataclass_types=types)
+        for pos, pos_help in positionals:
+            sp.add_argument(pos, help=pos_help)
     return p
 
 
+def parse(argv: list[str] | None = None) -> tuple[str, list]:
+    """(command, [positional values..., dataclass instances...]) in the order the command function takes them."""
+    ns = vars(build_parser().parse_args(argv))
+    command = ns.pop("command")
+    _, positionals, types, _ = COMMANDS[command]
+    values: list = [ns.pop(pos) for pos, _ in positionals]
+    for t in types:
+        values.append(t(**{f.name: ns[f.name] for f in dataclasses.fields(t) if f.name in ns}))
+    return command, values
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    command, values = parse(argv)
     try:
-        return args.func(args) or 0
+        return COMMANDS[command][3](*values) or 0
     except _user_errors() as e:
         print(f"progadv: error: {e}", file=sys.stderr)
         return 2
