@@ -20,7 +20,7 @@ backend, in the same log entry as the trainer's own figures):
   the first step (the baseline), every `eval_steps` steps and at the end, with the policy against the reference
   the trainer already has (`trainer.ref_model`, the PEFT model with its adapter disabled, or TRL's "ref" adapter;
   with beta == 0 and full fine-tuning, a frozen copy loaded once from the initial checkpoint). With labels: AUROC,
-  best-of-N and failure-attribution accuracy per method (progadv_trl.applications).
+  best-of-N and failure-attribution accuracy per method (progadv_trl.evaluation).
 
 Per-step tables go to `output_dir/progadv/{eval,heldout[,train]}/step_XXXXXX.parquet` and, when "wandb" or
 "trackio" is in `report_to`, to those as tables. At the end of training (and on every save with
@@ -52,7 +52,8 @@ import torch
 from transformers import TrainerCallback
 
 from . import trl_hooks
-from .scoring import METHODS, ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
+from .config import ATTRIBUTION_RULES, METHODS
+from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
 
 STATE_KEY = "progadv_trl"  # key in TrainerState.stateful_callbacks (saved in every checkpoint's trainer_state.json)
 EXPORT_CHOICES = (None, "end", "save")
@@ -139,24 +140,24 @@ def _available(scores, method) -> bool:
 
 
 def label_figures(scores: list[TrajectoryScore], prefix: str, *, success_threshold, attribution_rule, seed) -> dict:
-    """AUROC, best-of-N and failure attribution per method (progadv_trl.applications, no bootstrap: cheap)."""
-    from . import applications as app
+    """AUROC, best-of-N and failure attribution per method (progadv_trl.evaluation, no bootstrap: cheap)."""
+    from . import evaluation as ev
 
     out = {}
-    labelled = [s for s in scores if app.is_success(s, success_threshold) is not None]
+    labelled = [s for s in scores if ev.is_success(s, success_threshold) is not None]
     if not labelled:
         return out
-    out[f"{prefix}success_rate"] = float(np.mean([app.is_success(s, success_threshold) for s in labelled]))
+    out[f"{prefix}success_rate"] = float(np.mean([ev.is_success(s, success_threshold) for s in labelled]))
     methods = [m for m in METHODS if _available(labelled, m)]
     for m in methods:
-        sp = app.success_prediction(labelled, m, n_boot=0, seed=seed, success_threshold=success_threshold)
+        sp = ev.success_prediction(labelled, m, n_boot=0, seed=seed, success_threshold=success_threshold)
         if sp["auroc"] is not None:
             out[f"{prefix}auroc/{m}"] = sp["auroc"]
     grouped = [s for s in labelled if s.group is not None]
     if grouped:
         ref_done = False
         for m in methods:
-            bon = app.best_of_n(grouped, m, seed, n_boot=0, success_threshold=success_threshold)
+            bon = ev.best_of_n(grouped, m, seed, n_boot=0, success_threshold=success_threshold)
             if bon["success"] is None:
                 continue
             out[f"{prefix}best_of_n/{m}"] = bon["success"]
@@ -173,20 +174,20 @@ def label_figures(scores: list[TrajectoryScore], prefix: str, *, success_thresho
         for m in methods:
             vals = []
             for members in by.values():
-                y = np.array([bool(app.is_success(s, success_threshold)) for s in members])
+                y = np.array([bool(ev.is_success(s, success_threshold)) for s in members])
                 x = np.array([s.method_score(m) for s in members], dtype=np.float64)
                 ok = np.isfinite(x)
                 if ok.sum() >= 2 and y[ok].any() and not y[ok].all():
-                    vals.append(app.auroc(x[ok], y[ok]))
+                    vals.append(ev.auroc(x[ok], y[ok]))
             if vals:
                 out[f"{prefix}group_auroc/{m}"] = float(np.mean(vals))
     if any(s.failure_step is not None for s in labelled):
         for m in methods:
-            fa = app.failure_attribution(labelled, m, attribution_rule, success_threshold=success_threshold)
+            fa = ev.failure_attribution(labelled, m, attribution_rule, success_threshold=success_threshold)
             if fa.get("exact") is not None:
                 out[f"{prefix}attribution_exact/{m}"] = fa["exact"]
                 out[f"{prefix}attribution_within1/{m}"] = fa["within1"]
-        ch = app.attribution_chance(labelled, success_threshold=success_threshold)
+        ch = ev.attribution_chance(labelled, success_threshold=success_threshold)
         if ch["exact"] is not None:
             out[f"{prefix}attribution_exact/chance"] = ch["exact"]
     return out
@@ -239,8 +240,8 @@ class ProgressAdvantageCallback(TrainerCallback):
             the `progadv/train/` and `progadv/eval/` figures with one warning.
         heldout_max_length: truncate longer held-out trajectories (engine semantics). None: no truncation.
         heldout_batch_size: held-out trajectories per forward pass and rank.
-        success_threshold: a numeric label (a reward) counts as a success when > this (applications' default 0).
-        attribution_rule: failure-attribution rule (`applications.ATTRIBUTION_RULES`).
+        success_threshold: a numeric label (a reward) counts as a success when > this (evaluation's default 0).
+        attribution_rule: failure-attribution rule (`config.ATTRIBUTION_RULES`).
         max_logged_steps: figures by turn / step index are logged for the first this many indices.
         write_tables: write per-step parquet tables (and send them to wandb/trackio when in `report_to`).
         train_tables: also write a table per logging step for the training rollouts (off: they are many).
@@ -277,8 +278,6 @@ class ProgressAdvantageCallback(TrainerCallback):
             raise ValueError(f"eval_steps must be a positive integer or None, got {eval_steps!r}")
         if heldout_batch_size < 1:
             raise ValueError(f"heldout_batch_size must be >= 1, got {heldout_batch_size}")
-        from .applications import ATTRIBUTION_RULES
-
         if attribution_rule not in ATTRIBUTION_RULES:
             raise ValueError(f"attribution_rule must be one of {ATTRIBUTION_RULES}, got {attribution_rule!r}")
         trl_hooks.check_trl_version()
@@ -705,7 +704,7 @@ class ProgressAdvantageCallback(TrainerCallback):
         """Platt calibration of P(success) on the last held-out scores, for ProgressCritic.predict_success. None
         without labels of both kinds. It is only as good as the held-out set is like the rollouts scored later
         (on- or off-policy): the manifest says what it was fitted on."""
-        from .applications import Calibrator, is_success
+        from .evaluation import Calibrator, is_success
 
         pairs = [(s.score, is_success(s, self.success_threshold)) for s in self.last_heldout]
         pairs = [(x, y) for x, y in pairs if y is not None and math.isfinite(x)]

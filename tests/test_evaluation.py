@@ -1,4 +1,4 @@
-"""Applications: every metric against the ecosystem's implementation (sklearn, scipy) and hand-computed examples."""
+"""Evaluation: every metric against the ecosystem's implementation (sklearn, scipy) and hand-computed examples."""
 
 import json
 import math
@@ -10,13 +10,12 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from progadv_trl.applications import (
+from progadv_trl.evaluation import (
     Calibrator,
-    _auroc_stat,
-    _spearman_stat,
     attribute_failure,
     attribution_chance,
     auroc,
+    auroc_stat,
     best_of_n,
     best_of_n_table,
     bootstrap_ci,
@@ -25,9 +24,10 @@ from progadv_trl.applications import (
     failure_attribution,
     format_markdown,
     format_table,
+    spearman_stat,
     success_prediction,
+    write_report,
 )
-from progadv_trl.report import write_report
 from progadv_trl.scoring import StepScore, TrajectoryScore
 
 
@@ -84,11 +84,11 @@ def test_auroc_matches_sklearn_with_ties():
     assert len(np.unique(s)) < 60
     ref = roc_auc_score(y, s)
     assert auroc(s, y) == pytest.approx(ref, abs=1e-12)
-    assert float(_auroc_stat(s[y == 1], s[y == 0])) == pytest.approx(ref, abs=1e-12)
+    assert float(auroc_stat(s[y == 1], s[y == 0])) == pytest.approx(ref, abs=1e-12)
     # Vectorised over a batch of resamples: each row equals sklearn on that row.
     batch_pos = rng.choice(s[y == 1], size=(5, int(y.sum())))
     batch_neg = rng.choice(s[y == 0], size=(5, int((1 - y).sum())))
-    got = _auroc_stat(batch_pos, batch_neg, axis=-1)
+    got = auroc_stat(batch_pos, batch_neg, axis=-1)
     for b in range(5):
         lab = np.r_[np.ones(batch_pos.shape[1]), np.zeros(batch_neg.shape[1])]
         assert got[b] == pytest.approx(roc_auc_score(lab, np.r_[batch_pos[b], batch_neg[b]]), abs=1e-12)
@@ -102,26 +102,26 @@ def test_spearman_matches_scipy_with_ties():
     x = np.round(rng.normal(size=80), 1)
     y = (x + rng.normal(size=80) > 0).astype(float)
     ref = stats.spearmanr(x, y).statistic
-    assert float(_spearman_stat(x, y)) == pytest.approx(ref, abs=1e-12)
+    assert float(spearman_stat(x, y)) == pytest.approx(ref, abs=1e-12)
     X = np.stack([x, x[::-1], rng.normal(size=80)])
-    got = _spearman_stat(X, np.broadcast_to(y, X.shape), axis=-1)
+    got = spearman_stat(X, np.broadcast_to(y, X.shape), axis=-1)
     for b in range(3):
         assert got[b] == pytest.approx(stats.spearmanr(X[b], y).statistic, abs=1e-12)
-    assert np.isnan(_spearman_stat(np.ones(5), np.arange(5.0)))
+    assert np.isnan(spearman_stat(np.ones(5), np.arange(5.0)))
 
 
 def test_bootstrap_ci_is_scipys_and_contains_the_estimate():
     rng = np.random.default_rng(3)
     pos, neg = rng.normal(1.0, 1, 60), rng.normal(0, 1, 90)
-    ci = bootstrap_ci((pos, neg), _auroc_stat, paired=False, n_boot=500, seed=7)
-    ref = stats.bootstrap((pos, neg), _auroc_stat, paired=False, vectorized=True, n_resamples=500,
+    ci = bootstrap_ci((pos, neg), auroc_stat, paired=False, n_boot=500, seed=7)
+    ref = stats.bootstrap((pos, neg), auroc_stat, paired=False, vectorized=True, n_resamples=500,
                           method="BCa", rng=np.random.default_rng(7)).confidence_interval  # fmt: skip
     assert ci == pytest.approx([ref.low, ref.high], abs=1e-12)
-    point = float(_auroc_stat(pos, neg))
+    point = float(auroc_stat(pos, neg))
     assert ci[0] < point < ci[1] and ci[1] - ci[0] < 0.3
     # Degenerate data: every value equal -> [v, v], not scipy's NaN; n_boot=0 -> no interval.
     assert bootstrap_ci((np.ones(10),), lambda x, axis=-1: x.mean(axis=axis), paired=False) == [1.0, 1.0]
-    assert bootstrap_ci((pos, neg), _auroc_stat, paired=False, n_boot=0) is None
+    assert bootstrap_ci((pos, neg), auroc_stat, paired=False, n_boot=0) is None
 
 
 def test_success_prediction_against_sklearn_scipy():
@@ -425,7 +425,7 @@ def test_evaluate_and_write_report_end_to_end(tmp_path):
 
 
 def test_candidate_reductions_rescore_from_token_ratios():
-    from progadv_trl.applications import candidate_reductions
+    from progadv_trl.evaluation import candidate_reductions
     from progadv_trl.scoring import ScoringConfig, TokenStats, score_from_token_stats
 
     rng = np.random.default_rng(5)
