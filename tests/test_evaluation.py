@@ -189,6 +189,59 @@ def test_best_of_n_nan_ranks_last_and_table_skips_missing_methods():
     assert lo <= ref["random_pick"] <= hi
 
 
+def test_pick_best_one_tie_rule():
+    from progadv_trl.evaluation import pick_best, select_best
+
+    nan = float("nan")
+    assert pick_best([nan, -100.0, nan], "G") == 1  # NaN ranks below every number
+    assert pick_best([1.0, 3.0, 2.0], "G", seed=5) == 1
+    # Ties: uniform over the tied top, seeded by (seed, group), reproducible.
+    picks = [pick_best([2.0, 1.0, 2.0, 2.0], "G", seed=s) for s in range(40)]
+    assert set(picks) == {0, 2, 3} and picks == [pick_best([2.0, 1.0, 2.0, 2.0], "G", seed=s) for s in range(40)]
+    # A group's pick does not depend on which other groups are present, or in what order the groups come.
+    ex = [t for t in _bon_example() if t.id not in ("lone", "nogroup", "unlabelled")]
+    only_b = [t for t in ex if t.group == "B"]
+    for s in range(10):
+        full = best_of_n(ex, seed=s, n_boot=0)["selected"]
+        assert best_of_n(only_b, seed=s, n_boot=0)["selected"]["B"] == full["B"]
+        groups_reversed = sorted(ex, key=lambda t: t.group, reverse=True)  # stable: members keep their order
+        assert best_of_n(groups_reversed, seed=s, n_boot=0)["selected"] == full
+        assert {g: t.id for g, t in select_best(ex, seed=s).items()} == full
+
+
+class _StubScorer:
+    """Stands in for a ProgressScorer: the 'trajectories' are already TrajectoryScores."""
+
+    def score(self, trajectories, **_):
+        return list(trajectories)
+
+
+def test_critic_best_of_n_picks_what_metrics_json_selects(tmp_path):
+    from progadv_trl.critic import ProgressCritic
+
+    rng = np.random.default_rng(6)
+    scores = [ts(f"g{g}_{j}", [float(rng.integers(0, 3))], bool(rng.random() < 0.5), f"g{g}",
+                 baselines={"policy_logprob": float(rng.integers(0, 2))})
+              for g in range(12) for j in range(4)]  # fmt: skip  (coarse scores: many ties)
+    critic = ProgressCritic(_StubScorer())
+    for seed in (0, 1, 2):
+        write_report(evaluate(scores, n_boot=0, seed=seed, calibration_split=None), scores, tmp_path / str(seed))
+        m = json.loads((tmp_path / str(seed) / "metrics.json").read_text())
+        for method in ("progress_advantage", "policy_logprob"):
+            picks = critic.best_of_n(scores, method=method, seed=seed)
+            assert {g: t.id for g, t in picks.items()} == m["methods"][method]["best_of_n"]["selected"]
+
+
+def test_metrics_json_keeps_best_of_n_selections(tmp_path):
+    m = evaluate(_hand_set(), n_boot=0, calibration_split=None, attribution_threshold=0.0)
+    # scores: a 2, b 1 | c 1, d 3 | e 1, f -2: no ties
+    assert m["methods"]["progress_advantage"]["best_of_n"]["selected"] == {"g0": "a", "g1": "d", "g2": "e"}
+    write_report(m, _hand_set(), tmp_path)
+    back = json.loads((tmp_path / "metrics.json").read_text())
+    assert back["methods"]["progress_advantage"]["best_of_n"]["selected"] == {"g0": "a", "g1": "d", "g2": "e"}
+    assert "selected" not in back["best_of_n_reference"]  # per method, not a shared reference point
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Failure attribution
 
@@ -444,3 +497,40 @@ def test_candidate_reductions_rescore_from_token_ratios():
             np.testing.assert_allclose(got.advantages, ref.advantages)
     with pytest.raises(ValueError, match="token_log_ratios"):
         candidate_reductions([ts("x", [1.0])])
+
+
+def test_run_evaluation_scores_chooses_evaluates_and_writes(tmp_path):
+    from progadv_trl.config import ScoringConfig
+    from progadv_trl.evaluation import reduction_grid, run_evaluation
+
+    scores = synthetic(n_groups=6)
+    flat = [ts(t.id, [0.0], t.success, t.group) for t in scores]
+
+    class Scorer(_StubScorer):
+        config = ScoringConfig()
+
+        def score_many(self, trajectories, configs, **_):
+            assert list(configs) == list(reduction_grid(self.config))
+            return {name: (list(trajectories) if name == "sum/sum" else flat) for name in configs}
+
+    info = {"beta": 1.0, "chosen_by": "test"}
+    m = run_evaluation(Scorer(), scores, tmp_path / "cv", choose_reduction="auroc", k=3, n_boot=0, reduction_info=info,
+                       title="stub")  # fmt: skip
+    many = {name: (scores if name == "sum/sum" else flat) for name in reduction_grid()}
+    sel = choose_reduction(many, metric="auroc", k=3, seed=0)
+    assert m == evaluate(scores, n_boot=0, k=3, reduction=info, reduction_selection=sel)
+    assert m["reduction_selection"]["chosen"] == "sum/sum"
+    assert json.loads((tmp_path / "cv" / "metrics.json").read_text()) == m
+    assert (tmp_path / "cv" / "metrics.md").read_text().startswith("# stub")
+    plain = run_evaluation(_StubScorer(), scores, tmp_path / "plain", n_boot=0)
+    assert "reduction_selection" not in plain and plain["reduction"] == {"chosen_by": "as scored (not tuned here)"}
+    assert plain == evaluate(scores, n_boot=0)
+
+
+def test_evaluation_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, progadv_trl.evaluation; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

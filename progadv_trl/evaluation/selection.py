@@ -62,7 +62,9 @@ def select_best(
     return {g: members[pick_best([t.method_score(method) for t in members], g, seed)] for g, members in by.items()}
 
 
-def labelled_groups(scores: Sequence[TrajectoryScore], threshold: float | None = None) -> dict[str, list[TrajectoryScore]]:
+def labelled_groups(
+    scores: Sequence[TrajectoryScore], threshold: float | None = None
+) -> dict[str, list[TrajectoryScore]]:
     """Labelled trajectories by `group`, sorted by group name; groups with fewer than two labelled members leave
     nothing to select and are dropped."""
     by = defaultdict(list)

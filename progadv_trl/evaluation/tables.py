@@ -42,8 +42,12 @@ def summary_rows(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
     rows = []
     for m, e in metrics.get("methods", {}).items():
         b, sp, fa = e["best_of_n"], e["success_prediction"], e["failure_attribution"]
-        row = [m, format_cell(b["success"], b["success_ci"], b["n_groups"]),
-               format_cell(sp["auroc"], sp["auroc_ci"], sp["n"]), format_cell(sp["spearman"], sp["spearman_ci"], sp["n"])]  # fmt: skip
+        row = [
+            m,
+            format_cell(b["success"], b["success_ci"], b["n_groups"]),
+            format_cell(sp["auroc"], sp["auroc_ci"], sp["n"]),
+            format_cell(sp["spearman"], sp["spearman_ci"], sp["n"]),
+        ]
         for r in ATTRIBUTION_RULES:
             a = fa[r]
             row.append(("-" if a["exact"] is None else f"{a['exact']:.2f}/{a['within1']:.2f}") + f" n={a['n']}")
