@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .config import ATTRIBUTION_RULES
 from .scoring import ScoringConfig
 
 MANIFEST_NAME = "manifest.json"
@@ -526,7 +527,7 @@ def export_bundle(
         max_length: the truncation length users get by default.
         training: {"beta", "temperature", "trainer_class", "global_step", "seed", ...} of the run.
         heldout_metrics: metrics at export time (with n and intervals), any JSON-able dict.
-        calibration: `applications.Calibrator.to_dict()`, for `ProgressCritic.predict_success`; it may add "method"
+        calibration: `evaluation.Calibrator.to_dict()`, for `ProgressCritic.predict_success`; it may add "method"
             (the METHODS name whose score it calibrates; default progress_advantage).
         heldout_fingerprint: e.g. `fingerprint_trajectories(heldout)`.
         reduction_choice: how the token/step reductions were chosen, e.g. {"how": "cross-validation", ...}.
@@ -534,7 +535,7 @@ def export_bundle(
             the files are hashed from `path` or the local Hugging Face cache.
         reference_adapter: for a PeftModel whose reference is another adapter (TRL's "ref" adapter when training an
             existing adapter with beta > 0): both the active adapter and this one are stored merged, as full weights.
-        attribution: default failure-attribution rule, {"rule": one of applications.ATTRIBUTION_RULES,
+        attribution: default failure-attribution rule, {"rule": one of config.ATTRIBUTION_RULES,
             "threshold": float} (e.g. the rule and CV-chosen threshold from held-out evaluation).
         provenance: extra provenance fields (merged with those taken from `training`).
         overwrite: replace an existing bundle at out_dir.
@@ -588,10 +589,8 @@ def export_bundle(
         layout = "full"
 
     if calibration is not None and not (isinstance(calibration, dict) and "kind" in calibration and "params" in calibration):
-        raise BundleError("calibration must be applications.Calibrator.to_dict() (a dict with 'kind' and 'params')")
+        raise BundleError("calibration must be evaluation.Calibrator.to_dict() (a dict with 'kind' and 'params')")
     if attribution is not None:
-        from .applications import ATTRIBUTION_RULES
-
         if attribution.get("rule", "min_cumsum") not in ATTRIBUTION_RULES:
             raise BundleError(f"attribution rule must be one of {ATTRIBUTION_RULES}, got {attribution.get('rule')!r}")
     # Everything JSON-side is checked before any weight is written, so bad metadata fails fast.

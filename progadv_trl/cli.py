@@ -192,29 +192,19 @@ def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArgument
 
 def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArguments, inputs: InputArguments,
                  args: EvaluateArguments) -> int:  # fmt: skip
-    from .applications import choose_reduction, evaluate, format_table
-    from .engine import reduction_grid
-    from .report import write_report
+    from .evaluation import format_table, report_paths, run_evaluation
 
     trajs = _load_inputs(trajectories, inputs)
     scorer, critic = _scorer(model, scoring)
-    selection = None
-    if args.choose_reduction:
-        # One set of forward passes; every token x step reduction; k-fold CV so no choice is scored on its own data.
-        grid = reduction_grid(scorer.config)
-        default = f"{scorer.config.token_reduction}/{scorer.config.step_reduction}"
-        many = scorer.score_many(trajs, grid, progress=len(trajs) > 1)
-        scores = many[default]
-        selection = choose_reduction(many, metric=args.choose_reduction, k=args.folds, seed=args.seed)
-    else:
-        scores = scorer.score(trajs, progress=len(trajs) > 1)
-    metrics = evaluate(
-        scores, n_boot=args.n_boot, seed=args.seed, calibration=args.calibration,
-        reduction=_reduction_info(scorer, critic), reduction_selection=selection, k=args.folds,
+    # --choose-reduction: one set of forward passes, every token x step reduction, k-fold CV so no choice is scored
+    # on its own data; the evaluated scores stay the scorer's own reductions.
+    metrics = run_evaluation(
+        scorer, trajs, args.output, choose_reduction=args.choose_reduction, k=args.folds, n_boot=args.n_boot,
+        seed=args.seed, calibration=args.calibration, reduction_info=_reduction_info(scorer, critic),
+        progress=len(trajs) > 1,
     )  # fmt: skip
     print(format_table(metrics))
-    paths = write_report(metrics, scores, args.output)
-    print(f"progadv: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    print(f"progadv: wrote {', '.join(str(p) for p in report_paths(args.output).values())}", file=sys.stderr)
     return 0
 
 

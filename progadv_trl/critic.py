@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import os
-from collections import OrderedDict
 
 from .bundle import BundleError, load_bundle, scoring_config_from_manifest
+from .config import METHODS
 from .engine import ProgressScorer
-from .scoring import METHODS, TrajectoryScore
+from .scoring import TrajectoryScore
 
 DEFAULT_ATTRIBUTION = {"rule": "min_cumsum", "threshold": 0.0}
 _UNSET = object()
@@ -112,23 +111,21 @@ class ProgressCritic:
             trajectories, with_token_ratios=with_token_ratios, progress=progress
         )
 
-    def best_of_n(self, trajectories, *, method: str = "progress_advantage", **overrides) -> dict[str, TrajectoryScore]:
+    def best_of_n(
+        self, trajectories, *, method: str = "progress_advantage", seed: int = 0, **overrides
+    ) -> dict[str, TrajectoryScore]:
         """{group: the highest-scoring trajectory of the group}. Trajectories without a `group` form one group, "".
 
-        A NaN score (every step cut by truncation) ranks below every number; ties keep the earliest trajectory.
-        `method` may be any of METHODS (a baseline, for comparison).
+        The selection rule is `evaluation.pick_best`, the one metrics.json's `selected` uses: a NaN score (every
+        step cut by truncation) ranks below every number; ties are broken at random, seeded by (`seed`, group
+        name), so a group's pick does not depend on the other groups. `method` may be any of METHODS (a baseline,
+        for comparison).
         """
+        from .evaluation import select_best
+
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        by: OrderedDict[str, list[TrajectoryScore]] = OrderedDict()
-        for ts in self.score(trajectories, **overrides):
-            by.setdefault("" if ts.group is None else str(ts.group), []).append(ts)
-        out = {}
-        for g, members in by.items():
-            vals = [ts.method_score(method) for ts in members]
-            vals = [-math.inf if (v is None or math.isnan(v)) else v for v in vals]
-            out[g] = members[max(range(len(members)), key=lambda i: (vals[i], -i))]
-        return out
+        return select_best(self.score(trajectories, **overrides), method, seed)
 
     def predict_success(self, trajectories) -> list[float]:
         """Calibrated P(success) per trajectory (NaN where the score is NaN).
@@ -141,10 +138,10 @@ class ProgressCritic:
             raise BundleError(
                 f"this bundle{'' if self.path is None else ' (' + str(self.path) + ')'} holds no success calibration, so "
                 "scores cannot be read as probabilities. Rank with critic.score(...) instead, or fit one on labelled "
-                "held-out trajectories (applications.Calibrator().fit(scores, labels)) and re-export with "
+                "held-out trajectories (evaluation.Calibrator().fit(scores, labels)) and re-export with "
                 "calibration=calibrator.to_dict()"
             )
-        from .applications import Calibrator
+        from .evaluation import Calibrator
 
         method = cal.get("method", "progress_advantage")
         cfg = cal.get("scoring")  # optional: the ScoringConfig the calibration was fitted under
@@ -161,7 +158,7 @@ class ProgressCritic:
 
         Default rule and threshold: the bundle's (`scoring.attribution` in the manifest), else min_cumsum.
         """
-        from .applications import attribute_failure
+        from .evaluation import attribute_failure
 
         default = {**DEFAULT_ATTRIBUTION, **((self.manifest.get("scoring") or {}).get("attribution") or {})}
         rule = rule or default["rule"]

@@ -227,28 +227,14 @@ class ProgressScorer:
     def score_many(self, trajectories, configs: dict[str, ScoringConfig], *, progress: bool = False) -> dict[str, list[TrajectoryScore]]:
         """The same trajectories under several scoring configs (reductions, beta) from ONE set of forward passes.
 
-        Used to choose reductions by cross-validation. Configs must share the temperature of `self.config`: it
-        changes the log-probs themselves, not just how they are reduced.
+        Used to choose reductions by cross-validation (with `evaluation.reduction_grid`). Configs must share the
+        temperature of `self.config`: it changes the log-probs themselves, not just how they are reduced.
         """
         if any(c.temperature != self.config.temperature for c in configs.values()):
             raise ValueError("score_many: every config must use the scorer's temperature")
         trajs, rendered = self.render(trajectories)
         stats = self.token_stats(rendered, progress=progress)
         return {name: [finish_score(t, r, s, c) for t, r, s in zip(trajs, rendered, stats)] for name, c in configs.items()}
-
-
-def reduction_grid(base: ScoringConfig | None = None) -> dict[str, ScoringConfig]:
-    """Every token x step reduction, named "token/step" (e.g. "sum/sum", "paper_min/last")."""
-    import dataclasses
-
-    from .scoring import PAPER_TOKEN_REDUCTIONS, STEP_REDUCTIONS, TOKEN_REDUCTIONS
-
-    base = base or ScoringConfig()
-    return {
-        f"{t}/{s}": dataclasses.replace(base, token_reduction=t, step_reduction=s)
-        for t in TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS
-        for s in STEP_REDUCTIONS
-    }
 
 
 def finish_score(t: Trajectory, r: Rendered, stats: TokenStats, config: ScoringConfig, with_token_ratios=False):

@@ -48,8 +48,8 @@ def json_safe(x: Any, *, strict: bool = False) -> Any:
         return json_safe(dataclasses.asdict(x), strict=strict)
     if isinstance(x, bool) or x is None or isinstance(x, (str, int)):
         return x
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
+    if isinstance(x, float):  # np.float64 too (a float subclass): returned as a plain float
+        return float(x) if math.isfinite(x) else None
     if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):  # numpy arrays/scalars (np.bool_ too), 0-d tensors
         return json_safe(x.tolist(), strict=strict)
     if isinstance(x, os.PathLike):

@@ -401,7 +401,7 @@ def test_overwrite_rules_and_interrupted_overwrite_keeps_old(tmp_path, full_bund
 
 
 def test_critic_uses(tmp_path, full_bundle, tiny_models, tiny_tokenizer):
-    from progadv_trl.applications import Calibrator, attribute_failure
+    from progadv_trl.evaluation import Calibrator, attribute_failure
 
     trajs = _trajs()
     critic = ProgressCritic.from_pretrained(full_bundle)

@@ -161,7 +161,7 @@ def test_tables_history_and_bundle(runs):
 
 
 def test_bundle_carries_a_calibration_fitted_on_the_heldout_set(runs, tiny_dir):
-    from progadv_trl.applications import Calibrator
+    from progadv_trl.evaluation import Calibrator
     from progadv_trl.critic import ProgressCritic
 
     t, cb = runs["cb"]["trainer"], runs["cb"]["callback"]

@@ -174,7 +174,7 @@ def as_dicts(items):
 
 
 def test_score_many_matches_separate_scoring(tiny_models, tiny_tokenizer, trajectories):
-    from progadv_trl.engine import reduction_grid
+    from progadv_trl.evaluation import reduction_grid
 
     pol, ref = tiny_models
     grid = reduction_grid(ScoringConfig(beta=0.3))

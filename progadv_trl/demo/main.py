@@ -26,7 +26,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
-from ..applications import _fmt, _md_table, text_table
+from ..evaluation import format_cell, markdown_table, text_table
 from ..utils import atomic_write_text
 from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference, write_jsonl
 
@@ -132,29 +132,20 @@ def run_demo(cfg: DemoConfig) -> dict:
 def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
     """Score `rollouts` with the critic (every reduction from one forward pass), choose a reduction by 5-fold CV on
     AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) and write the report."""
-    from ..applications import choose_reduction
-    from ..applications import evaluate as app_evaluate
-    from ..engine import reduction_grid
-    from ..report import write_report
+    from ..evaluation import run_evaluation
     from ..trajectories import load_trajectories
 
     loaded = load_trajectories(rollouts, on_error="skip")  # the world writes valid records; never lose a run to one
     if loaded.errors:
         _say(f"{rollouts}: {loaded.summary()}")
-    trajs = loaded.trajectories
     c = critic.config
-    default = f"{c.token_reduction}/{c.step_reduction}"
-    many = critic.scorer.score_many(trajs, reduction_grid(c), progress=True)
-    scores = many[default]
-    selection = choose_reduction(many, metric="auroc", k=5, seed=cfg.seed)
-    metrics = app_evaluate(
-        scores, n_boot=cfg.n_boot, seed=cfg.seed, reduction_selection=selection,
-        reduction={"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction,
-                   "chosen_by": "the theory's default (beta * sum over tokens, sum over steps), not tuned; the CV "
-                                "choice below is reported for comparison"},
+    return run_evaluation(
+        critic.scorer, loaded.trajectories, out_dir, choose_reduction="auroc", k=5, n_boot=cfg.n_boot, seed=cfg.seed,
+        reduction_info={"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction,
+                        "chosen_by": "the theory's default (beta * sum over tokens, sum over steps), not tuned; the "
+                                     "CV choice below is reported for comparison"},
+        title=f"progadv demo: {SETS.get(out_dir.name, out_dir.name)}", progress=True,
     )  # fmt: skip
-    write_report(metrics, scores, out_dir, title=f"progadv demo: {SETS.get(out_dir.name, out_dir.name)}")
-    return metrics
 
 
 def headline(metrics: dict) -> dict:
@@ -189,7 +180,7 @@ def headline(metrics: dict) -> dict:
 def training_curves(history: list[dict], log_history: list[dict], path: Path) -> dict:
     """Held-out AUROC per method and mean step advantage against the training step; reward and the training-rollout
     advantage from the trainer's log. Writes a PNG; returns the plotted series."""
-    from ..report import _figure
+    from ..evaluation import new_figure
 
     held = [h for h in history if h["kind"] == "heldout"]
     steps = [h["step"] for h in held]
@@ -204,7 +195,7 @@ def training_curves(history: list[dict], log_history: list[dict], path: Path) ->
     kl = [e.get("kl") for e in logs]
 
     nan = lambda xs: [float("nan") if x is None else x for x in xs]  # noqa: E731 - matplotlib skips NaN, not None
-    fig = _figure(figsize=(12, 3.6))
+    fig = new_figure(figsize=(12, 3.6))
     a1, a2, a3 = fig.subplots(1, 3)
     for m, v in auroc.items():
         a1.plot(steps, nan(v), marker="o", ms=3,
@@ -240,12 +231,12 @@ def headline_rows(h: dict) -> tuple[list[str], list[list[str]]]:
     header = ["method", "AUROC (all)", "AUROC (decision fails)", "best-of-N", "attribution exact/±1"]
     rows = []
     for m, r in h["methods"].items():
-        rows.append([m, f"{_fmt(r['auroc'], r['auroc_ci'])} n={r['n']}",
-                     f"{_fmt(r['auroc_decision_failures'], r['auroc_decision_failures_ci'])} n={r['n_decision']}",
-                     f"{_fmt(r['best_of_n'], r['best_of_n_ci'])} g={r['n_groups']}",
-                     f"{_fmt(r['attribution_exact'])}/{_fmt(r['attribution_within1'])} n={r['n_attributed']}"])  # fmt: skip
-    rows.append(["(random pick / pass@N)", "", "", f"{_fmt(h['random_pick'])} / {_fmt(h['pass_at_n'])}", ""])
-    rows.append(["(random step)", "", "", "", _fmt(h["attribution_chance"])])
+        rows.append([m, f"{format_cell(r['auroc'], r['auroc_ci'])} n={r['n']}",
+                     f"{format_cell(r['auroc_decision_failures'], r['auroc_decision_failures_ci'])} n={r['n_decision']}",
+                     f"{format_cell(r['best_of_n'], r['best_of_n_ci'])} g={r['n_groups']}",
+                     f"{format_cell(r['attribution_exact'])}/{format_cell(r['attribution_within1'])} n={r['n_attributed']}"])  # fmt: skip
+    rows.append(["(random pick / pass@N)", "", "", f"{format_cell(h['random_pick'])} / {format_cell(h['pass_at_n'])}", ""])
+    rows.append(["(random step)", "", "", "", format_cell(h["attribution_chance"])])
     return header, rows
 
 
@@ -262,7 +253,7 @@ def format_summary(summary: dict) -> str:
         lines += ["", f"{name} test rollouts: {SETS[name]}", text_table(*headline_rows(h))]
         cv = h["cv_reduction"]
         if cv.get("chosen"):
-            lines.append(f"(5-fold CV would pick the reduction {cv['chosen']}: out-of-fold AUROC {_fmt(cv['out_of_fold_auroc'])})")
+            lines.append(f"(5-fold CV would pick the reduction {cv['chosen']}: out-of-fold AUROC {format_cell(cv['out_of_fold_auroc'])})")
     t = summary["timings"]
     lines += ["", "timings (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items() if k.endswith("_s")), "",
               f"report: {summary['paths']['report']}", f"critic bundle: {summary['paths']['bundle']}  "
@@ -283,7 +274,7 @@ def report_markdown(summary: dict, evaluations: dict) -> str:
           "turn of a failure can carry a large positive log-ratio). Read the rows, including where a baseline wins."]  # fmt: skip
     for name, h in summary["evaluation"].items():
         header, rows = headline_rows(h)
-        md += ["", f"## {name} rollouts", "", SETS[name], "", _md_table(header, rows), "",
+        md += ["", f"## {name} rollouts", "", SETS[name], "", markdown_table(header, rows), "",
                f"Details, intervals, calibration and plots: [{name}/metrics.md]({name}/metrics.md), "
                f"![ROC]({name}/roc.png) ![best-of-N]({name}/best_of_n.png) ![traces]({name}/traces.png)"]  # fmt: skip
     md += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings"].items())]

@@ -89,24 +89,24 @@ def step_figures(scores: list[TrajectoryScore], prefix: str, max_steps: int, by:
 
 
 def label_figures(scores: list[TrajectoryScore], prefix: str, *, success_threshold, attribution_rule, seed) -> dict:
-    """AUROC, best-of-N and failure attribution per method (progadv_trl.applications, no bootstrap: cheap)."""
-    from .. import applications as app
+    """AUROC, best-of-N and failure attribution per method (progadv_trl.evaluation, no bootstrap: cheap)."""
+    from .. import evaluation as ev
 
     out = {}
-    labelled = [s for s in scores if app.is_success(s, success_threshold) is not None]
+    labelled = [s for s in scores if ev.is_success(s, success_threshold) is not None]
     if not labelled:
         return out
-    out[f"{prefix}success_rate"] = float(np.mean([app.is_success(s, success_threshold) for s in labelled]))
-    methods = [m for m in METHODS if app.method_available(labelled, m)]
+    out[f"{prefix}success_rate"] = float(np.mean([ev.is_success(s, success_threshold) for s in labelled]))
+    methods = [m for m in METHODS if ev.method_available(labelled, m)]
     for m in methods:
-        sp = app.success_prediction(labelled, m, n_boot=0, seed=seed, success_threshold=success_threshold)
+        sp = ev.success_prediction(labelled, m, n_boot=0, seed=seed, success_threshold=success_threshold)
         if sp["auroc"] is not None:
             out[f"{prefix}auroc/{m}"] = sp["auroc"]
     grouped = [s for s in labelled if s.group is not None]
     if grouped:
         ref_done = False
         for m in methods:
-            bon = app.best_of_n(grouped, m, seed, n_boot=0, success_threshold=success_threshold)
+            bon = ev.best_of_n(grouped, m, seed, n_boot=0, success_threshold=success_threshold)
             if bon["success"] is None:
                 continue
             out[f"{prefix}best_of_n/{m}"] = bon["success"]
@@ -123,20 +123,20 @@ def label_figures(scores: list[TrajectoryScore], prefix: str, *, success_thresho
         for m in methods:
             vals = []
             for members in by.values():
-                y = np.array([bool(app.is_success(s, success_threshold)) for s in members])
+                y = np.array([bool(ev.is_success(s, success_threshold)) for s in members])
                 x = np.array([s.method_score(m) for s in members], dtype=np.float64)
                 ok = np.isfinite(x)
                 if ok.sum() >= 2 and y[ok].any() and not y[ok].all():
-                    vals.append(app.auroc(x[ok], y[ok]))
+                    vals.append(ev.auroc(x[ok], y[ok]))
             if vals:
                 out[f"{prefix}group_auroc/{m}"] = float(np.mean(vals))
     if any(s.failure_step is not None for s in labelled):
         for m in methods:
-            fa = app.failure_attribution(labelled, m, attribution_rule, success_threshold=success_threshold)
+            fa = ev.failure_attribution(labelled, m, attribution_rule, success_threshold=success_threshold)
             if fa.get("exact") is not None:
                 out[f"{prefix}attribution_exact/{m}"] = fa["exact"]
                 out[f"{prefix}attribution_within1/{m}"] = fa["within1"]
-        ch = app.attribution_chance(labelled, success_threshold=success_threshold)
+        ch = ev.attribution_chance(labelled, success_threshold=success_threshold)
         if ch["exact"] is not None:
             out[f"{prefix}attribution_exact/chance"] = ch["exact"]
     return out

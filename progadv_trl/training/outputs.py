@@ -102,7 +102,7 @@ def calibration(scores, config, success_threshold, *, step: int) -> dict | None:
     """Platt calibration of P(success) on held-out scores, for ProgressCritic.predict_success. None without labels
     of both kinds. It is only as good as the held-out set is like the rollouts scored later (on- or off-policy):
     the manifest says what it was fitted on."""
-    from ..applications import Calibrator, is_success
+    from ..evaluation import Calibrator, is_success
 
     pairs = [(s.score, is_success(s, success_threshold)) for s in scores]
     pairs = [(x, y) for x, y in pairs if y is not None and math.isfinite(x)]

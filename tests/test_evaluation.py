@@ -1,4 +1,4 @@
-"""Applications: every metric against the ecosystem's implementation (sklearn, scipy) and hand-computed examples."""
+"""Evaluation: every metric against the ecosystem's implementation (sklearn, scipy) and hand-computed examples."""
 
 import json
 import math
@@ -10,13 +10,12 @@ from sklearn.isotonic import IsotonicRegression
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from progadv_trl.applications import (
+from progadv_trl.evaluation import (
     Calibrator,
-    _auroc_stat,
-    _spearman_stat,
     attribute_failure,
     attribution_chance,
     auroc,
+    auroc_stat,
     best_of_n,
     best_of_n_table,
     bootstrap_ci,
@@ -25,9 +24,10 @@ from progadv_trl.applications import (
     failure_attribution,
     format_markdown,
     format_table,
+    spearman_stat,
     success_prediction,
+    write_report,
 )
-from progadv_trl.report import write_report
 from progadv_trl.scoring import StepScore, TrajectoryScore
 
 
@@ -84,11 +84,11 @@ def test_auroc_matches_sklearn_with_ties():
     assert len(np.unique(s)) < 60
     ref = roc_auc_score(y, s)
     assert auroc(s, y) == pytest.approx(ref, abs=1e-12)
-    assert float(_auroc_stat(s[y == 1], s[y == 0])) == pytest.approx(ref, abs=1e-12)
+    assert float(auroc_stat(s[y == 1], s[y == 0])) == pytest.approx(ref, abs=1e-12)
     # Vectorised over a batch of resamples: each row equals sklearn on that row.
     batch_pos = rng.choice(s[y == 1], size=(5, int(y.sum())))
     batch_neg = rng.choice(s[y == 0], size=(5, int((1 - y).sum())))
-    got = _auroc_stat(batch_pos, batch_neg, axis=-1)
+    got = auroc_stat(batch_pos, batch_neg, axis=-1)
     for b in range(5):
         lab = np.r_[np.ones(batch_pos.shape[1]), np.zeros(batch_neg.shape[1])]
         assert got[b] == pytest.approx(roc_auc_score(lab, np.r_[batch_pos[b], batch_neg[b]]), abs=1e-12)
@@ -102,26 +102,26 @@ def test_spearman_matches_scipy_with_ties():
     x = np.round(rng.normal(size=80), 1)
     y = (x + rng.normal(size=80) > 0).astype(float)
     ref = stats.spearmanr(x, y).statistic
-    assert float(_spearman_stat(x, y)) == pytest.approx(ref, abs=1e-12)
+    assert float(spearman_stat(x, y)) == pytest.approx(ref, abs=1e-12)
     X = np.stack([x, x[::-1], rng.normal(size=80)])
-    got = _spearman_stat(X, np.broadcast_to(y, X.shape), axis=-1)
+    got = spearman_stat(X, np.broadcast_to(y, X.shape), axis=-1)
     for b in range(3):
         assert got[b] == pytest.approx(stats.spearmanr(X[b], y).statistic, abs=1e-12)
-    assert np.isnan(_spearman_stat(np.ones(5), np.arange(5.0)))
+    assert np.isnan(spearman_stat(np.ones(5), np.arange(5.0)))
 
 
 def test_bootstrap_ci_is_scipys_and_contains_the_estimate():
     rng = np.random.default_rng(3)
     pos, neg = rng.normal(1.0, 1, 60), rng.normal(0, 1, 90)
-    ci = bootstrap_ci((pos, neg), _auroc_stat, paired=False, n_boot=500, seed=7)
-    ref = stats.bootstrap((pos, neg), _auroc_stat, paired=False, vectorized=True, n_resamples=500,
+    ci = bootstrap_ci((pos, neg), auroc_stat, paired=False, n_boot=500, seed=7)
+    ref = stats.bootstrap((pos, neg), auroc_stat, paired=False, vectorized=True, n_resamples=500,
                           method="BCa", rng=np.random.default_rng(7)).confidence_interval  # fmt: skip
     assert ci == pytest.approx([ref.low, ref.high], abs=1e-12)
-    point = float(_auroc_stat(pos, neg))
+    point = float(auroc_stat(pos, neg))
     assert ci[0] < point < ci[1] and ci[1] - ci[0] < 0.3
     # Degenerate data: every value equal -> [v, v], not scipy's NaN; n_boot=0 -> no interval.
     assert bootstrap_ci((np.ones(10),), lambda x, axis=-1: x.mean(axis=axis), paired=False) == [1.0, 1.0]
-    assert bootstrap_ci((pos, neg), _auroc_stat, paired=False, n_boot=0) is None
+    assert bootstrap_ci((pos, neg), auroc_stat, paired=False, n_boot=0) is None
 
 
 def test_success_prediction_against_sklearn_scipy():
@@ -187,6 +187,59 @@ def test_best_of_n_nan_ranks_last_and_table_skips_missing_methods():
     assert ref["pass_at_n"] == pytest.approx(2 / 3)
     lo, hi = ref["random_pick_ci"]
     assert lo <= ref["random_pick"] <= hi
+
+
+def test_pick_best_one_tie_rule():
+    from progadv_trl.evaluation import pick_best, select_best
+
+    nan = float("nan")
+    assert pick_best([nan, -100.0, nan], "G") == 1  # NaN ranks below every number
+    assert pick_best([1.0, 3.0, 2.0], "G", seed=5) == 1
+    # Ties: uniform over the tied top, seeded by (seed, group), reproducible.
+    picks = [pick_best([2.0, 1.0, 2.0, 2.0], "G", seed=s) for s in range(40)]
+    assert set(picks) == {0, 2, 3} and picks == [pick_best([2.0, 1.0, 2.0, 2.0], "G", seed=s) for s in range(40)]
+    # A group's pick does not depend on which other groups are present, or in what order the groups come.
+    ex = [t for t in _bon_example() if t.id not in ("lone", "nogroup", "unlabelled")]
+    only_b = [t for t in ex if t.group == "B"]
+    for s in range(10):
+        full = best_of_n(ex, seed=s, n_boot=0)["selected"]
+        assert best_of_n(only_b, seed=s, n_boot=0)["selected"]["B"] == full["B"]
+        groups_reversed = sorted(ex, key=lambda t: t.group, reverse=True)  # stable: members keep their order
+        assert best_of_n(groups_reversed, seed=s, n_boot=0)["selected"] == full
+        assert {g: t.id for g, t in select_best(ex, seed=s).items()} == full
+
+
+class _StubScorer:
+    """Stands in for a ProgressScorer: the 'trajectories' are already TrajectoryScores."""
+
+    def score(self, trajectories, **_):
+        return list(trajectories)
+
+
+def test_critic_best_of_n_picks_what_metrics_json_selects(tmp_path):
+    from progadv_trl.critic import ProgressCritic
+
+    rng = np.random.default_rng(6)
+    scores = [ts(f"g{g}_{j}", [float(rng.integers(0, 3))], bool(rng.random() < 0.5), f"g{g}",
+                 baselines={"policy_logprob": float(rng.integers(0, 2))})
+              for g in range(12) for j in range(4)]  # fmt: skip  (coarse scores: many ties)
+    critic = ProgressCritic(_StubScorer())
+    for seed in (0, 1, 2):
+        write_report(evaluate(scores, n_boot=0, seed=seed, calibration_split=None), scores, tmp_path / str(seed))
+        m = json.loads((tmp_path / str(seed) / "metrics.json").read_text())
+        for method in ("progress_advantage", "policy_logprob"):
+            picks = critic.best_of_n(scores, method=method, seed=seed)
+            assert {g: t.id for g, t in picks.items()} == m["methods"][method]["best_of_n"]["selected"]
+
+
+def test_metrics_json_keeps_best_of_n_selections(tmp_path):
+    m = evaluate(_hand_set(), n_boot=0, calibration_split=None, attribution_threshold=0.0)
+    # scores: a 2, b 1 | c 1, d 3 | e 1, f -2: no ties
+    assert m["methods"]["progress_advantage"]["best_of_n"]["selected"] == {"g0": "a", "g1": "d", "g2": "e"}
+    write_report(m, _hand_set(), tmp_path)
+    back = json.loads((tmp_path / "metrics.json").read_text())
+    assert back["methods"]["progress_advantage"]["best_of_n"]["selected"] == {"g0": "a", "g1": "d", "g2": "e"}
+    assert "selected" not in back["best_of_n_reference"]  # per method, not a shared reference point
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -425,7 +478,7 @@ def test_evaluate_and_write_report_end_to_end(tmp_path):
 
 
 def test_candidate_reductions_rescore_from_token_ratios():
-    from progadv_trl.applications import candidate_reductions
+    from progadv_trl.evaluation import candidate_reductions
     from progadv_trl.scoring import ScoringConfig, TokenStats, score_from_token_stats
 
     rng = np.random.default_rng(5)
@@ -444,3 +497,40 @@ def test_candidate_reductions_rescore_from_token_ratios():
             np.testing.assert_allclose(got.advantages, ref.advantages)
     with pytest.raises(ValueError, match="token_log_ratios"):
         candidate_reductions([ts("x", [1.0])])
+
+
+def test_run_evaluation_scores_chooses_evaluates_and_writes(tmp_path):
+    from progadv_trl.config import ScoringConfig
+    from progadv_trl.evaluation import reduction_grid, run_evaluation
+
+    scores = synthetic(n_groups=6)
+    flat = [ts(t.id, [0.0], t.success, t.group) for t in scores]
+
+    class Scorer(_StubScorer):
+        config = ScoringConfig()
+
+        def score_many(self, trajectories, configs, **_):
+            assert list(configs) == list(reduction_grid(self.config))
+            return {name: (list(trajectories) if name == "sum/sum" else flat) for name in configs}
+
+    info = {"beta": 1.0, "chosen_by": "test"}
+    m = run_evaluation(Scorer(), scores, tmp_path / "cv", choose_reduction="auroc", k=3, n_boot=0, reduction_info=info,
+                       title="stub")  # fmt: skip
+    many = {name: (scores if name == "sum/sum" else flat) for name in reduction_grid()}
+    sel = choose_reduction(many, metric="auroc", k=3, seed=0)
+    assert m == evaluate(scores, n_boot=0, k=3, reduction=info, reduction_selection=sel)
+    assert m["reduction_selection"]["chosen"] == "sum/sum"
+    assert json.loads((tmp_path / "cv" / "metrics.json").read_text()) == m
+    assert (tmp_path / "cv" / "metrics.md").read_text().startswith("# stub")
+    plain = run_evaluation(_StubScorer(), scores, tmp_path / "plain", n_boot=0)
+    assert "reduction_selection" not in plain and plain["reduction"] == {"chosen_by": "as scored (not tuned here)"}
+    assert plain == evaluate(scores, n_boot=0)
+
+
+def test_evaluation_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, progadv_trl.evaluation; assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr

@@ -1,31 +1,24 @@
-"""Write an evaluation to disk: metrics.json, metrics.md and three PNG plots (matplotlib's Agg renderer).
+"""The report's figures: ROC curves, best-of-N bars, per-step traces of failed runs (matplotlib, Agg).
 
-metrics.json is written last and atomically (a temporary file, then `os.replace`), so its presence means the
-directory is complete.
+`new_figure` is the bare Figure every plot here (and the demo's training curves) draws on.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .applications import format_markdown, is_success
-from .scoring import TrajectoryScore
-from .utils import atomic_write_text
+from .labels import is_success
 
-METRICS_JSON = "metrics.json"
-METRICS_MD = "metrics.md"
-ROC_PNG = "roc.png"
-BEST_OF_N_PNG = "best_of_n.png"
-TRACES_PNG = "traces.png"
+if TYPE_CHECKING:
+    from ..scoring import TrajectoryScore
 
 
-def _figure(**kw):
+def new_figure(**kw):
     """A bare matplotlib Figure: it renders PNGs with the Agg backend and, unlike pyplot, touches no global
     state, so writing a report from a notebook or a training process leaves the user's backend alone."""
     from matplotlib.figure import Figure
@@ -37,7 +30,7 @@ def plot_roc(metrics: Mapping, scores: Sequence[TrajectoryScore], path: Path, th
     """ROC curve of every evaluated method (sklearn's roc_curve), AUROC and n in the legend."""
     from sklearn.metrics import roc_curve
 
-    fig = _figure(figsize=(5.5, 5))
+    fig = new_figure(figsize=(5.5, 5))
     ax = fig.subplots()
     ax.plot([0, 1], [0, 1], ls=":", color="grey", lw=1, label="chance")
     drawn = 0
@@ -66,7 +59,7 @@ def plot_best_of_n(metrics: Mapping, path: Path) -> None:
     if ref:
         bars += [("random pick", ref["random_pick"], ref["random_pick_ci"]), ("mean@N", ref["mean_at_n"], ref["mean_at_n_ci"]),
                  ("oracle pass@N", ref["pass_at_n"], ref["pass_at_n_ci"])]  # fmt: skip
-    fig = _figure(figsize=(max(5, 0.9 * len(bars) + 1), 4))
+    fig = new_figure(figsize=(max(5, 0.9 * len(bars) + 1), 4))
     ax = fig.subplots()
     xs = np.arange(len(bars))
     vals = [v if v is not None else 0.0 for _, v, _ in bars]
@@ -90,7 +83,7 @@ def plot_traces(scores: Sequence[TrajectoryScore], path: Path, method: str = "pr
     labelled = [ts for ts in failed if isinstance(ts.failure_step, int) and 0 <= ts.failure_step < len(ts.steps)]
     pick = (labelled or failed)[:max_traces]
     n = max(1, len(pick))
-    fig = _figure(figsize=(6, 2.2 * n))
+    fig = new_figure(figsize=(6, 2.2 * n))
     axes = fig.subplots(n, 1, squeeze=False)
     for ax, ts in zip(axes[:, 0], pick):
         v = ts.method_steps(method)
@@ -108,25 +101,3 @@ def plot_traces(scores: Sequence[TrajectoryScore], path: Path, method: str = "pr
     axes[-1, 0].set_xlabel("step (assistant turn)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def write_report(
-    metrics: Mapping,
-    scores: Sequence[TrajectoryScore],
-    out_dir: str | os.PathLike,
-    title: str = "progadv evaluate",
-) -> dict[str, Path]:
-    """Write metrics.md, roc.png, best_of_n.png, traces.png and finally metrics.json under `out_dir`.
-
-    Returns {name: path}. `metrics` is `applications.evaluate(...)`'s result; `scores` the same trajectories.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    thr = metrics.get("success_threshold")
-    paths = {name: out / name for name in (METRICS_MD, ROC_PNG, BEST_OF_N_PNG, TRACES_PNG, METRICS_JSON)}
-    atomic_write_text(paths[METRICS_MD], format_markdown(metrics, title=title))
-    plot_roc(metrics, scores, paths[ROC_PNG], threshold=thr)
-    plot_best_of_n(metrics, paths[BEST_OF_N_PNG])
-    plot_traces(scores, paths[TRACES_PNG], threshold=thr)
-    atomic_write_text(paths[METRICS_JSON], json.dumps(metrics, indent=2, allow_nan=False) + "\n")
-    return paths

@@ -1,0 +1,65 @@
+"""Labels: what counts as a success, which methods were computed, and the labelled arrays every metric reads.
+
+`success` may be a bool or a float reward; a float counts as a success when it is > `success_threshold` (0 by
+default). Unlabelled trajectories (`success` None) are left out of every metric that needs a label.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from ..scoring import TrajectoryScore
+
+
+def success_value(ts: TrajectoryScore) -> float | None:
+    """The raw label as a float (a bool becomes 0/1); None when unlabelled. Bad types name the record and field."""
+    s = ts.success
+    if s is None:
+        return None
+    if isinstance(s, (bool, np.bool_)):
+        return float(s)
+    if isinstance(s, (int, float, np.integer, np.floating)):
+        s = float(s)
+        return None if math.isnan(s) else s
+    raise ValueError(f"trajectory {ts.id!r}: field 'success' must be a bool or a number, got {type(s).__name__} {s!r}")
+
+
+def is_success(ts: TrajectoryScore, threshold: float | None = None) -> bool | None:
+    """True/False, or None when unlabelled. A bool label is taken as is; a number succeeds when > threshold (0)."""
+    if isinstance(ts.success, (bool, np.bool_)):
+        return bool(ts.success)
+    v = success_value(ts)
+    if v is None:
+        return None
+    return v > (0.0 if threshold is None else threshold)
+
+
+def method_available(scores: Sequence[TrajectoryScore], method: str) -> bool:
+    """A method is evaluated only if some trajectory has a finite score for it (a baseline not computed is all NaN)."""
+    return any(math.isfinite(ts.method_score(method)) for ts in scores)
+
+
+def failure_kind(ts: TrajectoryScore):
+    """`metadata["failure_kind"]` ("decision", "luck", ...) or None."""
+    return ts.metadata.get("failure_kind") if isinstance(ts.metadata, Mapping) else None
+
+
+def labelled_arrays(
+    scores: Sequence[TrajectoryScore], method: str, threshold: float | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(finite scores, binary labels, raw labels) of labelled trajectories with a finite score for `method`."""
+    s, y, r = [], [], []
+    for ts in scores:
+        lab = is_success(ts, threshold)
+        v = ts.method_score(method)
+        if lab is None or not math.isfinite(v):
+            continue
+        s.append(v)
+        y.append(float(lab))
+        r.append(success_value(ts))
+    return np.array(s, dtype=np.float64), np.array(y, dtype=np.float64), np.array(r, dtype=np.float64)

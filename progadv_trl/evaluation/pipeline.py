@@ -1,0 +1,162 @@
+"""The evaluation pipeline: `evaluate` builds the metrics.json dict from scores; `run_evaluation` runs a whole
+evaluation from a scorer (score -> optional reduction choice -> evaluate -> report). `progadv evaluate` and the
+demo both call `run_evaluation`.
+
+Honesty rules kept throughout:
+
+- Every figure carries the n it was computed on, and intervals are 95 % bootstrap intervals from
+  `scipy.stats.bootstrap` (BCa; the percentile interval of the same resamples where BCa is undefined).
+- Nothing is tuned on the data it is scored on: token/step reductions are chosen by `choose_reduction` (k-fold
+  cross-validation or a labelled validation split) and the attribution threshold by k-fold CV; calibration is
+  fitted on one split and judged on the other.
+- Reference points sit beside every method: the expected success of a random pick, oracle pass@N, mean@N, and
+  the chance accuracy of naming a random step as the mistake.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
+
+from ..config import ATTRIBUTION_RULES, METHODS
+from ..utils import json_safe
+from .attribution import attribution_chance, failure_attribution
+from .calibration import calibration_report
+from .labels import failure_kind, is_success, success_value
+from .prediction import success_prediction
+from .reductions import choose_reduction as _choose_reduction
+from .reductions import reduction_grid
+from .report import write_report
+from .selection import REFERENCE_KEYS, best_of_n_table
+from .stats import CONFIDENCE
+
+if TYPE_CHECKING:
+    from ..scoring import TrajectoryScore
+
+
+def evaluate(
+    scores: Sequence[TrajectoryScore],
+    *,
+    n_boot: int = 1000,
+    seed: int = 0,
+    methods: Sequence[str] = METHODS,
+    calibration_split: float | None = 0.5,
+    calibration: str = "platt",
+    success_threshold: float | None = None,
+    attribution_threshold: float | str = "cv",
+    k: int = 5,
+    reduction: Mapping | None = None,
+    reduction_selection: Mapping | None = None,
+) -> dict:
+    """Every application metric for every available method: the content of `metrics.json` (JSON-safe, no NaN).
+
+    Per method: `best_of_n` (with `selected`: group -> kept trajectory id), `success_prediction`, `calibration`
+    (held-out quality when `calibration_split` is not None, plus a calibrator fitted on all labels),
+    `failure_attribution` for each rule (the threshold rule's threshold chosen by k-fold CV unless
+    `attribution_threshold` is a number), and, when trajectories carry `metadata["failure_kind"]` in
+    {"decision", "luck"}, `success_prediction_by_failure_kind` (successes plus only that kind of failure). Top
+    level: the best-of-N reference points, attribution chance, the counts, and `reduction` (how the scores were
+    reduced and how that was chosen: pass it; the default says "as scored"). `reduction_selection` (a
+    `choose_reduction` result) is stored without its per-trajectory `fold_of`.
+    """
+    scores = list(scores)
+    for ts in scores:
+        success_value(ts)  # raise early, naming the record, on a malformed label
+    labelled = [ts for ts in scores if is_success(ts, success_threshold) is not None]
+    kinds = {failure_kind(ts) for ts in labelled if is_success(ts, success_threshold) is False}
+    kinds = sorted(kd for kd in kinds if kd in ("decision", "luck"))
+    bon = best_of_n_table(scores, methods, seed, n_boot=n_boot, success_threshold=success_threshold)
+    res = {
+        "n_trajectories": len(scores),
+        "n_labelled": len(labelled),
+        "n_success": sum(bool(is_success(ts, success_threshold)) for ts in labelled),
+        "success_threshold": success_threshold,
+        "seed": seed,
+        "n_boot": n_boot,
+        "interval": f"{int(CONFIDENCE * 100)}% bootstrap (scipy BCa; percentile where BCa is undefined)"
+        if n_boot
+        else None,
+        "reduction": dict(reduction) if reduction is not None else {"chosen_by": "as scored (not tuned here)"},
+        "best_of_n_reference": bon["reference"],
+        "attribution_chance": attribution_chance(scores, success_threshold=success_threshold),
+        "methods": {},
+        "skipped_methods": bon["skipped"],
+    }
+    if reduction_selection is not None:
+        res["reduction_selection"] = {k_: v for k_, v in reduction_selection.items() if k_ != "fold_of"}
+    for m, b in bon["methods"].items():
+        b = {k_: v for k_, v in b.items() if k_ not in REFERENCE_KEYS}  # `selected` stays: it is per method
+        entry = {
+            "best_of_n": b,
+            "success_prediction": success_prediction(scores, m, n_boot, seed, success_threshold=success_threshold),
+            "calibration": calibration_report(
+                scores, m, kind=calibration, fit_fraction=calibration_split, seed=seed,
+                success_threshold=success_threshold,
+            ),
+            "failure_attribution": {
+                rule: failure_attribution(
+                    scores, m, rule, threshold=attribution_threshold if rule == "threshold" else 0.0, k=k,
+                    seed=seed, success_threshold=success_threshold,
+                )
+                for rule in ATTRIBUTION_RULES
+            },
+        }  # fmt: skip
+        if kinds:
+            entry["success_prediction_by_failure_kind"] = {
+                kd: success_prediction(
+                    [
+                        ts
+                        for ts in scores
+                        if is_success(ts, success_threshold)
+                        or (is_success(ts, success_threshold) is False and failure_kind(ts) == kd)
+                    ],
+                    m,
+                    n_boot,
+                    seed,
+                    success_threshold=success_threshold,
+                )
+                for kd in kinds
+            }
+        res["methods"][m] = entry
+    return json_safe(res)
+
+
+def run_evaluation(
+    scorer,
+    trajectories,
+    out_dir: str | os.PathLike,
+    *,
+    choose_reduction: str | None = None,
+    k: int = 5,
+    n_boot: int = 1000,
+    seed: int = 0,
+    calibration: str = "platt",
+    reduction_info: Mapping | None = None,
+    title: str = "progadv evaluate",
+    progress: bool = False,
+) -> dict:
+    """Score `trajectories`, evaluate every method and write the report under `out_dir`; return the metrics.
+
+    scorer: a `ProgressScorer` (or a `ProgressCritic`: its scorer is used); the trajectories are scored under its
+    config. choose_reduction: None, or a metric in SELECTION_METRICS: then every token x step reduction is scored
+    from one set of forward passes (`score_many` over `reduction_grid`), one is chosen by k-fold CV on that metric
+    and the choice is stored under `reduction_selection` - the evaluated scores stay those of the scorer's own
+    config. k: folds for that choice and for the attribution threshold. reduction_info: what `metrics["reduction"]`
+    says about how the scorer's reductions were chosen. Writes metrics.md, the plots and, last, metrics.json.
+    """
+    scorer = getattr(scorer, "scorer", scorer)
+    selection = None
+    if choose_reduction:
+        c = scorer.config
+        many = scorer.score_many(trajectories, reduction_grid(c), progress=progress)
+        scores = many[f"{c.token_reduction}/{c.step_reduction}"]
+        selection = _choose_reduction(many, metric=choose_reduction, k=k, seed=seed)
+    else:
+        scores = scorer.score(trajectories, progress=progress)
+    metrics = evaluate(
+        scores, n_boot=n_boot, seed=seed, calibration=calibration, k=k, reduction=reduction_info,
+        reduction_selection=selection,
+    )  # fmt: skip
+    write_report(metrics, scores, out_dir, title=title)
+    return metrics
