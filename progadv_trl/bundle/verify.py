@@ -69,11 +69,10 @@ def _check_files(report: BundleReport, root: Path, expected: dict, label: str, p
         report.errors.append(f"{MANIFEST_NAME}: the {label}'s files are not a JSON object: the bundle is damaged. Re-export it")
         return
     for rel, info in sorted(expected.items()):
-        p = root / rel
-        shown = f"{prefix}{rel}"
         if not _is_relative_inside(rel):
             report.errors.append(f"{MANIFEST_NAME} lists {rel!r}, a path outside the {label}: the manifest was tampered with")
             continue
+        p, shown = root / rel, f"{prefix}{rel}"
         if not p.is_file():
             report.files.append(FileCheck(shown, "missing"))
             report.errors.append(
