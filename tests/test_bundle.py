@@ -10,6 +10,7 @@ import torch
 
 from conftest import make_trajectory
 from progadv_trl import bundle as B
+from progadv_trl.bundle import export as E  # private helpers patched below live where export_bundle calls them
 from progadv_trl.bundle import (
     MANIFEST_NAME,
     POLICY_DIR,
@@ -158,7 +159,7 @@ def test_lora_round_trip_stores_adapter_and_unmerged_base(tmp_path, tiny_dir, ti
     assert "lora" in (out / "README.md").read_text()
 
     pol, tok, ref, _ = load_bundle(out)
-    assert isinstance(pol, PeftModel) and ref is None
+    assert isinstance(pol, PeftModel) and ref.kind == "adapter_disabled" and ref.model is None
     _same_scores(before, ProgressCritic.from_pretrained(out).score(trajs))
 
 
@@ -222,6 +223,63 @@ def test_reference_by_identity(tmp_path, tiny_dir, tiny_models, tiny_tokenizer, 
     # other weights under that name: refused
     err = _load_error(out, reference_path=tiny_dir["policy"])
     assert "does not match the manifest" in err and "is not tiny/reference at revision 000" in err
+
+
+def test_identity_lookup_not_cached_vs_other_failure(monkeypatch):
+    """Only huggingface_hub's not-found/offline errors read "not in the local cache"; any other failure says what
+    failed and keeps its cause."""
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def not_cached(*a, **k):
+        raise LocalEntryNotFoundError("no snapshot in the cache")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", not_cached)
+    with pytest.raises(BundleError) as e:
+        B.resolve_reference_dir("tiny/reference", "abc")
+    assert "not in the local Hugging Face cache" in str(e.value) and "--revision abc" in str(e.value)
+    assert isinstance(e.value.__cause__, LocalEntryNotFoundError)
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", "/cache/models--tiny--reference")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", denied)
+    with pytest.raises(BundleError) as e:
+        B.resolve_reference_dir("tiny/reference", "abc")
+    msg = str(e.value)
+    assert "not in the local Hugging Face cache" not in msg
+    assert "(tiny/reference at abc) in the local Hugging Face cache failed (PermissionError:" in msg
+    assert "Permission denied" in msg and isinstance(e.value.__cause__, PermissionError)
+
+
+def test_choose_layout_names_one_reference(tiny_models):
+    pol, ref = tiny_models
+    def layout(*args):
+        return B.choose_layout(pol, B.resolve_for_export(pol, *args))
+
+    assert layout(ref, None, None) == "full"
+    assert layout(None, {"repo_id": "tiny/reference"}, None) == "full"
+    with pytest.raises(BundleError, match="needs its reference"):
+        layout(None, None, None)
+    with pytest.raises(BundleError, match="needs a PeftModel policy"):
+        layout(ref, None, "ref")
+
+
+def test_load_refuses_a_report_without_reference_dir(full_bundle, monkeypatch):
+    """No `assert` as a runtime guard: a verification that yields no reference folder is a BundleError (also
+    under python -O)."""
+    from progadv_trl.bundle import load as L
+
+    real = L.verify_bundle
+
+    def no_reference_dir(*a, **k):
+        report = real(*a, **k)
+        report.reference_dir = None
+        return report
+
+    monkeypatch.setattr(L, "verify_bundle", no_reference_dir)
+    err = _load_error(full_bundle)
+    assert "passed verification without a readable manifest or a reference folder" in err
 
 
 def test_lora_with_reference_by_identity(tmp_path, tiny_dir, tiny_tokenizer):
@@ -350,13 +408,13 @@ def test_interrupted_export_leaves_nothing_loadable(tmp_path, tiny_models, tiny_
     def crash(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(B, "_save_tokenizer", crash)  # after both models were written: halfway
+    monkeypatch.setattr(E, "_save_tokenizer", crash)  # after both models were written: halfway
     with pytest.raises(RuntimeError, match="disk full"):
         export_bundle(out, pol, ref, tiny_tokenizer)
     assert list(tmp_path.iterdir()) == []  # no target, no temporary folder
 
     # A hard kill gets no cleanup: the leftover temporary folder is never mistaken for a bundle.
-    monkeypatch.setattr(B.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(E.shutil, "rmtree", lambda *a, **k: None)
     with pytest.raises(RuntimeError):
         export_bundle(out, pol, ref, tiny_tokenizer)
     (left,) = list(tmp_path.iterdir())
@@ -365,8 +423,8 @@ def test_interrupted_export_leaves_nothing_loadable(tmp_path, tiny_models, tiny_
     assert "did not finish" in _load_error(left)
     # ... even when the kill came after the manifest, just before the rename
     monkeypatch.undo()
-    monkeypatch.setattr(B.shutil, "rmtree", lambda *a, **k: None)
-    monkeypatch.setattr(B, "_publish", crash)
+    monkeypatch.setattr(E.shutil, "rmtree", lambda *a, **k: None)
+    monkeypatch.setattr(E, "_publish", crash)
     with pytest.raises(RuntimeError):
         export_bundle(tmp_path / "c2", pol, ref, tiny_tokenizer)
     (left2,) = [p for p in tmp_path.iterdir() if p.name.startswith(".c2.tmp-")]
@@ -385,7 +443,7 @@ def test_overwrite_rules_and_interrupted_overwrite_keeps_old(tmp_path, full_bund
         export_bundle(tmp_path / "notes", pol, ref, tiny_tokenizer, overwrite=True)
     assert (tmp_path / "notes" / "mine.txt").read_text() == "keep me"
 
-    monkeypatch.setattr(B, "_save_tokenizer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(E, "_save_tokenizer", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError):
         export_bundle(out, pol, ref, tiny_tokenizer, overwrite=True, scoring_config=ScoringConfig(beta=5.0))
     monkeypatch.undo()
