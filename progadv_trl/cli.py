@@ -11,6 +11,7 @@ import json
 import sys
 
 from . import __version__
+from .formats import FORMATS
 from .utils import atomic_write_text
 
 
@@ -68,9 +69,10 @@ def _scoring_overrides(args) -> dict:
 
 
 def _load_inputs(args):
+    from .formats import as_trajectory_source
     from .trajectories import load_trajectories
 
-    res = load_trajectories(args.trajectories, on_error=args.on_error)
+    res = load_trajectories(as_trajectory_source(args.trajectories, args.format), on_error=args.on_error)
     if res.errors:
         print(f"progadv: {res.summary()}", file=sys.stderr)
     if not res.trajectories:
@@ -142,6 +144,7 @@ def _reduction_info(scorer, critic) -> dict:
 def cmd_evaluate(args) -> int:
     from .applications import choose_reduction, evaluate, format_table
     from .engine import reduction_grid
+    from .formats.whowhen import format_whowhen, whowhen_attribution
     from .report import write_report
 
     trajs = _load_inputs(args)
@@ -161,8 +164,22 @@ def cmd_evaluate(args) -> int:
         reduction=_reduction_info(scorer, critic), reduction_selection=selection, k=args.folds,
     )
     print(format_table(metrics))
+    ww = whowhen_attribution(scores)  # Who&When cases: step- and agent-level accuracy beside two baselines
+    if ww["n"]:
+        metrics["whowhen_attribution"] = ww
+        print(format_whowhen(ww))
     paths = write_report(metrics, scores, args.output)
     print(f"progadv: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .formats import convert, write
+
+    records = convert(args.source_format, args.input)
+    write(records, args.output)
+    steps = sum(m["role"] == "assistant" for r in records for m in r["messages"])
+    print(f"progadv: converted {len(records)} trajectories ({steps} steps) -> {args.output}", file=sys.stderr)
     return 0
 
 
@@ -220,6 +237,9 @@ def cmd_demo(args) -> int:
     return 0
 
 
+_INPUT_FORMATS = ("auto", "progadv", *FORMATS)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="progadv",
@@ -231,7 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("score", help="per-step progress advantage of every trajectory -> JSONL")
     _add_model_args(s)
     _add_scoring_args(s)
-    s.add_argument("trajectories", help="trajectories: .jsonl, .json or .parquet")
+    s.add_argument("trajectories", help="trajectories: .jsonl, .json or .parquet; or τ²-bench / Who&When logs")
+    s.add_argument("--format", choices=_INPUT_FORMATS, default="auto", help="input format (default: detected)")
     s.add_argument("-o", "--output", required=True, help="output .jsonl (written atomically)")
     s.add_argument("--token-ratios", action="store_true", help="also write every token's log-ratio")
     s.set_defaults(func=cmd_score)
@@ -239,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="best-of-N, success prediction, failure attribution vs baselines -> DIR")
     _add_model_args(e)
     _add_scoring_args(e)
-    e.add_argument("trajectories", help="labelled trajectories (success, group, failure_step)")
+    e.add_argument("trajectories", help="labelled trajectories (success, group, failure_step), or τ²-bench/Who&When logs")
+    e.add_argument("--format", choices=_INPUT_FORMATS, default="auto", help="input format (default: detected)")
     e.add_argument("-o", "--output", required=True, help="output directory: metrics.json, metrics.md, PNG plots")
     e.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for the 95%% intervals (0: none)")
     e.add_argument("--seed", type=int, default=0)
@@ -250,6 +272,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="also choose the token/step reduction by k-fold CV on this metric and report its held-out figure",
     )
     e.set_defaults(func=cmd_evaluate)
+
+    c = sub.add_parser("convert", help="τ²-bench results or Who&When cases -> trajectories JSONL")
+    c.add_argument("--from", dest="source_format", required=True, choices=FORMATS, help="the logs' format")
+    c.add_argument("input", help="a τ²-bench results .json, a Who&When case .json, or a directory of them")
+    c.add_argument("output", help="output .jsonl (written atomically)")
+    c.set_defaults(func=cmd_convert)
 
     x = sub.add_parser("export", help="build a critic bundle from a checkpoint pair (no training needed)")
     x.add_argument("--policy", required=True, help="policy checkpoint, or a LoRA adapter directory")
