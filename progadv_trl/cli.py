@@ -1,4 +1,4 @@
-"""`progadv`: score, evaluate, export, inspect and demo.
+"""`progadv`: score, evaluate, convert, export, inspect and demo.
 
 Bad input never ends in a traceback: user errors print one message (naming the record and field where there is
 one) and exit with status 2; output files are written atomically, so a failed run leaves nothing half-written.
