@@ -1,4 +1,4 @@
-"""`progadv`: score, evaluate, export, inspect, demo.
+"""`progadv`: score, evaluate, convert, export, inspect, demo.
 
 Every command's options are dataclasses with `help` metadata, parsed by transformers' `HfArgumentParser` (the
 parser under TRL's `TrlParser`), so each option reads the same on the command line, in `--help` and in Python.
@@ -20,6 +20,7 @@ from transformers.hf_argparser import HfArgumentParser
 
 from . import __version__
 from .config import PAPER_TOKEN_REDUCTIONS, SELECTION_METRICS, STEP_REDUCTIONS, TOKEN_REDUCTIONS
+from .formats import FORMATS
 from .utils import atomic_write_text
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -65,6 +66,9 @@ class ScoringArguments:
 class InputArguments:
     """Where trajectories come from and what happens to bad records."""
 
+    format: str = field(default="auto", metadata={"choices": ("auto", "progadv", *FORMATS),
+                                                  "help": "input format: the project's records, τ²-bench results or "
+                                                          "Who&When cases (default: detected)"})  # fmt: skip
     on_error: str = field(default="raise", metadata={"choices": ("raise", "skip"),
                                                      "help": "bad records: stop, or skip them and name them"})  # fmt: skip
 
@@ -87,6 +91,11 @@ class EvaluateArguments:
         metadata={"choices": SELECTION_METRICS,
                   "help": "also choose the token/step reduction by k-fold CV on this metric; its held-out figure is reported"},
     )  # fmt: skip
+
+
+@dataclass
+class ConvertArguments:
+    source_format: str = field(metadata={"aliases": ["--from"], "choices": FORMATS, "help": "the logs' format"})
 
 
 @dataclass
@@ -127,9 +136,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _load_inputs(path: str, inputs: InputArguments):
+    from .formats import as_trajectory_source
     from .trajectories import load_trajectories
 
-    res = load_trajectories(path, on_error=inputs.on_error)
+    res = load_trajectories(as_trajectory_source(path, inputs.format), on_error=inputs.on_error)
     if res.errors:
         print(f"progadv: {res.summary()}", file=sys.stderr)
     if not res.trajectories:
@@ -208,6 +218,17 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
     return 0
 
 
+def cmd_convert(source: str, output: str, args: ConvertArguments) -> int:
+    from .formats import convert
+    from .utils import write_jsonl
+
+    records = convert(args.source_format, source)
+    write_jsonl(output, records)
+    steps = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
+    print(f"progadv: converted {len(records)} trajectories ({steps} steps) -> {output}", file=sys.stderr)
+    return 0
+
+
 def cmd_export(output: str, args: ExportArguments, scoring: ScoringArguments) -> int:
     from .bundle import export_from_paths
     from .scoring import ScoringConfig
@@ -272,11 +293,14 @@ def cmd_demo(args: DemoArguments) -> int:
 # name: (help, positional arguments as (name, help), dataclasses, function)
 COMMANDS = {
     "score": ("per-step progress advantage of every trajectory -> JSONL",
-              [("trajectories", "trajectories: .jsonl, .json or .parquet")],
+              [("trajectories", "trajectories: .jsonl, .json, .parquet, or τ²-bench / Who&When logs")],
               (ModelArguments, ScoringArguments, InputArguments, ScoreArguments), cmd_score),
     "evaluate": ("best-of-N, success prediction, failure attribution vs baselines -> DIR",
                  [("trajectories", "labelled trajectories (success, group, failure_step)")],
                  (ModelArguments, ScoringArguments, InputArguments, EvaluateArguments), cmd_evaluate),
+    "convert": ("τ²-bench results or Who&When cases -> trajectories JSONL",
+                [("input", "a τ²-bench results file, a Who&When case, or a directory of cases"),
+                 ("output", "output .jsonl (written atomically)")], (ConvertArguments,), cmd_convert),
     "export": ("build a critic bundle from a checkpoint pair (no training needed)",
                [("output", "bundle directory to create")], (ExportArguments, ScoringArguments), cmd_export),
     "inspect": ("print a bundle's manifest and verify every file", [("bundle", "the bundle directory")],

@@ -104,7 +104,8 @@ def resolve(policy, reference=None, *, adapter: str | None = None, identity: dic
     any other PEFT policy's reference is itself with adapters disabled. A full-weight policy needs a model."""
     if isinstance(reference, Reference):
         return reference
-    if reference is not None and reference is not policy:
+    if reference is not None and not (reference is policy and is_peft_model(policy)):
+        # (a PEFT policy passed as its own reference means "adapters off", below)
         return Reference(SEPARATE, model=reference, identity=identity)
     if identity is not None and not is_peft_model(policy):
         return Reference(SEPARATE, identity=identity)

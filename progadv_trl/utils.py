@@ -32,8 +32,8 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_jsonl(path: str | os.PathLike, records) -> None:
-    """Records (dicts), one JSON line each, written atomically."""
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
+    """Records (dicts), one JSON line each (UTF-8, non-ASCII kept as is), written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def json_safe(x: Any, *, strict: bool = False) -> Any:

@@ -87,3 +87,16 @@ def test_score_public_pair_on_local_models(toy):
          env={"POLICY": str(run / "policy"), "REFERENCE": str(run / "reference"), "OUT_DIR": str(d / "pair")})  # fmt: skip
     for f in ("trajectories.jsonl", "scores.jsonl", "bundle/manifest.json", "eval/metrics.json"):
         assert (d / "pair" / f).is_file(), f
+
+
+def test_score_real_logs_on_local_models(tiny_dir, tmp_path):
+    out = tmp_path / "real"
+    _run([sys.executable, str(RECIPES / "score_real_logs.py"), "--config", str(RECIPES / "score_real_logs.yaml"),
+          "--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"]), "--out_dir", str(out),
+          "--dtype", "float32", "--device", "cpu", "--max_length", "1024", "--n_boot", "0"], cwd=ROOT)  # fmt: skip
+    recs = [json.loads(line) for line in (out / "trajectories.jsonl").read_text().splitlines()]
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    assert len(recs) == len(scores) == 4  # the four Who&When cases the YAML points at
+    assert [len(s["steps"]) for s in scores] == [sum(m["role"] == "assistant" for m in r["messages"]) for r in recs]
+    ww = json.loads((out / "eval" / "metrics.json").read_text())["whowhen_attribution"]
+    assert ww["n"] == 4 and ww["methods"]["progress_advantage"]["min_cumsum"]["agent_accuracy"] is not None

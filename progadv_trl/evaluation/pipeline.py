@@ -119,6 +119,11 @@ def evaluate(
                 for kd in kinds
             }
         res["methods"][m] = entry
+    from ..formats.whowhen import whowhen_attribution
+
+    ww = whowhen_attribution(scores)  # Who&When cases (converted logs): step- and agent-level accuracy
+    if ww["n"]:
+        res["whowhen_attribution"] = ww
     return json_safe(res)
 
 

@@ -74,6 +74,10 @@ def format_table(metrics: Mapping) -> str:
     skipped = metrics.get("skipped_methods") or []
     if skipped:
         out.append(f"skipped (no finite scores): {', '.join(skipped)}")
+    if metrics.get("whowhen_attribution"):
+        from ..formats.whowhen import format_whowhen
+
+        out += ["", format_whowhen(metrics["whowhen_attribution"])]
     return "\n".join(out)
 
 
@@ -154,4 +158,13 @@ def format_markdown(metrics: Mapping, title: str = "progadv evaluate") -> str:
     md += _method_sections(metrics)
     if metrics.get("skipped_methods"):
         md += ["", f"Skipped (no finite scores): {', '.join(metrics['skipped_methods'])}."]
+    ww = metrics.get("whowhen_attribution")
+    if ww:
+        rows = [[m, rule, format_cell(a["step_accuracy"]), format_cell(a["agent_accuracy"]), str(a["n"])]
+                for m, by in ww["methods"].items() for rule, a in by.items()]  # fmt: skip
+        rows += [[name, "", format_cell(ww[key]["step_accuracy"]), format_cell(ww[key]["agent_accuracy"]), str(ww[key]["n"])]
+                 for name, key in (("(random step)", "random_step"), ("(first step)", "first_step"))]  # fmt: skip
+        md += ["", "## Who&When attribution", "",
+               "Step accuracy: the predicted step is the labelled mistake; agent accuracy: its agent is the labelled agent.",
+               "", markdown_table(["method", "rule", "step accuracy", "agent accuracy", "n"], rows)]  # fmt: skip
     return "\n".join(md) + "\n"
