@@ -82,7 +82,7 @@ class ScoreArguments:
 @dataclass
 class EvaluateArguments:
     output: str = field(metadata={"aliases": ["-o"], "help": "output directory: metrics.json, metrics.md, PNG plots"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals (0: none)"})
+    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95%% intervals (0: none)"})
     seed: int = field(default=0, metadata={"help": "seeds the bootstrap, the folds and best-of-N tie-breaks"})
     folds: int = field(default=5, metadata={"help": "k for the cross-validated choices"})
     calibration: str = field(default="platt", metadata={"choices": ("platt", "isotonic"), "help": "P(success) calibration"})

@@ -101,3 +101,47 @@ def test_top_level_names_load_lazily():
             "from progadv_trl import ProgressCritic, ProgressAdvantageCallback, ProgressScorer; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_help_does_not_import_torch():
+    """`progadv --help` (and each command's --help) parses the dataclasses without importing torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom progadv_trl.cli import main\n"
+            "for argv in (['--help'], ['score', '--help'], ['evaluate', '--help'], ['convert', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith("False") and "--token_reduction" in out.stdout and "--from" in out.stdout
+
+
+def test_commands_parse_into_their_dataclasses():
+    from progadv_trl.cli import EvaluateArguments, InputArguments, ModelArguments, ScoringArguments, parse
+
+    cmd, (traj, model, scoring, inputs, ev) = parse(
+        ["evaluate", "--bundle", "b", "t.jsonl", "-o", "out", "--beta", "0.1", "--token-reduction", "mean",
+         "--choose_reduction", "auroc", "--format", "whowhen"]
+    )  # fmt: skip
+    assert cmd == "evaluate" and traj == "t.jsonl"
+    assert isinstance(model, ModelArguments) and model.bundle == "b" and model.policy is None
+    assert isinstance(scoring, ScoringArguments) and scoring.overrides() == {"beta": 0.1, "token_reduction": "mean"}
+    assert isinstance(inputs, InputArguments) and inputs.format == "whowhen"
+    assert isinstance(ev, EvaluateArguments) and ev.output == "out" and ev.choose_reduction == "auroc"
+
+
+def test_demo_config_rejects_unknown_keys(tmp_path, capsys):
+    import pytest
+
+    from progadv_trl.cli import DemoArguments, demo_config
+
+    good = tmp_path / "good.yaml"
+    good.write_text("grpo_steps: 7\nbeta: 0.2\n")
+    cfg = demo_config(DemoArguments(out=str(tmp_path / "run"), config=str(good), fast=True))
+    assert (cfg.grpo_steps, cfg.beta, cfg.out_dir) == (7, 0.2, str(tmp_path / "run"))
+    assert cfg.hidden_size == 32  # the rest from DemoConfig.fast
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grpo_steps: 7\ngrpo_stepz: 8\n")
+    with pytest.raises(SystemExit, match="grpo_stepz"):
+        demo_config(DemoArguments(out=str(tmp_path / "run"), config=str(bad)))
