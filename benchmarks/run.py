@@ -28,11 +28,10 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 
 def _trajectories(n: int):
-    from conftest import make_trajectory
+    from progadv_trl.demo.tiny import make_trajectory
 
     return [make_trajectory(i, n_turns=1 + i % 5) for i in range(n)]
 
@@ -123,12 +122,11 @@ def bench_lora_memory(root: Path) -> dict:
 def bench_capture(root: Path, steps: int = 12, repeat: int = 3) -> dict:
     """GRPO steps with and without the callback capturing training rollouts (no held-out set, no export), same
     seed, runs interleaved so machine load hits both alike; the best of `repeat` runs each."""
-    from dist_callback import grpo_args, parity_reward, prompts
     from transformers import AutoTokenizer
     from trl import GRPOTrainer
 
     from progadv_trl.callback import ProgressAdvantageCallback
-    from progadv_trl.demo.tiny import build_model, build_tokenizer
+    from progadv_trl.demo.tiny import build_model, build_tokenizer, grpo_args, parity_reward, prompts
 
     tok = build_tokenizer(root / "cap")
     build_model(tok, root / "cap")
@@ -159,7 +157,6 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     torch.manual_seed(0)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
         res = {"torch_threads": torch.get_num_threads()}

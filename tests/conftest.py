@@ -40,35 +40,7 @@ def tiny_models(tiny_dir):
     return pol, ref
 
 
-WEATHER_TOOL = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Weather in a city",
-        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-    },
-}
-
-
-def make_trajectory(i: int, n_turns: int = 2, success=True, failure_step=None, group=None) -> dict:
-    """A multi-turn tool-calling trajectory in the core format."""
-    msgs = [{"role": "system", "content": "You are a helpful agent."}, {"role": "user", "content": f"Weather in city {i}?"}]
-    for t in range(n_turns):
-        msgs.append(
-            {
-                "role": "assistant",
-                "content": f"Let me check {t}." if t % 2 else "",
-                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": f"c{i}{t}"}}}],
-            }
-        )
-        msgs.append({"role": "tool", "content": f"sunny {i + t}"})
-    msgs.append({"role": "assistant", "content": f"It is sunny in city {i}."})
-    rec = {"id": f"t{i}", "messages": msgs, "tools": [WEATHER_TOOL], "success": success}
-    if failure_step is not None:
-        rec["failure_step"] = failure_step
-    if group is not None:
-        rec["group"] = group
-    return rec
+from progadv_trl.demo.tiny import WEATHER_TOOL, make_trajectory  # noqa: E402,F401 - tests import them from here
 
 
 @pytest.fixture

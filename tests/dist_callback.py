@@ -22,69 +22,7 @@ TIMING_KEYS = ("step_time", "train_runtime", "train_samples_per_second", "train_
                "eval_samples_per_second", "eval_steps_per_second")  # fmt: skip
 
 
-def prompts(n: int, offset: int = 0):
-    from datasets import Dataset
-
-    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"Weather in city {i}?"}]} for i in range(offset, offset + n)])
-
-
-def parity_reward(completions, **kwargs):
-    """A reward both outcomes get on a random tiny model: success = odd completion length."""
-    return [float(len(c[0]["content"]) % 2) for c in completions]
-
-
-def grpo_args(out_dir, **overrides):
-    from trl import GRPOConfig
-
-    kw = dict(
-        output_dir=str(out_dir),
-        use_cpu=True,
-        bf16=False,
-        beta=0.04,
-        learning_rate=1e-2,  # large, so the policy moves away from the reference within two steps
-        gradient_checkpointing=False,
-        num_generations=4,
-        max_completion_length=10,
-        per_device_train_batch_size=4,
-        per_device_eval_batch_size=4,
-        max_steps=4,
-        logging_steps=1,
-        eval_strategy="steps",
-        eval_steps=2,
-        save_strategy="no",
-        report_to=[],
-        disable_tqdm=True,
-        seed=0,
-        dataloader_num_workers=0,
-    )
-    kw.update(overrides)
-    return GRPOConfig(**kw)
-
-
-def heldout_records(n: int):
-    from conftest import make_trajectory
-
-    return [
-        make_trajectory(i, n_turns=1 + i % 3, success=bool(i % 2), failure_step=None if i % 2 else 0, group=f"g{i // 2}")
-        for i in range(n)
-    ]
-
-
-class count_forwards:
-    """Count forward passes through the models' decoders (the engine calls the decoder directly, TRL the model)."""
-
-    def __init__(self, *models):
-        self.n, self._handles = 0, []
-        for m in models:
-            base = m.get_base_model() if hasattr(m, "get_base_model") else m
-            self._handles.append(base.get_decoder().register_forward_pre_hook(self._hook))
-
-    def _hook(self, *_):
-        self.n += 1
-
-    def remove(self):
-        for h in self._handles:
-            h.remove()
+from progadv_trl.demo.tiny import grpo_args, parity_reward, prompts  # noqa: E402,F401 - shared with benchmarks/run.py
 
 
 def is_ours(key: str) -> bool:

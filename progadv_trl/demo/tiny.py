@@ -138,3 +138,108 @@ def perturbed_copy(model, out_dir: str | os.PathLike | None = None, scale: float
     if out_dir is not None:
         new.save_pretrained(out_dir)
     return new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A tool-calling trajectory in the core format (tests and benchmarks/run.py build their corpora from it)
+
+WEATHER_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+
+
+def make_trajectory(i: int, n_turns: int = 2, success=True, failure_step=None, group=None) -> dict:
+    """A multi-turn tool-calling trajectory in the core format."""
+    msgs = [{"role": "system", "content": "You are a helpful agent."}, {"role": "user", "content": f"Weather in city {i}?"}]
+    for t in range(n_turns):
+        msgs.append(
+            {
+                "role": "assistant",
+                "content": f"Let me check {t}." if t % 2 else "",
+                "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": f"c{i}{t}"}}}],
+            }
+        )
+        msgs.append({"role": "tool", "content": f"sunny {i + t}"})
+    msgs.append({"role": "assistant", "content": f"It is sunny in city {i}."})
+    rec = {"id": f"t{i}", "messages": msgs, "tools": [WEATHER_TOOL], "success": success}
+    if failure_step is not None:
+        rec["failure_step"] = failure_step
+    if group is not None:
+        rec["group"] = group
+    return rec
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A few GRPO steps on a tiny random model (the callback tests and benchmarks/run.py)
+
+
+def prompts(n: int, offset: int = 0):
+    """A prompt dataset for GRPO on a tiny random model."""
+    from datasets import Dataset
+
+    return Dataset.from_list([{"prompt": [{"role": "user", "content": f"Weather in city {i}?"}]} for i in range(offset, offset + n)])
+
+
+def parity_reward(completions, **kwargs):
+    """A reward both outcomes get on a random tiny model: success = odd completion length."""
+    return [float(len(c[0]["content"]) % 2) for c in completions]
+
+
+def grpo_args(out_dir, **overrides):
+    """A GRPOConfig that runs in seconds on a CPU (beta > 0: a reference to read)."""
+    from trl import GRPOConfig
+
+    kw = dict(
+        output_dir=str(out_dir),
+        use_cpu=True,
+        bf16=False,
+        beta=0.04,
+        learning_rate=1e-2,  # large, so the policy moves away from the reference within two steps
+        gradient_checkpointing=False,
+        num_generations=4,
+        max_completion_length=10,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        max_steps=4,
+        logging_steps=1,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="no",
+        report_to=[],
+        disable_tqdm=True,
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    kw.update(overrides)
+    return GRPOConfig(**kw)
+
+
+def heldout_records(n: int):
+    from conftest import make_trajectory
+
+    return [
+        make_trajectory(i, n_turns=1 + i % 3, success=bool(i % 2), failure_step=None if i % 2 else 0, group=f"g{i // 2}")
+        for i in range(n)
+    ]
+
+
+class count_forwards:
+    """Count forward passes through the models' decoders (the engine calls the decoder directly, TRL the model)."""
+
+    def __init__(self, *models):
+        self.n, self._handles = 0, []
+        for m in models:
+            base = m.get_base_model() if hasattr(m, "get_base_model") else m
+            self._handles.append(base.get_decoder().register_forward_pre_hook(self._hook))
+
+    def _hook(self, *_):
+        self.n += 1
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
