@@ -263,8 +263,11 @@ def demo_config(args: DemoArguments):
         import yaml
 
         try:
+            with open(args.config, encoding="utf-8") as f:
+                given = yaml.safe_load(f) or {}
+            if not isinstance(given, dict):
+                raise ValueError("it must be a mapping of DemoConfig fields")
             (cfg,) = TrlParser(DemoConfig).parse_args_and_config(["--config", args.config])
-            given = yaml.safe_load(open(args.config, encoding="utf-8")) or {}
         except (OSError, ValueError, yaml.YAMLError) as e:
             raise SystemExit(f"progadv: error: --config {args.config}: {e}")
         given = {k: getattr(cfg, k) for k in given}

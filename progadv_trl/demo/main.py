@@ -149,7 +149,13 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
 
 
 def headline(metrics: dict) -> dict:
-    """Per method: AUROC (all rollouts; successes + decision failures only), best-of-N, attribution (min cumsum)."""
+    """Per method: AUROC (all rollouts; successes + decision failures only), best-of-N, attribution (min cumsum),
+    and the fair figures (each method's rule chosen by 5-fold CV, out-of-fold: `fair_*`); `comparison`: progress
+    advantage minus the best baseline per application, with its paired 95 % interval and verdict."""
+    fair = metrics.get("fair") or {}
+    fair_dec = ((metrics.get("fair_by_failure_kind") or {}).get("decision") or {}).get("auroc") or {}
+    apps = {"auroc": fair.get("auroc"), "auroc_decision_failures": fair_dec, "best_of_n": fair.get("best_of_n"),
+            "attribution": fair.get("attribution")}  # fmt: skip
     rows = {}
     for m, e in metrics["methods"].items():
         sp, b = e["success_prediction"], e["best_of_n"]
@@ -162,6 +168,10 @@ def headline(metrics: dict) -> dict:
             "best_of_n": b["success"], "best_of_n_ci": b["success_ci"], "n_groups": b["n_groups"],
             "attribution_exact": fa["exact"], "attribution_within1": fa["within1"], "n_attributed": fa["n"],
         }  # fmt: skip
+        for app, f in apps.items():
+            r = ((f or {}).get("methods") or {}).get(m)
+            if r:
+                rows[m][f"fair_{app}"], rows[m][f"fair_{app}_rule"] = r["value"], r["rule"]
     ref = metrics.get("best_of_n_reference") or {}
     sel = metrics.get("reduction_selection") or {}
     return {
@@ -170,6 +180,8 @@ def headline(metrics: dict) -> dict:
         "pass_at_n": ref.get("pass_at_n"),
         "attribution_chance": (metrics.get("attribution_chance") or {}).get("exact"),
         "cv_reduction": {"chosen": sel.get("chosen"), "out_of_fold_auroc": sel.get("out_of_fold")},
+        "comparison": {app: {k: f.get(k) for k in ("best_baseline", "difference", "difference_ci", "verdict")}
+                       for app, f in apps.items() if f and "verdict" in f},
     }
 
 
@@ -228,15 +240,20 @@ def training_curves(history: list[dict], log_history: list[dict], path: Path) ->
 
 
 def headline_rows(h: dict) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "AUROC (all)", "AUROC (decision fails)", "best-of-N", "attribution exact/±1"]
+    header = ["method", "AUROC (all)", "AUROC (decision fails)", "best-of-N", "mistake step, exact (rule by CV)"]
     rows = []
     for m, r in h["methods"].items():
+        fa = r.get("fair_attribution")
         rows.append([m, f"{format_cell(r['auroc'], r['auroc_ci'])} n={r['n']}",
                      f"{format_cell(r['auroc_decision_failures'], r['auroc_decision_failures_ci'])} n={r['n_decision']}",
                      f"{format_cell(r['best_of_n'], r['best_of_n_ci'])} g={r['n_groups']}",
-                     f"{format_cell(r['attribution_exact'])}/{format_cell(r['attribution_within1'])} n={r['n_attributed']}"])  # fmt: skip
+                     "-" if fa is None else f"{format_cell(fa)} ({r['fair_attribution_rule']})"])  # fmt: skip
     rows.append(["(random pick / pass@N)", "", "", f"{format_cell(h['random_pick'])} / {format_cell(h['pass_at_n'])}", ""])
     rows.append(["(random step)", "", "", "", format_cell(h["attribution_chance"])])
+    for app, c in (h.get("comparison") or {}).items():
+        ci = c.get("difference_ci")
+        rows.append([f"(PA - {c['best_baseline']}, {app}, CV rules)", "", "", "",
+                     f"{c['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {c['verdict']}"])  # fmt: skip
     return header, rows
 
 

@@ -23,6 +23,7 @@ from ..config import ATTRIBUTION_RULES, METHODS
 from ..utils import json_safe
 from .attribution import attribution_chance, failure_attribution
 from .calibration import calibration_report
+from .fair import fair_comparison
 from .labels import failure_kind, is_success, success_value
 from .prediction import success_prediction
 from .reductions import choose_reduction as _choose_reduction
@@ -50,6 +51,10 @@ def evaluate(
     reduction_selection: Mapping | None = None,
 ) -> dict:
     """Every application metric for every available method: the content of `metrics.json` (JSON-safe, no NaN).
+
+    `fair` (`fair.fair_comparison`): every method with its best rule chosen by k-fold CV, and progress advantage
+    minus the best baseline with a paired-bootstrap interval, per application (and `fair_by_failure_kind`: AUROC
+    over successes plus one kind of failure).
 
     Per method: `best_of_n` (with `selected`: group -> kept trajectory id), `success_prediction`, `calibration`
     (held-out quality when `calibration_split` is not None, plus a calibrator fitted on all labels),
@@ -119,6 +124,18 @@ def evaluate(
                 for kd in kinds
             }
         res["methods"][m] = entry
+    # Every method with its best rule (chosen by CV), and progress advantage against the best baseline (paired).
+    fair = dict(k=k, seed=seed, n_boot=n_boot, success_threshold=success_threshold)
+    res["fair"] = fair_comparison(scores, methods=methods, **fair)
+    if kinds:
+        res["fair_by_failure_kind"] = {
+            kd: fair_comparison(
+                [ts for ts in scores if is_success(ts, success_threshold)
+                 or (is_success(ts, success_threshold) is False and failure_kind(ts) == kd)],
+                methods=methods, applications=("auroc",), **fair,
+            )
+            for kd in kinds
+        }  # fmt: skip
     from ..formats.whowhen import whowhen_attribution
 
     ww = whowhen_attribution(scores)  # Who&When cases (converted logs): step- and agent-level accuracy

@@ -67,6 +67,32 @@ def summary_rows(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+FAIR_TITLES = {"auroc": "AUROC", "best_of_n": "best-of-N success", "attribution": "mistake step found (exact)"}
+
+
+def fair_rows(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
+    """The fair comparison: per application and method, the out-of-fold figure with the rule CV gave it, and
+    progress advantage minus the best baseline with its paired 95 % interval and verdict."""
+    header = ["application", "method (rule chosen by CV)", "out-of-fold", "n", "PA - best baseline [95% CI]", "verdict"]
+    rows = []
+    sections = [("", metrics.get("fair") or {})]
+    sections += [(f" (successes + {kd} failures)", f) for kd, f in (metrics.get("fair_by_failure_kind") or {}).items()]
+    for suffix, fair in sections:
+        for app, title in FAIR_TITLES.items():
+            e = fair.get(app)
+            if not e:
+                continue
+            d = e.get("difference")
+            cmp = "-" if d is None else f"{d:+.3f}" + (" [{:+.3f}, {:+.3f}]".format(*e["difference_ci"]) if e.get("difference_ci") else "")
+            first = True
+            for m, r in e["methods"].items():
+                tag = " *" if m == e.get("best_baseline") else ""
+                rows.append([title + suffix if first else "", f"{m}{tag} ({r['rule']})", format_cell(r["value"]),
+                             str(r["n"]), cmp if first else "", e.get("verdict", "-") if first else ""])  # fmt: skip
+                first = False
+    return header, rows
+
+
 def format_table(metrics: Mapping) -> str:
     """One fixed-width text table: methods x (best-of-N, AUROC, Spearman, attribution per rule), cells
     `value [95% CI] n=...`; best-of-N n counts groups, attribution cells are exact/within-1 accuracy."""
@@ -74,6 +100,8 @@ def format_table(metrics: Mapping) -> str:
     skipped = metrics.get("skipped_methods") or []
     if skipped:
         out.append(f"skipped (no finite scores): {', '.join(skipped)}")
+    if metrics.get("fair"):
+        out += ["", "Fair comparison (every method's rule chosen by k-fold CV; * = best baseline):", text_table(*fair_rows(metrics))]
     if metrics.get("whowhen_attribution"):
         from ..formats.whowhen import format_whowhen
 
@@ -154,6 +182,13 @@ def format_markdown(metrics: Mapping, title: str = "progadv evaluate") -> str:
     )
     md += ["", "## Summary", "", markdown_table(header, rows), ""]
     md.append("Best-of-N n counts groups; attribution cells are exact / within-1-step accuracy over labelled failures.")
+    if metrics.get("fair"):
+        md += ["", "## Fair comparison", "",
+               "Every method gets its best rule (trajectory score: its own or a reduction of its step values; "
+               "attribution: min_step, min_cumsum or a threshold), chosen by k-fold cross-validation, so each figure "
+               "is out-of-fold. PA - best baseline: paired bootstrap over the same items; \"beats\"/\"loses\" only "
+               "when the 95 % interval excludes zero. * marks the best baseline.", "",
+               markdown_table(*fair_rows(metrics))]  # fmt: skip
     md += _reduction_section(metrics)
     md += _method_sections(metrics)
     if metrics.get("skipped_methods"):

@@ -1,0 +1,267 @@
+"""A fair comparison: every method gets its best rule, chosen on folds it is not reported on, and progress
+advantage is compared with the best baseline by a paired bootstrap.
+
+For each method and application the candidate rules are:
+
+- success prediction and best-of-N: the method's own trajectory score (`native`) and every step reduction of its
+  per-step values (`config.STEP_REDUCTIONS`: sum, mean, min, max, last, bottom10, min_cumsum). A log-prob baseline
+  thus may rank by its worst step rather than its mean, as progress advantage may;
+- failure attribution: `min_step`, `min_cumsum` and `threshold` (its threshold chosen inside the training folds).
+  A log-prob is <= 0 at every step, so `min_cumsum` always names its last step; `min_step` is its natural rule.
+
+k-fold cross-validation (stratified by success for AUROC; whole groups for best-of-N; failed cases for
+attribution): on each fold the rule with the best figure on the other k-1 folds is applied to it, so every
+reported figure is out-of-fold. The per-item out-of-fold outcomes (a trajectory's score, a group's kept success, a
+case's hit) are pooled; for AUROC each fold's chosen scores are turned into within-fold rank fractions first, so
+scores of different rules are comparable across folds. `rule` is the choice on all the data (what to use on new
+data); `per_fold` lists the choices.
+
+The paired bootstrap resamples the same items for progress advantage and for the baseline with the best
+out-of-fold figure (choosing that baseline on the same data favours the baseline, never progress advantage), and
+gives the 95 % percentile interval of the difference. The verdict is "beats" or "loses" only when the interval
+excludes zero, else "ties".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+from scipy import stats as sps
+
+from ..config import METHODS, STEP_REDUCTIONS
+from .attribution import _best_threshold, _valid_label, attribute_failure
+from .labels import is_success, method_available
+from .selection import labelled_groups, pick_best
+from .stats import CONFIDENCE, auroc, auroc_stat, fold_ids
+
+if TYPE_CHECKING:
+    from ..scoring import TrajectoryScore
+
+APPLICATIONS = ("auroc", "best_of_n", "attribution")
+SCORE_RULES = ("native", *STEP_REDUCTIONS)
+ATTRIBUTION_CANDIDATES = ("min_step", "min_cumsum", "threshold")
+
+
+def rule_values(ts: TrajectoryScore, method: str) -> dict[str, float]:
+    """The trajectory score of `method` under every candidate rule (NaN where undefined)."""
+    from ..scoring import reduce_steps
+
+    steps = ts.method_steps(method)
+    out = {"native": ts.method_score(method)}
+    for r in STEP_REDUCTIONS:
+        ok = steps[~np.isnan(steps)]
+        out[r] = reduce_steps(ok, r) if ok.size else float("nan")
+    return out
+
+
+def _argbest(values: dict[str, float]) -> str | None:
+    """Highest finite value; ties go to the first candidate, so the choice is deterministic."""
+    best, bv = None, -math.inf
+    for name, v in values.items():
+        if v is not None and math.isfinite(v) and v > bv:
+            best, bv = name, v
+    return best
+
+
+def _stratified_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
+    folds = np.empty(y.size, dtype=int)
+    for cls in (True, False):
+        idx = np.flatnonzero(y == cls)
+        folds[idx] = fold_ids(idx.size, k, seed + int(cls))
+    return folds
+
+
+def _rank_fraction(x: np.ndarray) -> np.ndarray:
+    """Scores -> average ranks scaled to (0, 1], NaN ranking lowest (a score that cannot be computed ranks last)."""
+    x = np.where(np.isnan(x), -np.inf, x)
+    return sps.rankdata(x) / x.size
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One application, one method: the out-of-fold outcomes
+
+
+def _oof_auroc(vals: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray) -> tuple[np.ndarray, list]:
+    """Out-of-fold rank fractions of the rule chosen on the other folds; per-fold choices."""
+    out, chosen = np.full(y.size, np.nan), []
+    for j in np.unique(folds):
+        tr, te = folds != j, folds == j
+        pick = _argbest({r: auroc(_rank_fraction(v[tr]), y[tr]) for r, v in vals.items()}) or "native"
+        chosen.append(pick)
+        out[te] = _rank_fraction(vals[pick][te])
+    return out, chosen
+
+
+def _kept(vals: np.ndarray, y: np.ndarray, groups: list[tuple[str, np.ndarray]], seed: int) -> np.ndarray:
+    """Per group: success of the rollout kept by `vals` (the library's one tie rule)."""
+    return np.array([y[idx][pick_best(vals[idx], g, seed)] for g, idx in groups], dtype=np.float64)
+
+
+def _oof_best_of_n(vals, y, groups, folds, seed) -> tuple[np.ndarray, list]:
+    out, chosen = np.full(len(groups), np.nan), []
+    for j in np.unique(folds):
+        tr = [g for g, f in zip(groups, folds) if f != j]
+        te = np.flatnonzero(folds == j)
+        pick = _argbest({r: float(_kept(v, y, tr, seed).mean()) for r, v in vals.items()}) or "native"
+        chosen.append(pick)
+        out[te] = _kept(vals[pick], y, [groups[i] for i in te], seed)
+    return out, chosen
+
+
+def _predict(rule: str, v: np.ndarray, thr: float) -> int:
+    return attribute_failure(v, rule, thr)
+
+
+def _fit_rule(cases, rule: str) -> tuple[float, float]:
+    """(exact accuracy, threshold) of `rule` on cases, its threshold chosen on them for the threshold rule."""
+    thr = _best_threshold(cases) if rule == "threshold" else 0.0
+    hits = [_predict(rule, v, thr) == f for v, f in cases]
+    return float(np.mean(hits)), thr
+
+
+def _oof_attribution(cases, folds) -> tuple[np.ndarray, list]:
+    out, chosen = np.full(len(cases), np.nan), []
+    for j in np.unique(folds):
+        tr = [c for c, f in zip(cases, folds) if f != j]
+        fits = {r: _fit_rule(tr, r) for r in ATTRIBUTION_CANDIDATES}
+        pick = _argbest({r: acc for r, (acc, _) in fits.items()})
+        thr = fits[pick][1]
+        chosen.append(pick if pick != "threshold" else f"threshold<{thr:.3g}")
+        for i in np.flatnonzero(folds == j):
+            out[i] = float(_predict(pick, cases[i][0], thr) == cases[i][1])
+    return out, chosen
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Paired bootstrap
+
+
+def _paired_interval(stat, n: int, n_boot: int, seed: int, strata: np.ndarray | None = None) -> list[float] | None:
+    """95 % percentile interval of stat(idx) over `n_boot` resamples of the n items (within strata if given)."""
+    if n_boot <= 0 or n < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(n_boot):
+        if strata is None:
+            idx = rng.integers(0, n, n)
+        else:
+            idx = np.concatenate([rng.choice(np.flatnonzero(strata == s), (strata == s).sum()) for s in np.unique(strata)])
+        v = stat(idx)
+        if math.isfinite(v):
+            vals.append(v)
+    if not vals:
+        return None
+    a = (1 - CONFIDENCE) / 2
+    return [float(np.quantile(vals, a)), float(np.quantile(vals, 1 - a))]
+
+
+def verdict(ci) -> str:
+    if ci is None:
+        return "undetermined"
+    return "beats" if ci[0] > 0 else "loses" if ci[1] < 0 else "ties"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Everything
+
+
+def fair_comparison(
+    scores: Sequence[TrajectoryScore],
+    *,
+    methods: Sequence[str] = METHODS,
+    k: int = 5,
+    seed: int = 0,
+    n_boot: int = 1000,
+    success_threshold: float | None = None,
+    applications: Sequence[str] = APPLICATIONS,
+) -> dict:
+    """{application: {"methods": {method: {"value", "rule", "per_fold", "n"}}, "best_baseline", "difference",
+    "difference_ci", "verdict"}} for AUROC, best-of-N and failure attribution (see the module docstring)."""
+    scores = list(scores)
+    methods = [m for m in methods if method_available(scores, m)]
+    out: dict = {"k": k, "n_boot": n_boot, "protocol": "per-method rule chosen by k-fold CV; paired bootstrap vs the "
+                 "baseline with the best out-of-fold figure"}  # fmt: skip
+    labelled = [ts for ts in scores if is_success(ts, success_threshold) is not None]
+
+    # success prediction
+    y = np.array([bool(is_success(ts, success_threshold)) for ts in labelled])
+    if "auroc" in applications and y.size and min(y.sum(), (~y).sum()) >= 2:
+        kk = int(min(k, y.sum(), (~y).sum()))
+        folds = _stratified_folds(y, kk, seed)
+        oof = {}
+        res = {}
+        for m in methods:
+            vals = {r: np.array([rule_values(ts, m)[r] for ts in labelled]) for r in SCORE_RULES}
+            oof[m], per_fold = _oof_auroc(vals, y, folds)
+            allv = {r: auroc(_rank_fraction(v), y) for r, v in vals.items()}
+            res[m] = {"value": auroc(oof[m], y), "rule": _argbest(allv), "per_fold": per_fold, "n": int(y.size)}
+
+        def diff(a, b):
+            def stat(idx):
+                yy = y[idx]
+                return float(auroc_stat(oof[a][idx][yy], oof[a][idx][~yy]) - auroc_stat(oof[b][idx][yy], oof[b][idx][~yy]))
+
+            return stat
+
+        out["auroc"] = _compare(res, oof, diff, y.size, n_boot, seed, strata=y.astype(int))
+
+    # best-of-N
+    groups_map = labelled_groups(scores, success_threshold)
+    if "best_of_n" in applications and len(groups_map) >= 2:
+        flat = [ts for members in groups_map.values() for ts in members]
+        yb = np.array([float(bool(is_success(ts, success_threshold))) for ts in flat])
+        groups, start = [], 0
+        for g, members in groups_map.items():
+            groups.append((g, np.arange(start, start + len(members))))
+            start += len(members)
+        kk = min(k, len(groups))
+        folds = fold_ids(len(groups), kk, seed)
+        oof, res = {}, {}
+        for m in methods:
+            vals = {r: np.array([rule_values(ts, m)[r] for ts in flat]) for r in SCORE_RULES}
+            oof[m], per_fold = _oof_best_of_n(vals, yb, groups, folds, seed)
+            allv = {r: float(_kept(v, yb, groups, seed).mean()) for r, v in vals.items()}
+            res[m] = {"value": float(oof[m].mean()), "rule": _argbest(allv), "per_fold": per_fold, "n": len(groups)}
+
+        def diff(a, b):
+            return lambda idx: float(oof[a][idx].mean() - oof[b][idx].mean())
+
+        out["best_of_n"] = _compare(res, oof, diff, len(groups), n_boot, seed)
+
+    # failure attribution: the same failed cases for every method (a labelled step inside the trajectory)
+    failed = [ts for ts in labelled if is_success(ts, success_threshold) is False
+              and _valid_label(ts.failure_step, len(ts.steps))]  # fmt: skip
+    failed = [ts for ts in failed if all(not np.isnan(ts.method_steps(m)).all() for m in methods)]
+    if "attribution" in applications and len(failed) >= 4:
+        kk = min(k, len(failed))
+        folds = fold_ids(len(failed), kk, seed)
+        oof, res = {}, {}
+        for m in methods:
+            cases = [(ts.method_steps(m), int(ts.failure_step)) for ts in failed]
+            oof[m], per_fold = _oof_attribution(cases, folds)
+            allv = {r: _fit_rule(cases, r)[0] for r in ATTRIBUTION_CANDIDATES}
+            res[m] = {"value": float(oof[m].mean()), "rule": _argbest(allv), "per_fold": per_fold, "n": len(failed)}
+
+        def diff(a, b):
+            return lambda idx: float(oof[a][idx].mean() - oof[b][idx].mean())
+
+        out["attribution"] = _compare(res, oof, diff, len(failed), n_boot, seed)
+    return out
+
+
+def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=None) -> dict:
+    entry = {"methods": res}
+    if "progress_advantage" not in res:
+        return entry
+    baselines = {m: r["value"] for m, r in res.items() if m != "progress_advantage"}
+    best = _argbest(baselines)
+    if best is None:
+        return entry
+    d = res["progress_advantage"]["value"] - res[best]["value"]
+    ci = _paired_interval(diff("progress_advantage", best), n, n_boot, seed, strata)
+    entry.update(best_baseline=best, difference=d, difference_ci=ci, verdict=verdict(ci))
+    return entry
