@@ -295,11 +295,14 @@ def test_rollout_func_drives_grpo(fast_run):
     trainer, path = train_policy(fast_run, callbacks=[Probe])
     assert trainer.state.global_step == fast_run.grpo_steps == len(seen)
     logs = [h for h in trainer.state.log_history if "reward" in h]
-    assert logs and all(0.0 <= h["reward"] <= 1.0 for h in logs)
-    assert trainer.beta > 0 and trainer.ref_model is not None
+    assert len(logs) == fast_run.grpo_steps and all("kl" in h for h in logs)  # beta > 0: GRPO logged its KL term
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(path) is not None
+    saved = AutoModelForCausalLM.from_pretrained(path).state_dict()
+    ref = AutoModelForCausalLM.from_pretrained(fast_run.path("reference")).state_dict()
+    frozen = trainer.ref_model.state_dict()
+    assert all(torch.equal(frozen[k], ref[k]) for k in ref)  # the KL anchor is the SFT reference, untouched
+    assert set(saved) == set(ref)  # the saved policy is a full checkpoint of the same model
 
 
 def test_rollout_func_output_shapes(fast_run):
@@ -344,4 +347,5 @@ def test_sample_rollouts_are_labelled_records(fast_run):
         assert (r["failure_step"] is not None) == (kind == "decision")
         assert r["group"] in {t.id for t in tasks}
     assert recs == sample_rollouts(model, tok, tasks, n_per_task=3, temperature=1.0, seed=0)
-    assert 0.0 <= success_rate(model, tok, tasks, greedy=True) <= 1.0
+    greedy = sample_rollouts(model, tok, tasks, n_per_task=1, seed=0, greedy=True, tag="eval")
+    assert success_rate(model, tok, tasks, greedy=True) == sum(r["success"] for r in greedy) / len(tasks)
