@@ -49,9 +49,24 @@ def _add_scoring_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--token-reduction", choices=TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS, default=None)
     g.add_argument("--step-reduction", choices=STEP_REDUCTIONS, default=None)
     g.add_argument("--temperature", type=float, default=None, help="divide logits by this (the theory holds at 1.0)")
-    g.add_argument("--max-length", type=int, default=None, help="truncate longer trajectories (start + most recent kept)")
-    g.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per forward pass")
+    g.add_argument("--max-length", type=_int_at_least(2), default=None, help="truncate longer trajectories (start + most recent kept)")
+    g.add_argument("--batch-tokens", type=_int_at_least(1), default=16384, help="padded tokens per forward pass")
     g.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="bad records: stop, or skip and report")
+    g.add_argument("--skip-invalid", dest="on_error", action="store_const", const="skip",
+                   help="score the valid records, then count and name the skipped ones (= --on-error skip)")
+
+
+def _int_at_least(lo: int):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if v < lo:
+            raise argparse.ArgumentTypeError(f"must be at least {lo}, got {v}")
+        return v
+
+    return parse
 
 
 def _scoring_overrides(args) -> dict:
@@ -68,14 +83,29 @@ def _scoring_overrides(args) -> dict:
 
 
 def _load_inputs(args):
-    from .trajectories import load_trajectories
+    """(valid trajectories, RecordErrors of the skipped ones); with --skip-invalid, a file with none valid is an
+    error that names them all."""
+    from .trajectories import load_trajectories, skipped_report
 
     res = load_trajectories(args.trajectories, on_error=args.on_error)
-    if res.errors:
-        print(f"progadv: {res.summary()}", file=sys.stderr)
     if not res.trajectories:
-        raise SystemExit("progadv: error: no valid trajectories to score")
-    return res.trajectories
+        raise SystemExit(f"progadv: error: no valid trajectories to score in {args.trajectories}; {skipped_report(res.errors)}")
+    return res.trajectories, res.errors
+
+
+def _report_skipped_and_faults(skipped, scores) -> dict:
+    """After scoring: count and name the skipped records and the numeric faults (stderr); the same as a dict."""
+    from .scoring import split_faults
+    from .trajectories import skipped_report
+
+    if skipped:
+        print(f"progadv: {skipped_report(skipped)}", file=sys.stderr)
+    faulted = split_faults(scores)[1]
+    if faulted:
+        print(f"progadv: {len(faulted)} trajectories have no score (numeric fault), left out of every metric:", file=sys.stderr)
+        for s in faulted[:100]:
+            print(f"  id {s.id!r}: {s.error}", file=sys.stderr)
+    return {"skipped": [str(e) for e in skipped], "numeric_faults": {s.id: s.error for s in faulted}}
 
 
 def _scorer(args):
@@ -121,12 +151,14 @@ def _scorer(args):
 
 
 def cmd_score(args) -> int:
-    trajs = _load_inputs(args)
+    trajs, skipped = _load_inputs(args)
     scorer, _ = _scorer(args)
-    scores = scorer.score(trajs, with_token_ratios=args.token_ratios, progress=len(trajs) > 1)
+    skip = skipped if args.on_error == "skip" else None  # records the chat template cannot render join them
+    scores = scorer.score(trajs, with_token_ratios=args.token_ratios, progress=len(trajs) > 1, skipped=skip)
     lines = [json.dumps(s.to_dict()) for s in scores]
     atomic_write_text(args.output, "\n".join(lines) + "\n")
     print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
+    _report_skipped_and_faults(skipped, scores)
     return 0
 
 
@@ -144,22 +176,30 @@ def cmd_evaluate(args) -> int:
     from .engine import reduction_grid
     from .report import write_report
 
-    trajs = _load_inputs(args)
+    trajs, skipped = _load_inputs(args)
     scorer, critic = _scorer(args)
+    skip = skipped if args.on_error == "skip" else None
     selection = None
     if args.choose_reduction:
         # One set of forward passes; every token x step reduction; k-fold CV so no choice is scored on its own data.
         grid = reduction_grid(scorer.config)
         default = f"{scorer.config.token_reduction}/{scorer.config.step_reduction}"
-        many = scorer.score_many(trajs, grid, progress=len(trajs) > 1)
+        many = scorer.score_many(trajs, grid, progress=len(trajs) > 1, skipped=skip)
         scores = many[default]
+        # A trajectory with a numeric fault has no score under any reduction: out of every metric, not ranked last.
+        many = {k: [s for s in v if s.error is None] for k, v in many.items()}
         selection = choose_reduction(many, metric=args.choose_reduction, k=args.folds, seed=args.seed)
     else:
-        scores = scorer.score(trajs, progress=len(trajs) > 1)
+        scores = scorer.score(trajs, progress=len(trajs) > 1, skipped=skip)
+    excluded = _report_skipped_and_faults(skipped, scores)
+    scores = [s for s in scores if s.error is None]
+    if not scores:
+        raise SystemExit("progadv: error: no trajectory could be scored (every one has a numeric fault)")
     metrics = evaluate(
         scores, n_boot=args.n_boot, seed=args.seed, calibration=args.calibration,
         reduction=_reduction_info(scorer, critic), reduction_selection=selection, k=args.folds,
     )
+    metrics["excluded"] = excluded
     print(format_table(metrics))
     paths = write_report(metrics, scores, args.output)
     print(f"progadv: wrote {', '.join(str(p) for p in paths.values())}", file=sys.stderr)
@@ -288,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"progadv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("progadv: interrupted; nothing was written", file=sys.stderr)
+        print("progadv: interrupted; no output was left half-written", file=sys.stderr)
         return 130
 
 

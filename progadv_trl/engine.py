@@ -8,13 +8,14 @@ reference, the reference is the same weights under `disable_adapter()`: one copy
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
-from .trajectories import Rendered, Trajectory, as_trajectories, check_same_tokenizer, render
+from .trajectories import Rendered, Trajectory, as_trajectories, check_same_tokenizer, render_all
 
 # Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -140,6 +141,8 @@ class ProgressScorer:
             )
         if reference_tokenizer is not None:
             check_same_tokenizer(tokenizer, reference_tokenizer)
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
         self.policy, self.reference, self.tokenizer = policy, reference, tokenizer
         self.config = config or ScoringConfig()
         self.max_length = max_length
@@ -169,9 +172,14 @@ class ProgressScorer:
         return cls(policy, tokenizer, reference, config=config, **kwargs)
 
     # -- scoring ------------------------------------------------------------------------------------------------
-    def render(self, trajectories) -> tuple[list[Trajectory], list[Rendered]]:
+    def render(self, trajectories, skipped: list | None = None) -> tuple[list[Trajectory], list[Rendered]]:
+        """Validate and render. With `skipped` (a list), trajectories the chat template cannot render are left out
+        and their RecordErrors appended to it; without, the first one raises ChatTemplateError."""
         trajs = as_trajectories(trajectories)
-        return trajs, [render(t, self.tokenizer, self.max_length) for t in trajs]
+        trajs, rendered, errors = render_all(trajs, self.tokenizer, self.max_length, on_error="raise" if skipped is None else "skip")
+        if skipped is not None:
+            skipped.extend(errors)
+        return trajs, rendered
 
     def _reference_ctx(self):
         if self.reference is not None:
@@ -241,16 +249,27 @@ class ProgressScorer:
                     out[i] = TokenStats(step=step_t[sel], vocab_size=vocab, **{k: v[sel] for k, v in arrays.items()})
         return out  # type: ignore[return-value]
 
-    def score(self, trajectories, *, with_token_ratios: bool = False, progress: bool = False) -> list[TrajectoryScore]:
-        """Score trajectories (paths, dicts, a datasets.Dataset or Trajectory objects); one result per input."""
-        trajs, rendered = self.render(trajectories)
+    def score(
+        self, trajectories, *, with_token_ratios: bool = False, progress: bool = False, skipped: list | None = None
+    ) -> list[TrajectoryScore]:
+        """Score trajectories (paths, dicts, a datasets.Dataset or Trajectory objects); one result per input, or per
+        renderable input when `skipped` collects the others (see `render`).
+
+        A trajectory whose logits are not finite (a broken checkpoint, an overflow) gets score NaN and `error` set;
+        a warning names them.
+        """
+        trajs, rendered = self.render(trajectories, skipped)
         stats = self.token_stats(rendered, progress=progress)
-        return [
+        scores = [
             finish_score(t, r, s, self.config, with_token_ratios=with_token_ratios)
             for t, r, s in zip(trajs, rendered, stats)
         ]
+        _warn_faults(scores)
+        return scores
 
-    def score_many(self, trajectories, configs: dict[str, ScoringConfig], *, progress: bool = False) -> dict[str, list[TrajectoryScore]]:
+    def score_many(
+        self, trajectories, configs: dict[str, ScoringConfig], *, progress: bool = False, skipped: list | None = None
+    ) -> dict[str, list[TrajectoryScore]]:
         """The same trajectories under several scoring configs (reductions, beta) from ONE set of forward passes.
 
         Used to choose reductions by cross-validation. Configs must share the temperature of `self.config`: it
@@ -258,9 +277,23 @@ class ProgressScorer:
         """
         if any(c.temperature != self.config.temperature for c in configs.values()):
             raise ValueError("score_many: every config must use the scorer's temperature")
-        trajs, rendered = self.render(trajectories)
+        trajs, rendered = self.render(trajectories, skipped)
         stats = self.token_stats(rendered, progress=progress)
-        return {name: [finish_score(t, r, s, c) for t, r, s in zip(trajs, rendered, stats)] for name, c in configs.items()}
+        out = {name: [finish_score(t, r, s, c) for t, r, s in zip(trajs, rendered, stats)] for name, c in configs.items()}
+        if out:
+            _warn_faults(next(iter(out.values())))
+        return out
+
+
+def _warn_faults(scores: list[TrajectoryScore]) -> None:
+    bad = [s for s in scores if s.error]
+    if bad:
+        ids = ", ".join(repr(s.id) for s in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        warnings.warn(
+            f"{len(bad)} of {len(scores)} trajectories have no score because of a numeric fault ({bad[0].error}): {ids}. "
+            "Their `error` field says which model; they are left out of every metric.",
+            stacklevel=3,
+        )
 
 
 def reduction_grid(base: ScoringConfig | None = None) -> dict[str, ScoringConfig]:
@@ -306,7 +339,7 @@ def _resolve_dtype(dtype):
 
 def load_pair(policy_path, reference_path=None, *, dtype=None, device=None, trust_remote_code=False):
     """(policy, reference or None, tokenizer). A LoRA policy comes back as a PeftModel with reference None."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     kw = dict(trust_remote_code=trust_remote_code)
     if dtype is not None:
@@ -321,22 +354,78 @@ def load_pair(policy_path, reference_path=None, *, dtype=None, device=None, trus
         base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
         policy = PeftModel.from_pretrained(base, policy_path)
         reference = None
-        tok_path = policy_path if _has_tokenizer(policy_path) else base_path
+        tokenizer = pick_tokenizer(policy_path, str(base_path), adapter=True, trust_remote_code=trust_remote_code)
     else:
         if reference_path is None:
             raise ValueError("a full-weight policy needs a reference: pass reference_path")
         policy = AutoModelForCausalLM.from_pretrained(policy_path, **kw)
         reference = AutoModelForCausalLM.from_pretrained(str(reference_path), **kw)
-        tok_path = policy_path if _has_tokenizer(policy_path) else str(reference_path)
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
-    other = str(reference_path) if reference_path is not None else None
-    if other is not None and other != tok_path and _has_tokenizer(other):
-        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(other, trust_remote_code=trust_remote_code))
+        tokenizer = pick_tokenizer(policy_path, str(reference_path), adapter=False, trust_remote_code=trust_remote_code)
     if device is not None:
         policy.to(device)
         if reference is not None:
             reference.to(device)
     return policy.eval(), (reference.eval() if reference is not None else None), tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def pick_tokenizer(policy_path: str, other_path: str, *, adapter: bool, trust_remote_code: bool = False):
+    """The one tokenizer both models read: the policy directory's when it has one, else the reference's (an
+    adapter's base). When both have one they must agree on vocabulary, chat template and the ids of a probe
+    conversation (`check_same_tokenizer`); the refusal says which directory's tokenizer to use.
+
+    The probe matters for adapters: an adapter directory has no config.json, so transformers 5 loads its tokenizer
+    by the class its tokenizer_config.json names (TokenizersBackend: tokenizer.json as written), while the base
+    directory's config.json (model_type qwen2, say) selects Qwen2Tokenizer, which builds its own normalizer and
+    pre-tokenizer. The same files can then give different ids for the same conversation.
+    """
+    from transformers import AutoTokenizer
+
+    def load(path):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+    if not _has_tokenizer(policy_path):
+        return load(other_path)
+    tokenizer = load(policy_path)
+    other = None
+    if other_path != policy_path:
+        if _has_tokenizer(other_path):
+            other = load(other_path)
+        elif not Path(other_path).exists():  # a hub id: its tokenizer is in the cache if the model was fetched with it
+            try:
+                other = load(other_path)
+            except (OSError, ValueError):
+                warnings.warn(f"could not load {other_path}'s tokenizer to compare it with {policy_path}'s", stacklevel=3)
+    if other is None:
+        return tokenizer
+    if adapter:
+        names = (f"adapter's ({policy_path})", f"base model's ({other_path})")
+        hint = (
+            f"Use the base model's tokenizer: the reference is that model, and a trainer started from it loads this one. "
+            f"Delete the tokenizer files in {policy_path} ({', '.join(f for f in TOKENIZER_FILES if Path(policy_path, f).is_file())}) "
+            f"or copy {other_path}'s over them. (If the adapter was really trained with its own tokenizer, save that one "
+            f"into a copy of {other_path} instead and pass it as the reference.)"
+        )
+    else:
+        names = (f"policy's ({policy_path})", f"reference's ({other_path})")
+        hint = (
+            f"Use the policy's tokenizer ({policy_path}): it is the one the policy was trained with. If the reference "
+            f"was trained with it too, copy {policy_path}'s tokenizer files into {other_path}; otherwise these two "
+            "checkpoints do not belong together."
+        )
+    check_same_tokenizer(tokenizer, other, names, hint)
+    if adapter and type(tokenizer) is not type(other):
+        warnings.warn(
+            f"the adapter {policy_path} carries its own tokenizer, which loads as {type(tokenizer).__name__} while its "
+            f"base {other_path} loads as {type(other).__name__}. They agree on vocabulary, chat template and the ids of "
+            "a probe conversation with tool calls, non-ASCII text and digits, so the adapter's is used: it is the one "
+            "saved with the adapter.",
+            stacklevel=3,
+        )
+    return tokenizer
 
 
 def _has_tokenizer(path) -> bool:

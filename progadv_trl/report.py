@@ -6,6 +6,7 @@ directory is complete.
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -16,7 +17,7 @@ import numpy as np
 
 from .applications import format_markdown, is_success
 from .scoring import TrajectoryScore
-from .utils import atomic_write_text
+from .utils import atomic_write_bytes, atomic_write_text
 
 METRICS_JSON = "metrics.json"
 METRICS_MD = "metrics.md"
@@ -31,6 +32,13 @@ def _figure(**kw):
     from matplotlib.figure import Figure
 
     return Figure(**kw)
+
+
+def _save(fig, path: Path) -> None:
+    """PNG bytes first, then an atomic write: an interrupted report leaves no half-written plot."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def plot_roc(metrics: Mapping, scores: Sequence[TrajectoryScore], path: Path, threshold=None) -> None:
@@ -56,7 +64,7 @@ def plot_roc(metrics: Mapping, scores: Sequence[TrajectoryScore], path: Path, th
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Success prediction (AUROC)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
 def plot_best_of_n(metrics: Mapping, path: Path) -> None:
@@ -79,7 +87,7 @@ def plot_best_of_n(metrics: Mapping, path: Path) -> None:
     ax.set_ylabel("success of the kept rollout")
     ax.set_title(f"Best-of-N (groups: {ref.get('n_groups', 0)}, N≈{(ref.get('group_size') or {}).get('mean') or 0:.1f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
 def plot_traces(scores: Sequence[TrajectoryScore], path: Path, method: str = "progress_advantage", max_traces: int = 4,
@@ -107,7 +115,7 @@ def plot_traces(scores: Sequence[TrajectoryScore], path: Path, method: str = "pr
         axes[0, 0].text(0.5, 0.5, "no failed trajectories", ha="center", va="center")
     axes[-1, 0].set_xlabel("step (assistant turn)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save(fig, path)
 
 
 def write_report(
@@ -124,6 +132,8 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     thr = metrics.get("success_threshold")
     paths = {name: out / name for name in (METRICS_MD, ROC_PNG, BEST_OF_N_PNG, TRACES_PNG, METRICS_JSON)}
+    # A previous run's metrics.json would vouch for a directory this run is about to change: remove it first.
+    paths[METRICS_JSON].unlink(missing_ok=True)
     atomic_write_text(paths[METRICS_MD], format_markdown(metrics, title=title))
     plot_roc(metrics, scores, paths[ROC_PNG], threshold=thr)
     plot_best_of_n(metrics, paths[BEST_OF_N_PNG])
