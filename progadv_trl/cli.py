@@ -85,11 +85,11 @@ def _scoring_overrides(args) -> dict:
 def _load_inputs(args):
     """(valid trajectories, RecordErrors of the skipped ones); with --skip-invalid, a file with none valid is an
     error that names them all."""
-    from .trajectories import load_trajectories, skipped_report
+    from .trajectories import TrajectoryError, load_trajectories
 
     res = load_trajectories(args.trajectories, on_error=args.on_error)
     if not res.trajectories:
-        raise SystemExit(f"progadv: error: no valid trajectories to score in {args.trajectories}; {skipped_report(res.errors)}")
+        raise TrajectoryError(res.errors)
     return res.trajectories, res.errors
 
 

@@ -285,8 +285,10 @@ def _iter_file(path: Path) -> Iterable[tuple[str, Any, bool]]:
     if suffix == ".parquet":
         # Through `datasets`, which decodes its own Arrow JSON extension columns (how datasets>=5 stores messages).
         import datasets
+        import pyarrow.parquet as pq
 
         try:
+            pq.read_schema(str(path))  # first: `datasets` logs its own error (and a traceback) for a bad file
             ds = datasets.Dataset.from_parquet(str(path))
         except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a file that is not Parquet
             why = f"cannot be read as Parquet ({type(e).__name__}: {str(e)[:200]})"
