@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from . import __version__
 from .utils import atomic_write_text
@@ -102,7 +103,8 @@ def _report_skipped_and_faults(skipped, scores) -> dict:
         print(f"progadv: {skipped_report(skipped)}", file=sys.stderr)
     faulted = split_faults(scores)[1]
     if faulted:
-        print(f"progadv: {len(faulted)} trajectories have no score (numeric fault), left out of every metric:", file=sys.stderr)
+        n = len(faulted)
+        print(f"progadv: {n} trajector{'y has' if n == 1 else 'ies have'} no score (numeric fault), left out of every metric:", file=sys.stderr)
         for s in faulted[:100]:
             print(f"  id {s.id!r}: {s.error}", file=sys.stderr)
     return {"skipped": [str(e) for e in skipped], "numeric_faults": {s.id: s.error for s in faulted}}
@@ -322,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # The library warns about numeric faults; the commands name each one themselves, after scoring.
+    warnings.filterwarnings("ignore", message=".*numeric fault", category=UserWarning)
     try:
         return args.func(args) or 0
     except _user_errors() as e:
