@@ -11,6 +11,7 @@ import shutil
 
 import pytest
 
+from reliability_helpers import one_torch_thread  # noqa: F401 - autouse
 from conftest import make_trajectory
 from progadv_trl.cli import main
 

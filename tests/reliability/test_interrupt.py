@@ -13,6 +13,7 @@ import sys
 
 import pytest
 
+from reliability_helpers import one_torch_thread  # noqa: F401 - autouse
 from conftest import make_trajectory
 
 # Runs the real CLI with one function wrapped: on its first call it prints READY (and what it holds), then waits.

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from reliability_helpers import one_torch_thread  # noqa: F401 - autouse
 from conftest import make_trajectory
 from progadv_trl.applications import best_of_n, evaluate
 from progadv_trl.cli import main

@@ -13,6 +13,7 @@ import warnings
 import pytest
 import torch
 
+from reliability_helpers import one_torch_thread  # noqa: F401 - autouse
 from conftest import make_trajectory
 from progadv_trl.cli import main
 from progadv_trl.trajectories import TokenizerMismatchError, as_trajectories, check_same_tokenizer, probe_ids, probe_text, render
