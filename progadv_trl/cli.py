@@ -196,7 +196,8 @@ def cmd_evaluate(args) -> int:
     excluded = _report_skipped_and_faults(skipped, scores)
     scores = [s for s in scores if s.error is None]
     if not scores:
-        raise SystemExit("progadv: error: no trajectory could be scored (every one has a numeric fault)")
+        print("progadv: error: no trajectory could be scored (every one has a numeric fault)", file=sys.stderr)
+        return 2
     metrics = evaluate(
         scores, n_boot=args.n_boot, seed=args.seed, calibration=args.calibration,
         reduction=_reduction_info(scorer, critic), reduction_selection=selection, k=args.folds,

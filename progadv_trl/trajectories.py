@@ -484,8 +484,9 @@ def render(traj: Trajectory, tokenizer, max_length: int | None = None) -> Render
             cache[j] = _token_span(starts, ends, *_char_span(traj, tokenizer, full, asst[j]))
         return cache[j]
 
-    if max_length is None or len(ids) <= max_length:
-        return Rendered(ids, [span(j) for j in range(len(asst))], asst)
+    if max_length is None or len(ids) <= max_length or not asst:
+        r = Rendered(ids, [span(j) for j in range(len(asst))], asst)
+        return r if max_length is None or len(ids) <= max_length else truncate(r, max_length)
     n = len(ids)
     head = min(span(0)[0], max_length // 2)  # as `truncate` computes it
     tail_start = n - (max_length - head)
