@@ -158,3 +158,18 @@ def test_full_weight_pair_that_disagrees_names_the_policy_tokenizer(tiny_dir, tm
     (policy / "tokenizer_config.json").write_text(json.dumps(cfg))
     with pytest.raises(TokenizerMismatchError, match=rf"different tokens.*Use the policy's tokenizer \({policy}\)"):
         load_pair(policy, tiny_dir["reference"])
+
+
+def test_bundle_tokenizer_reads_the_probe_as_the_models_did(tiny_dir, tmp_path):
+    """A bundle's tokenizer/ directory has no config.json, so it loads by the class its tokenizer_config names: it
+    must still give the ids the exported pair read."""
+    from transformers import AutoTokenizer
+
+    from progadv_trl.bundle import export_from_paths
+    from progadv_trl.critic import ProgressCritic
+
+    out = export_from_paths(tiny_dir["policy"], tiny_dir["reference"], tmp_path / "bundle")
+    critic = ProgressCritic.from_pretrained(out)
+    original = AutoTokenizer.from_pretrained(tiny_dir["reference"])
+    assert probe_ids(critic.scorer.tokenizer) == probe_ids(original)
+    check_same_tokenizer(critic.scorer.tokenizer, original, ("bundle", "exported"))
