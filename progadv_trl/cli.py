@@ -56,6 +56,12 @@ class ScoringArguments:
     max_length: int | None = field(default=None, metadata={"help": "truncate longer trajectories (start + most recent kept)"})
     batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per forward pass"})
 
+    def __post_init__(self):
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"argument --max-length: must be at least 2, got {self.max_length}")
+        if self.batch_tokens < 1:
+            raise ValueError(f"argument --batch-tokens: must be at least 1, got {self.batch_tokens}")
+
     def overrides(self) -> dict:
         """The ScoringConfig fields given on the command line."""
         keys = ("beta", "token_reduction", "step_reduction", "temperature")
@@ -71,6 +77,12 @@ class InputArguments:
                                                           "Who&When cases (default: detected)"})  # fmt: skip
     on_error: str = field(default="raise", metadata={"choices": ("raise", "skip"),
                                                      "help": "bad records: stop, or skip them and name them"})  # fmt: skip
+    skip_invalid: bool = field(default=False, metadata={"help": "score the valid records, then count and name the "
+                                                                 "skipped ones (= --on-error skip)"})  # fmt: skip
+
+    def __post_init__(self):
+        if self.skip_invalid:
+            self.on_error = "skip"
 
 
 @dataclass
@@ -130,21 +142,37 @@ class DemoArguments:
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .bundle import BundleError
+    from .evaluation import EvaluationError
     from .trajectories import ChatTemplateError, TokenizerMismatchError, TrajectoryError
 
-    return (TrajectoryError, ChatTemplateError, TokenizerMismatchError, BundleError, FileNotFoundError)
+    return (TrajectoryError, ChatTemplateError, TokenizerMismatchError, BundleError, EvaluationError, FileNotFoundError)
 
 
 def _load_inputs(path: str, inputs: InputArguments):
+    """(valid trajectories, RecordErrors of the skipped ones); with --skip-invalid, a file with none valid is an
+    error that names them all."""
     from .formats import as_trajectory_source
-    from .trajectories import load_trajectories
+    from .trajectories import TrajectoryError, load_trajectories
 
     res = load_trajectories(as_trajectory_source(path, inputs.format), on_error=inputs.on_error)
-    if res.errors:
-        print(f"progadv: {res.summary()}", file=sys.stderr)
     if not res.trajectories:
-        raise SystemExit("progadv: error: no valid trajectories to score")
-    return res.trajectories
+        raise TrajectoryError(res.errors)
+    return res.trajectories, res.errors
+
+
+def _report_skipped_and_faults(skipped, scores) -> None:
+    """After scoring: count and name the skipped records and the numeric faults (stderr)."""
+    from .evaluation import split_faults
+    from .trajectories import skipped_report
+
+    if skipped:
+        print(f"progadv: {skipped_report(skipped)}", file=sys.stderr)
+    faulted = split_faults(scores)[1]
+    if faulted:
+        n = len(faulted)
+        print(f"progadv: {n} trajector{'y has' if n == 1 else 'ies have'} no score (numeric fault), left out of every metric:", file=sys.stderr)
+        for s in faulted[:100]:
+            print(f"  id {s.id!r}: {s.error}", file=sys.stderr)
 
 
 def _scorer(model: ModelArguments, scoring: ScoringArguments):
@@ -192,11 +220,13 @@ def _reduction_info(scorer, critic) -> dict:
 
 def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArguments, inputs: InputArguments,
               args: ScoreArguments) -> int:  # fmt: skip
-    trajs = _load_inputs(trajectories, inputs)
+    trajs, skipped = _load_inputs(trajectories, inputs)
     scorer, _ = _scorer(model, scoring)
-    scores = scorer.score(trajs, with_token_ratios=args.token_ratios, progress=len(trajs) > 1)
+    skip = skipped if inputs.on_error == "skip" else None  # records the chat template cannot render join them
+    scores = scorer.score(trajs, with_token_ratios=args.token_ratios, progress=len(trajs) > 1, skipped=skip)
     atomic_write_text(args.output, "".join(json.dumps(s.to_dict()) + "\n" for s in scores))
     print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
+    _report_skipped_and_faults(skipped, scores)
     return 0
 
 
@@ -204,14 +234,15 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
                  args: EvaluateArguments) -> int:  # fmt: skip
     from .evaluation import format_table, report_paths, run_evaluation
 
-    trajs = _load_inputs(trajectories, inputs)
+    trajs, skipped = _load_inputs(trajectories, inputs)
     scorer, critic = _scorer(model, scoring)
     # --choose-reduction: one set of forward passes, every token x step reduction, k-fold CV so no choice is scored
     # on its own data; the evaluated scores stay the scorer's own reductions.
     metrics = run_evaluation(
         scorer, trajs, args.output, choose_reduction=args.choose_reduction, k=args.folds, n_boot=args.n_boot,
         seed=args.seed, calibration=args.calibration, reduction_info=_reduction_info(scorer, critic),
-        progress=len(trajs) > 1,
+        progress=len(trajs) > 1, skipped=skipped if inputs.on_error == "skip" else None,
+        on_scored=lambda scores: _report_skipped_and_faults(skipped, scores),
     )  # fmt: skip
     print(format_table(metrics))
     print(f"progadv: wrote {', '.join(str(p) for p in report_paths(args.output).values())}", file=sys.stderr)
@@ -334,19 +365,26 @@ def parse(argv: list[str] | None = None) -> tuple[str, list]:
     _, positionals, types, _ = COMMANDS[command]
     values: list = [ns.pop(pos) for pos, _ in positionals]
     for t in types:
-        values.append(t(**{f.name: ns[f.name] for f in dataclasses.fields(t) if f.name in ns}))
+        try:
+            values.append(t(**{f.name: ns[f.name] for f in dataclasses.fields(t) if f.name in ns}))
+        except ValueError as e:  # a value the dataclass refuses: argparse's usage error (status 2), not a traceback
+            build_parser().error(str(e))
     return command, values
 
 
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
     command, values = parse(argv)
+    # The library warns about numeric faults; the commands name each one themselves, after scoring.
+    warnings.filterwarnings("ignore", message=".*numeric fault", category=UserWarning)
     try:
         return COMMANDS[command][3](*values) or 0
     except _user_errors() as e:
         print(f"progadv: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("progadv: interrupted; nothing was written", file=sys.stderr)
+        print("progadv: interrupted; no output was left half-written", file=sys.stderr)
         return 130
 
 

@@ -8,13 +8,14 @@ reference, the reference is the same weights under `disable_adapter()`: one copy
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import torch
 
 from .reference import Reference, is_peft_model, load_pair, resolve
 from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
-from .trajectories import Rendered, Trajectory, as_trajectories, check_same_tokenizer, render
+from .trajectories import Rendered, Trajectory, as_trajectories, check_same_tokenizer, render_all
 
 # Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -122,6 +123,8 @@ class ProgressScorer:
         self.reference: Reference = resolve(policy, reference)
         if reference_tokenizer is not None:
             check_same_tokenizer(tokenizer, reference_tokenizer)
+        if max_length is not None and max_length < 2:
+            raise ValueError(f"max_length must be at least 2, got {max_length}")
         self.policy, self.tokenizer = policy, tokenizer
         self.config = config or ScoringConfig()
         self.max_length = max_length
@@ -150,9 +153,14 @@ class ProgressScorer:
         return cls(policy, tokenizer, reference, config=config, **kwargs)
 
     # -- scoring ------------------------------------------------------------------------------------------------
-    def render(self, trajectories) -> tuple[list[Trajectory], list[Rendered]]:
+    def render(self, trajectories, skipped: list | None = None) -> tuple[list[Trajectory], list[Rendered]]:
+        """Validate and render. With `skipped` (a list), trajectories the chat template cannot render are left out
+        and their RecordErrors appended to it; without, the first one raises ChatTemplateError."""
         trajs = as_trajectories(trajectories)
-        return trajs, [render(t, self.tokenizer, self.max_length) for t in trajs]
+        trajs, rendered, errors = render_all(trajs, self.tokenizer, self.max_length, on_error="raise" if skipped is None else "skip")
+        if skipped is not None:
+            skipped.extend(errors)
+        return trajs, rendered
 
     def _batches(self, rendered: list[Rendered]) -> list[list[int]]:
         """Indices grouped into padded batches of at most `batch_tokens`, longest first (less padding)."""
@@ -215,16 +223,27 @@ class ProgressScorer:
                     out[i] = TokenStats(step=step_t[sel], vocab_size=vocab, **{k: v[sel] for k, v in arrays.items()})
         return out  # type: ignore[return-value]
 
-    def score(self, trajectories, *, with_token_ratios: bool = False, progress: bool = False) -> list[TrajectoryScore]:
-        """Score trajectories (paths, dicts, a datasets.Dataset or Trajectory objects); one result per input."""
-        trajs, rendered = self.render(trajectories)
+    def score(
+        self, trajectories, *, with_token_ratios: bool = False, progress: bool = False, skipped: list | None = None
+    ) -> list[TrajectoryScore]:
+        """Score trajectories (paths, dicts, a datasets.Dataset or Trajectory objects); one result per input, or per
+        renderable input when `skipped` collects the others (see `render`).
+
+        A trajectory whose logits are not finite (a broken checkpoint, an overflow) gets score NaN and `error` set;
+        a warning names them.
+        """
+        trajs, rendered = self.render(trajectories, skipped)
         stats = self.token_stats(rendered, progress=progress)
-        return [
+        scores = [
             finish_score(t, r, s, self.config, with_token_ratios=with_token_ratios)
             for t, r, s in zip(trajs, rendered, stats)
         ]
+        _warn_faults(scores)
+        return scores
 
-    def score_many(self, trajectories, configs: dict[str, ScoringConfig], *, progress: bool = False) -> dict[str, list[TrajectoryScore]]:
+    def score_many(
+        self, trajectories, configs: dict[str, ScoringConfig], *, progress: bool = False, skipped: list | None = None
+    ) -> dict[str, list[TrajectoryScore]]:
         """The same trajectories under several scoring configs (reductions, beta) from ONE set of forward passes.
 
         Used to choose reductions by cross-validation (with `evaluation.reduction_grid`). Configs must share the
@@ -232,9 +251,23 @@ class ProgressScorer:
         """
         if any(c.temperature != self.config.temperature for c in configs.values()):
             raise ValueError("score_many: every config must use the scorer's temperature")
-        trajs, rendered = self.render(trajectories)
+        trajs, rendered = self.render(trajectories, skipped)
         stats = self.token_stats(rendered, progress=progress)
-        return {name: [finish_score(t, r, s, c) for t, r, s in zip(trajs, rendered, stats)] for name, c in configs.items()}
+        out = {name: [finish_score(t, r, s, c) for t, r, s in zip(trajs, rendered, stats)] for name, c in configs.items()}
+        if out:
+            _warn_faults(next(iter(out.values())))
+        return out
+
+
+def _warn_faults(scores: list[TrajectoryScore]) -> None:
+    bad = [s for s in scores if s.error]
+    if bad:
+        ids = ", ".join(repr(s.id) for s in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        warnings.warn(
+            f"{len(bad)} of {len(scores)} trajectories have no score because of a numeric fault ({bad[0].error}): {ids}. "
+            "Their `error` field says which model; they are left out of every metric.",
+            stacklevel=3,
+        )
 
 
 def finish_score(t: Trajectory, r: Rendered, stats: TokenStats, config: ScoringConfig, with_token_ratios=False):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,9 +192,7 @@ def load_pair(policy_path, reference_path=None, *, dtype=None, device=None, trus
     A LoRA adapter directory as `policy_path` loads its base (or `reference_path`) once, wraps it as a PeftModel,
     and the reference is that model with the adapter disabled. A full-weight policy needs `reference_path`.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .trajectories import check_same_tokenizer
+    from transformers import AutoModelForCausalLM
 
     kw = dict(trust_remote_code=trust_remote_code)
     if dtype is not None:
@@ -208,19 +207,77 @@ def load_pair(policy_path, reference_path=None, *, dtype=None, device=None, trus
         base = AutoModelForCausalLM.from_pretrained(base_path, **kw)
         policy = PeftModel.from_pretrained(base, policy_path)
         reference = Reference(ADAPTER_DISABLED)
-        tok_path = policy_path if has_tokenizer(policy_path) else base_path
+        tokenizer = pick_tokenizer(policy_path, str(base_path), adapter=True, trust_remote_code=trust_remote_code)
     else:
         if reference_path is None:
             raise ValueError("a full-weight policy needs a reference: pass reference_path")
         policy = AutoModelForCausalLM.from_pretrained(policy_path, **kw)
         reference = Reference(SEPARATE, model=AutoModelForCausalLM.from_pretrained(str(reference_path), **kw).eval())
-        tok_path = policy_path if has_tokenizer(policy_path) else str(reference_path)
-    tokenizer = AutoTokenizer.from_pretrained(tok_path, trust_remote_code=trust_remote_code)
-    other = str(reference_path) if reference_path is not None else None
-    if other is not None and other != tok_path and has_tokenizer(other):
-        check_same_tokenizer(tokenizer, AutoTokenizer.from_pretrained(other, trust_remote_code=trust_remote_code))
+        tokenizer = pick_tokenizer(policy_path, str(reference_path), adapter=False, trust_remote_code=trust_remote_code)
     if device is not None:
         policy.to(device)
         if reference.model is not None:
             reference.model.to(device)
     return policy.eval(), reference, tokenizer
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def pick_tokenizer(policy_path: str, other_path: str, *, adapter: bool, trust_remote_code: bool = False):
+    """The one tokenizer both models read: the policy directory's when it has one, else the reference's (an
+    adapter's base). When both have one they must agree on vocabulary, chat template and the ids of a probe
+    conversation (`check_same_tokenizer`); the refusal says which directory's tokenizer to use.
+
+    The probe matters for adapters: an adapter directory has no config.json, so transformers 5 loads its tokenizer
+    by the class its tokenizer_config.json names (TokenizersBackend: tokenizer.json as written), while the base
+    directory's config.json (model_type qwen2, say) selects Qwen2Tokenizer, which builds its own normalizer and
+    pre-tokenizer. The same files can then give different ids for the same conversation.
+    """
+    from transformers import AutoTokenizer
+
+    from .trajectories import check_same_tokenizer
+
+    def load(path):
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+    if not has_tokenizer(policy_path):
+        return load(other_path)
+    tokenizer = load(policy_path)
+    other = None
+    if other_path != policy_path:
+        if has_tokenizer(other_path):
+            other = load(other_path)
+        elif not Path(other_path).exists():  # a hub id: its tokenizer is in the cache if the model was fetched with it
+            try:
+                other = load(other_path)
+            except (OSError, ValueError):
+                warnings.warn(f"could not load {other_path}'s tokenizer to compare it with {policy_path}'s", stacklevel=3)
+    if other is None:
+        return tokenizer
+    if adapter:
+        names = (f"adapter's ({policy_path})", f"base model's ({other_path})")
+        hint = (
+            f"Use the base model's tokenizer: the reference is that model, and a trainer started from it loads this one. "
+            f"Delete the tokenizer files in {policy_path} ({', '.join(f for f in TOKENIZER_FILES if Path(policy_path, f).is_file())}) "
+            f"or copy {other_path}'s over them. (If the adapter was really trained with its own tokenizer, save that one "
+            f"into a copy of {other_path} instead and pass it as the reference.)"
+        )
+    else:
+        names = (f"policy's ({policy_path})", f"reference's ({other_path})")
+        hint = (
+            f"Use the policy's tokenizer ({policy_path}): it is the one the policy was trained with. If the reference "
+            f"was trained with it too, copy {policy_path}'s tokenizer files into {other_path}; otherwise these two "
+            "checkpoints do not belong together."
+        )
+    check_same_tokenizer(tokenizer, other, names, hint)
+    if adapter and type(tokenizer) is not type(other):
+        warnings.warn(
+            f"the adapter {policy_path} carries its own tokenizer, which loads as {type(tokenizer).__name__} while its "
+            f"base {other_path} loads as {type(other).__name__}. They agree on vocabulary, chat template and the ids of "
+            "a probe conversation with tool calls, non-ASCII text and digits, so the adapter's is used: it is the one "
+            "saved with the adapter.",
+            stacklevel=3,
+        )
+    return tokenizer

@@ -205,6 +205,9 @@ class TrajectoryScore:
     truncation: dict | None = None
     token_log_ratios: list[list[float]] | None = None  # per step, on request
     metadata: dict | None = None
+    # Set when the trajectory could not be scored (e.g. "non-finite logits in policy ..."): then the score, every
+    # step advantage and every baseline are NaN, so no metric or logged figure can average them in.
+    error: str | None = None
 
     @property
     def advantages(self) -> np.ndarray:
@@ -226,10 +229,12 @@ class TrajectoryScore:
             "baselines": {k: _json_float(v) for k, v in self.baselines.items()},
             "step_baselines": {k: [_json_float(x) for x in v] for k, v in self.step_baselines.items()},
         }
-        for key in ("group", "success", "failure_step", "truncation", "token_log_ratios", "metadata"):
+        for key in ("group", "success", "failure_step", "truncation", "metadata", "error"):
             val = getattr(self, key)
             if val is not None:
                 d[key] = val
+        if self.token_log_ratios is not None:
+            d["token_log_ratios"] = [[_json_float(x) for x in step] for step in self.token_log_ratios]
         return d
 
     @classmethod
@@ -257,11 +262,27 @@ class TrajectoryScore:
             truncation=d.get("truncation"),
             token_log_ratios=d.get("token_log_ratios"),
             metadata=d.get("metadata"),
+            error=d.get("error"),
         )
 
 
 def _json_float(x):
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+    # null for NaN and +-inf alike: json.dumps would write NaN/Infinity, which strict JSON readers reject.
+    return None if x is None or not math.isfinite(x) else float(x)
+
+
+def numeric_fault(stats: TokenStats) -> str | None:
+    """Why a trajectory's token statistics cannot be scored, or None. With finite logits every log-prob is finite
+    (log-softmax of finite numbers), so a NaN or inf log-prob means NaN or inf logits: a broken checkpoint (a NaN
+    weight), an overflow in half precision."""
+    parts = []
+    for who, lp in (("policy", stats.policy_logp), ("reference", stats.reference_logp)):
+        bad = ~np.isfinite(lp)
+        if bad.any():
+            steps = sorted({int(x) for x in stats.step[bad]})
+            shown = ", ".join(map(str, steps[:10])) + (", ..." if len(steps) > 10 else "")
+            parts.append(f"in {who} ({int(bad.sum())} of {lp.size} action tokens; steps {shown})")
+    return "non-finite logits " + " and ".join(parts) if parts else None
 
 
 def score_from_token_stats(
@@ -287,7 +308,7 @@ def score_from_token_stats(
     if with_token_ratios:
         lr = stats.log_ratio
         ratios = [lr[stats.step == i].tolist() for i in range(n_steps)]
-    return TrajectoryScore(
+    res = TrajectoryScore(
         id=id,
         score=reduce_steps(adv, config.step_reduction),
         steps=steps,
@@ -295,3 +316,14 @@ def score_from_token_stats(
         step_baselines={k: v["steps"].tolist() for k, v in base.items()},
         token_log_ratios=ratios,
     )
+    fault = numeric_fault(stats)
+    if fault:
+        # Every figure of this trajectory goes: a baseline from a sound policy next to a missing progress score
+        # would compare methods on different trajectories. Token counts stay, to show what was attempted.
+        nan = float("nan")
+        res.error, res.score = fault, nan
+        for st in res.steps:
+            st.advantage = nan
+        res.baselines = {k: nan for k in res.baselines}
+        res.step_baselines = {k: [nan] * len(v) for k, v in res.step_baselines.items()}
+    return res

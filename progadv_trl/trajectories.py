@@ -15,6 +15,8 @@ including the turn (where it stopped). Tokenizing messages one by one and concat
 
 from __future__ import annotations
 
+import bisect
+import codecs
 import json
 import math
 import os
@@ -34,6 +36,12 @@ class Trajectory:
     success: bool | float | None = None
     failure_step: int | None = None
     metadata: dict | None = None
+    # Where the record came from ("t.jsonl line 3"), for messages about it; not part of the record.
+    source: str | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def label(self) -> str:
+        return f"trajectory {self.id!r} ({self.source})" if self.source else f"trajectory {self.id!r}"
 
     @property
     def assistant_message_indices(self) -> list[int]:
@@ -78,6 +86,17 @@ class LoadResult:
         return f"{len(self.trajectories)} trajectories, {len(self.errors)} bad records skipped: " + "; ".join(
             str(e) for e in self.errors[:10]
         )
+
+
+def skipped_report(errors: list[RecordError], limit: int = 100) -> str:
+    """'skipped N invalid records:' and one line per record (the first `limit`), for --skip-invalid."""
+    if not errors:
+        return ""
+    lines = [f"skipped {len(errors)} invalid record{'s' if len(errors) != 1 else ''}:"]
+    lines += [f"  {e}" for e in errors[:limit]]
+    if len(errors) > limit:
+        lines.append(f"  ... and {len(errors) - limit} more")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -159,7 +178,25 @@ def _check_message(m: Any, i: int, from_columnar: bool) -> dict:
     for k in ("name", "tool_call_id"):
         if m.get(k) is not None:
             out[k] = m[k]
+    _check_unicode(out, where)
     return out
+
+
+def _check_unicode(x: Any, where: str) -> None:
+    """JSON can spell an unpaired UTF-16 surrogate ("\\ud800") that is no Unicode text: the tokenizer would fail on
+    it with a bare TypeError, so name the field here."""
+    if isinstance(x, str):
+        try:
+            x.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise _Bad(where, f"holds an unpaired surrogate {x[e.start]!r} at character {e.start}: not valid Unicode text") from None
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _check_unicode(k, where)
+            _check_unicode(v, f"{where}.{k}")
+    elif isinstance(x, list):
+        for i, v in enumerate(x):
+            _check_unicode(v, f"{where}[{i}]")
 
 
 def validate_record(rec: Any, where: str, *, from_columnar: bool = False) -> Trajectory:
@@ -184,13 +221,15 @@ def validate_record(rec: Any, where: str, *, from_columnar: bool = False) -> Tra
                 raise _Bad("tools", "must be a list of JSON-schema objects")
             if from_columnar:
                 tools = _drop_none_keys(tools)
+            _check_unicode(tools, "tools")
         group = rec.get("group")
         if group is not None and not isinstance(group, (str, int)):
             raise _Bad("group", f"must be a string or an integer, got {type(group).__name__}")
         success = rec.get("success")
         if success is not None:
-            if not isinstance(success, (bool, int, float)) or (isinstance(success, float) and math.isnan(success)):
-                raise _Bad("success", f"must be a boolean or a number (a reward), got {success!r}")
+            # Infinity parses as JSON in Python; an infinite reward would rank above everything in every metric.
+            if not isinstance(success, (bool, int, float)) or not math.isfinite(success):
+                raise _Bad("success", f"must be a boolean or a finite number (a reward), got {success!r}")
         fs = rec.get("failure_step")
         if fs is not None:
             if isinstance(fs, float) and fs.is_integer():
@@ -212,47 +251,92 @@ def validate_record(rec: Any, where: str, *, from_columnar: bool = False) -> Tra
         success=success,
         failure_step=fs,
         metadata=meta,
+        source=where,
     )
+
+
+def _parse_json(text: str, position: str) -> Any:
+    """A parsed JSON value, or _Unparsable saying why (never an exception: one bad record must not end a run)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        where = f"column {e.colno}" if position == "column" else f"line {e.lineno} column {e.colno}"
+        return _Unparsable(f"not valid JSON ({e.msg} at {where})")
+    except RecursionError:  # json's C parser recurses once per nesting level
+        return _Unparsable("not valid JSON here: nested too deeply")
+
+
+def _decode(raw: bytes, what: str) -> str | _Unparsable:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return _Unparsable(
+            f"not UTF-8 text (byte 0x{raw[e.start]:02x} at {what} {e.start + 1}): trajectories are UTF-8 JSON; "
+            "is this a binary file?"
+        )
+
+
+def _iter_file(path: Path) -> Iterable[tuple[str, Any, bool]]:
+    if not path.exists():
+        raise FileNotFoundError(f"trajectory file not found: {path}")
+    if path.is_dir():
+        raise TrajectoryError([RecordError(path.name, "<file>", "is a directory, not a trajectory file")])
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        # Through `datasets`, which decodes its own Arrow JSON extension columns (how datasets>=5 stores messages).
+        import datasets
+        import pyarrow.parquet as pq
+
+        try:
+            pq.read_schema(str(path))  # first: `datasets` logs its own error (and a traceback) for a bad file
+            ds = datasets.Dataset.from_parquet(str(path))
+        except Exception as e:  # noqa: BLE001 - pyarrow raises many types for a file that is not Parquet
+            why = f"cannot be read as Parquet ({type(e).__name__}: {str(e)[:200]})"
+            raise TrajectoryError([RecordError(path.name, "<file>", why)]) from None
+        for i, rec in enumerate(ds):
+            yield f"{path.name} row {i}", rec, True
+        return
+    try:
+        f = path.open("rb")  # bytes: a bad byte costs its own line, not a UnicodeDecodeError for the whole file
+    except OSError as e:
+        raise TrajectoryError([RecordError(path.name, "<file>", f"cannot be read ({e.strerror})")]) from None
+    with f:
+        if suffix == ".json":
+            text = _decode(f.read().removeprefix(codecs.BOM_UTF8), "offset")
+            data = text if isinstance(text, _Unparsable) else _parse_json(text, "line")
+            if isinstance(data, _Unparsable):
+                yield path.name, data, False
+                return
+            if isinstance(data, dict) and "messages" in data:
+                data = [data]
+            if not isinstance(data, list):
+                yield path.name, _Unparsable("a .json file must hold a list of trajectories"), False
+                return
+            if not data:
+                yield path.name, _Unparsable("holds an empty list: no trajectories", "<file>"), False
+            for i, rec in enumerate(data):
+                yield f"{path.name} index {i}", rec, False
+            return
+        # .jsonl and anything else: one JSON object per line
+        any_line = False
+        for n, raw in enumerate(f, 1):
+            if n == 1:
+                raw = raw.removeprefix(codecs.BOM_UTF8)  # editors on Windows write one
+            line = _decode(raw, "column")
+            if isinstance(line, str):
+                if not line.strip():
+                    continue
+                line = _parse_json(line, "column")
+            any_line = True
+            yield f"{path.name} line {n}", line, False
+        if not any_line:
+            yield path.name, _Unparsable("is empty: no trajectories", "<file>"), False
 
 
 def _iter_source(source) -> Iterable[tuple[str, Any, bool]]:
     """(where, record, from_columnar) for every record of a path, a list, or a datasets.Dataset."""
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.exists():
-            raise FileNotFoundError(f"trajectory file not found: {path}")
-        suffix = path.suffix.lower()
-        if suffix == ".parquet":
-            # Through `datasets`, which decodes its own Arrow JSON extension columns (how datasets>=5 stores messages).
-            import datasets
-
-            for i, rec in enumerate(datasets.Dataset.from_parquet(str(path))):
-                yield f"{path.name} row {i}", rec, True
-            return
-        if suffix == ".json":
-            try:
-                data = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                yield f"{path.name}", _Unparsable(f"not valid JSON ({e.msg} at line {e.lineno})"), False
-                return
-            if isinstance(data, dict) and "messages" in data:
-                data = [data]
-            if not isinstance(data, list):
-                yield f"{path.name}", _Unparsable("a .json file must hold a list of trajectories"), False
-                return
-            for i, rec in enumerate(data):
-                yield f"{path.name} index {i}", rec, False
-            return
-        # .jsonl and anything else: one JSON object per line
-        with path.open() as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    rec = _Unparsable(f"not valid JSON ({e.msg} at column {e.colno})")
-                yield f"{path.name} line {n}", rec, False
+        yield from _iter_file(Path(source))
         return
     try:
         import datasets
@@ -270,8 +354,10 @@ def _iter_source(source) -> Iterable[tuple[str, Any, bool]]:
 
 
 class _Unparsable:
-    def __init__(self, why: str):
-        self.why = why
+    """A record that is not JSON (or a file with no records): it becomes a RecordError naming `field`."""
+
+    def __init__(self, why: str, field: str = "<record>"):
+        self.why, self.field = why, field
 
 
 def load_trajectories(source, *, on_error: str = "raise") -> LoadResult:
@@ -288,7 +374,7 @@ def load_trajectories(source, *, on_error: str = "raise") -> LoadResult:
             if isinstance(rec, Trajectory):
                 rec = rec.to_dict()
             if isinstance(rec, _Unparsable):
-                raise TrajectoryError([RecordError(where, "<record>", rec.why)])
+                raise TrajectoryError([RecordError(where, rec.field, rec.why)])
             traj = validate_record(rec, where, from_columnar=columnar)
             if traj.id in seen:
                 raise TrajectoryError([RecordError(f"{where} (id {traj.id!r})", "id", f"duplicate of {seen[traj.id]}")])
@@ -315,6 +401,10 @@ def as_trajectories(items) -> list[Trajectory]:
 class ChatTemplateError(ValueError):
     """The chat template cannot give exact action spans for this conversation."""
 
+    def __init__(self, message: str, record: str = "", field: str = "messages"):
+        super().__init__(message)
+        self.record, self.field = record, field
+
 
 @dataclass
 class Rendered:
@@ -331,49 +421,102 @@ class Rendered:
         return len(self.spans)
 
 
-def _template(tokenizer, messages, tools, traj_id=None, **kw) -> str:
+def _record(traj: Trajectory) -> str:
+    return f"{traj.source} (id {traj.id!r})" if traj.source else f"id {traj.id!r}"
+
+
+def _template(tokenizer, messages, tools, traj: Trajectory, **kw) -> str:
     try:
         return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, **kw)
     except Exception as e:  # jinja raises on conversations a template does not accept (role order, arg types)
-        raise ChatTemplateError(f"trajectory {traj_id!r}: the chat template cannot render it: {e}") from None
+        raise ChatTemplateError(f"{traj.label}: the chat template cannot render it: {e}", _record(traj)) from None
+
+
+def _char_span(traj: Trajectory, tokenizer, full: str, mi: int) -> tuple[int, int]:
+    """[start, end) in the rendered text of what the model wrote in message `mi` (an assistant turn)."""
+    msgs, tools = traj.messages, traj.tools
+    before = _template(tokenizer, msgs[:mi], tools, traj, add_generation_prompt=True) if mi > 0 else None
+    upto = _template(tokenizer, msgs[: mi + 1], tools, traj)
+    if before is None:
+        # A conversation that opens with the assistant: its turn starts where the template's header ends.
+        before = upto[: upto.find(msgs[mi]["content"])] if msgs[mi]["content"] else ""
+    if not full.startswith(before) or not full.startswith(upto) or len(upto) < len(before):
+        raise ChatTemplateError(
+            f"{traj.label}: the chat template renders message {mi} differently in the whole conversation "
+            "than in its prefix (e.g. it strips the reasoning of earlier turns), so action spans cannot be located "
+            "exactly. Use a prefix-preserving template, e.g. TRL's trl/chat_templates/*_training.jinja (qwen3_training "
+            "for Qwen3), as TRL itself does for multi-turn training",
+            _record(traj),
+            f"messages[{mi}]",
+        )
+    # The action ends at the end-of-turn token; whitespace the template writes after it was not generated.
+    end = len(upto.rstrip())
+    return len(before), max(end, len(before))
+
+
+def _token_span(starts: list[int], ends: list[int], cs: int, ce: int) -> tuple[int, int]:
+    """Tokens overlapping characters [cs, ce) (offsets are monotone, so bisect)."""
+    s = bisect.bisect_right(ends, cs)
+    return s, bisect.bisect_left(starts, ce, lo=s)
 
 
 def render(traj: Trajectory, tokenizer, max_length: int | None = None) -> Rendered:
-    """Render with the chat template once, tokenize once, and locate every assistant turn's action span."""
-    msgs, tools = traj.messages, traj.tools
-    full = _template(tokenizer, msgs, tools, traj.id)
-    char_spans = []
-    for mi in traj.assistant_message_indices:
-        before = _template(tokenizer, msgs[:mi], tools, traj.id, add_generation_prompt=True) if mi > 0 else None
-        upto = _template(tokenizer, msgs[: mi + 1], tools, traj.id)
-        if before is None:
-            # A conversation that opens with the assistant: its turn starts where the template's header ends.
-            before = upto[: upto.find(msgs[mi]["content"])] if msgs[mi]["content"] else ""
-        if not full.startswith(before) or not full.startswith(upto) or len(upto) < len(before):
-            raise ChatTemplateError(
-                f"trajectory {traj.id!r}: the chat template renders message {mi} differently in the whole conversation "
-                "than in its prefix (e.g. it strips the reasoning of earlier turns), so action spans cannot be located "
-                "exactly. Use a prefix-preserving template, e.g. TRL's trl/chat_templates/*_training.jinja (qwen3_training "
-                "for Qwen3), as TRL itself does for multi-turn training"
-            )
-        # The action ends at the end-of-turn token; whitespace the template writes after it was not generated.
-        end = len(upto.rstrip())
-        char_spans.append((len(before), max(end, len(before))))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    spans = []
-    k = 0
-    for cs, ce in char_spans:
-        while k < len(ids) and offsets[k][1] <= cs:
-            k += 1
-        s = k
-        while k < len(ids) and offsets[k][0] < ce:
-            k += 1
-        spans.append((s, k))
-    rendered = Rendered(list(ids), spans, traj.assistant_message_indices)
-    if max_length is not None and len(ids) > max_length:
-        rendered = truncate(rendered, max_length)
-    return rendered
+    """Render with the chat template once, tokenize once, and locate every assistant turn's action span.
+
+    Locating a span renders the conversation up to that turn, so a trajectory of n turns costs O(n^2) template
+    work. When `max_length` will cut the middle out anyway, only the turns that survive are located: the first
+    (where the kept head ends) and, by bisection over the monotone turn ends, the ones reaching into the kept tail.
+    """
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    full = _template(tokenizer, traj.messages, traj.tools, traj)
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except Exception as e:  # noqa: BLE001 - the tokenizer's own failure, named for the record
+        raise ChatTemplateError(f"{traj.label}: the tokenizer cannot encode it: {type(e).__name__}: {e}", _record(traj)) from None
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
+    asst = traj.assistant_message_indices
+    cache: dict[int, tuple[int, int]] = {}
+
+    def span(j: int) -> tuple[int, int]:  # token span of step j (its assistant message asst[j])
+        if j not in cache:
+            cache[j] = _token_span(starts, ends, *_char_span(traj, tokenizer, full, asst[j]))
+        return cache[j]
+
+    if max_length is None or len(ids) <= max_length or not asst:
+        r = Rendered(ids, [span(j) for j in range(len(asst))], asst)
+        return r if max_length is None or len(ids) <= max_length else truncate(r, max_length)
+    n = len(ids)
+    head = min(span(0)[0], max_length // 2)  # as `truncate` computes it
+    tail_start = n - (max_length - head)
+    lo, hi = 1, len(asst)  # first step whose last token is in the kept tail
+    while lo < hi:
+        mid = (lo + hi) // 2
+        upto = _template(tokenizer, traj.messages[: asst[mid] + 1], traj.tools, traj)  # where step mid ends
+        if bisect.bisect_left(starts, len(upto.rstrip())) > tail_start:
+            hi = mid
+        else:
+            lo = mid + 1
+    # Steps before `lo` (but the first) lie wholly inside the dropped middle, since no action precedes `head`:
+    # one token of that range stands for each, which `truncate` marks dropped exactly as it would the real span.
+    spans = [span(j) if (j == 0 or j >= lo) else (tail_start - 1, tail_start) for j in range(len(asst))]
+    return truncate(Rendered(ids, spans, asst), max_length)
+
+
+def render_all(trajectories: list[Trajectory], tokenizer, max_length: int | None = None, *, on_error: str = "raise"):
+    """(kept trajectories, their renderings, RecordErrors): with on_error="skip", a trajectory the chat template
+    cannot render is left out and named instead of ending the run."""
+    kept, rendered, errors = [], [], []
+    for t in trajectories:
+        try:
+            rendered.append(render(t, tokenizer, max_length))
+            kept.append(t)
+        except ChatTemplateError as e:
+            if on_error != "skip":
+                raise
+            errors.append(RecordError(e.record or _record(t), e.field, str(e).removeprefix(f"{t.label}: ")))
+    return kept, rendered, errors
 
 
 def truncate(r: Rendered, max_length: int) -> Rendered:
@@ -429,8 +572,65 @@ class TokenizerMismatchError(ValueError):
     pass
 
 
-def check_same_tokenizer(a, b, names: tuple[str, str] = ("policy", "reference")) -> None:
-    """Policy and reference must read the same token ids: same vocabulary and the same chat template."""
+# A conversation that exercises what tokenizer classes disagree on: tool calls (JSON), non-ASCII text (accents
+# composed and decomposed, CJK, emoji), digit runs and decimals, contractions, runs of spaces and newlines.
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search_flights",
+            "description": "Find flights; prices in EUR.",
+            "parameters": {
+                "type": "object",
+                "properties": {"origin": {"type": "string"}, "destination": {"type": "string"}, "seats": {"type": "integer"}},
+                "required": ["origin", "destination"],
+            },
+        },
+    }
+]
+PROBE_MESSAGES = [
+    {"role": "system", "content": "You are a careful travel agent. Today is 2024-03-15; it's 09:41."},
+    {"role": "user", "content": "Réservez 2 billets Zürich → 東京 for <= 1234.50 €, s'il vous plaît. I'll pay 100%! Cafe\u0301 na\u00efve 😀"},
+    {
+        "role": "assistant",
+        "content": "Checking flight 0042 first.",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "search_flights", "arguments": {"origin": "Zürich", "destination": "東京", "seats": 2}}}
+        ],
+    },
+    {"role": "tool", "content": '{"flights": [{"id": "LX160", "price": 987.65, "départ": "07:45"}, {"id": "NH210", "price": 1203}]}'},
+    {"role": "assistant", "content": "Found LX160 at 987.65 € — départ 07:45.\n\n    Shall I book it?\tYes/No  "},
+]
+
+
+def probe_text(tokenizer) -> str:
+    """The probe conversation rendered with `tokenizer`'s chat template (plain text when it has none or fails)."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(PROBE_MESSAGES, tools=PROBE_TOOLS, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template without tool support still gets the plain probe
+            pass
+    return "\n".join(m["content"] for m in PROBE_MESSAGES) + "\n" + json.dumps(PROBE_TOOLS, ensure_ascii=False)
+
+
+def probe_ids(tokenizer, text: str | None = None) -> list[int]:
+    """Token ids of the probe, tokenized as `render` tokenizes (one call, no special tokens added)."""
+    return list(tokenizer(probe_text(tokenizer) if text is None else text, add_special_tokens=False)["input_ids"])
+
+
+def probe_fingerprint(tokenizer) -> str:
+    """sha256 of the probe's ids: two tokenizers with the same fingerprint read the probe identically."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(probe_ids(tokenizer)).encode()).hexdigest()
+
+
+def check_same_tokenizer(a, b, names: tuple[str, str] = ("policy", "reference"), hint: str | None = None) -> None:
+    """Policy and reference must read the same token ids: same vocabulary, the same chat template, and the same ids
+    for the same text. The last catches two classes reading the same files differently (transformers 5 builds
+    Qwen2Tokenizer's normalizer and pre-tokenizer in code, while a directory without config.json loads the
+    tokenizer.json as it is)."""
+    why = "Progress advantage compares the two models token by token, so they must share one tokenizer."
     va, vb = a.get_vocab(), b.get_vocab()
     if va != vb:
         only_a = sorted(set(va) - set(vb))[:5]
@@ -438,13 +638,22 @@ def check_same_tokenizer(a, b, names: tuple[str, str] = ("policy", "reference"))
         moved = [t for t in set(va) & set(vb) if va[t] != vb[t]][:5]
         raise TokenizerMismatchError(
             f"the {names[0]} and {names[1]} tokenizers differ: vocabulary sizes {len(va)} vs {len(vb)}; "
-            f"only in {names[0]}: {only_a}; only in {names[1]}: {only_b}; different ids: {moved}. "
-            "Progress advantage compares the two models token by token, so they must share one tokenizer."
+            f"only in {names[0]}: {only_a}; only in {names[1]}: {only_b}; different ids: {moved}. {hint or why}"
         )
     ta, tb = getattr(a, "chat_template", None), getattr(b, "chat_template", None)
     if ta and tb and ta != tb:
         raise TokenizerMismatchError(
             f"the {names[0]} and {names[1]} tokenizers have different chat templates, so the same conversation would "
-            f"be rendered to different tokens. Save the {names[1]} with the {names[0]}'s chat template, or pass one "
-            "tokenizer for both."
+            f"be rendered to different tokens. "
+            + (hint or f"Save the {names[1]} with the {names[0]}'s chat template, or pass one tokenizer for both.")
+        )
+    text = probe_text(a if ta else b)  # one text: the question is only how each tokenizer splits it
+    ia, ib = probe_ids(a, text), probe_ids(b, text)
+    if ia != ib:
+        i = next((k for k, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
+        pa, pb = a.decode(ia[i : i + 3]), b.decode(ib[i : i + 3])
+        raise TokenizerMismatchError(
+            f"the {names[0]} tokenizer ({type(a).__name__}) and the {names[1]} tokenizer ({type(b).__name__}) split "
+            f"the same text into different tokens: {len(ia)} vs {len(ib)} tokens for a probe conversation with tool "
+            f"calls, non-ASCII text and digits, first differing at token {i} ({pa!r} vs {pb!r}). {hint or why}"
         )

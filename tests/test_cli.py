@@ -41,7 +41,7 @@ def test_bad_input_is_one_message_and_no_file(tiny_dir, tmp_path, capsys):
     # skip mode scores the good one and reports the bad one
     rc = main(["score", "--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"]), str(src), "-o", str(out), "--on-error", "skip"])
     assert rc == 0 and len(out.read_text().splitlines()) == 1
-    assert "1 bad records skipped" in capsys.readouterr().err
+    assert "skipped 1 invalid record:" in capsys.readouterr().err
 
 
 def test_missing_file_is_a_message(tmp_path, capsys):

@@ -41,7 +41,11 @@ def library_versions() -> dict[str, str | None]:
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
-    """What must not change between export and load: the token ids (vocabulary) and the chat template."""
+    """What must not change between export and load: the token ids (vocabulary), the chat template, and the ids
+    the tokenizer gives a probe conversation (a bundle's tokenizer/ has no config.json, so transformers picks its
+    class from tokenizer_config.json: the probe catches a class that reads the same files differently)."""
+    from ..trajectories import probe_fingerprint
+
     vocab = tokenizer.get_vocab()
     template = getattr(tokenizer, "chat_template", None)
     if isinstance(template, dict):
@@ -50,6 +54,7 @@ def tokenizer_fingerprint(tokenizer) -> dict:
         "vocab_size": len(vocab),
         "vocab_sha256": _sha256_text(json.dumps(sorted(vocab.items()), ensure_ascii=False)),
         "chat_template_sha256": _sha256_text(template) if template else None,
+        "probe_ids_sha256": probe_fingerprint(tokenizer) if template else None,
         "eos_token": getattr(tokenizer, "eos_token", None),
         "pad_token": getattr(tokenizer, "pad_token", None),
     }

@@ -289,6 +289,13 @@ def _check_tokenizer(report: BundleReport, tok_dir: Path, rec: dict, trust_remot
             "be rendered to different tokens than the critic was built for. Restore the bundle's tokenizer files "
             "(re-download or re-export with the template you want)"
         )
+    elif rec.get("probe_ids_sha256") and fp["probe_ids_sha256"] != rec["probe_ids_sha256"]:
+        report.errors.append(
+            f"the tokenizer loads as {type(tokenizer).__name__} and reads a probe conversation (tool calls, non-ASCII "
+            "text, digits) into other token ids than at export, so the critic would score other tokens than it was "
+            "built for. Load it with the transformers version and tokenizer class recorded in the manifest, or "
+            "re-export the bundle"
+        )
     report.tokenizer = tokenizer
 
 

@@ -192,7 +192,7 @@ def headline(metrics: dict) -> dict:
 def training_curves(history: list[dict], log_history: list[dict], path: Path) -> dict:
     """Held-out AUROC per method and mean step advantage against the training step; reward and the training-rollout
     advantage from the trainer's log. Writes a PNG; returns the plotted series."""
-    from ..evaluation import new_figure
+    from ..evaluation.plots import new_figure, save_png
 
     held = [h for h in history if h["kind"] == "heldout"]
     steps = [h["step"] for h in held]
@@ -230,7 +230,7 @@ def training_curves(history: list[dict], log_history: list[dict], path: Path) ->
         ax.set_ylabel("kl", color="tab:red")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
     return {"heldout_steps": steps, "heldout_auroc": auroc, "heldout_step_advantage_mean": adv,
             "train_steps": train_steps, "reward": reward, "train_step_advantage_mean": train_adv, "kl": kl}  # fmt: skip
 

@@ -20,8 +20,8 @@ Importing this package does not import torch.
 from ..config import ATTRIBUTION_RULES, SELECTION_METRICS
 from .attribution import attribute_failure, attribution_chance, failure_attribution
 from .calibration import Calibrator, calibration_report, expected_calibration_error
-from .labels import failure_kind, is_success, labelled_arrays, method_available, success_value
-from .pipeline import evaluate, run_evaluation
+from .labels import failure_kind, is_success, labelled_arrays, method_available, split_faults, success_value
+from .pipeline import EvaluationError, evaluate, run_evaluation
 from .plots import new_figure, plot_best_of_n, plot_roc, plot_traces
 from .prediction import success_prediction
 from .reductions import candidate_reductions, choose_reduction, reduction_grid, selection_metric
@@ -41,6 +41,8 @@ from .stats import (
 from .tables import format_cell, format_markdown, format_table, markdown_table, summary_rows, text_table
 
 __all__ = [
+    "EvaluationError",
+    "split_faults",
     "ATTRIBUTION_RULES", "CONFIDENCE", "METRICS_JSON", "METRICS_MD", "REPORT_FILES", "SELECTION_METRICS",
     "Calibrator", "assign_folds", "attribute_failure", "attribution_chance", "auroc", "auroc_stat", "best_of_n",
     "best_of_n_table", "bootstrap_ci", "calibration_report", "candidate_reductions", "choose_reduction", "evaluate",

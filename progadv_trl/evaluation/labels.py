@@ -63,3 +63,10 @@ def labelled_arrays(
         y.append(float(lab))
         r.append(success_value(ts))
     return np.array(s, dtype=np.float64), np.array(y, dtype=np.float64), np.array(r, dtype=np.float64)
+
+
+def split_faults(scores) -> tuple[list, list]:
+    """(scored, faulted): trajectories with a usable score, and those whose logits were not finite (`error` set,
+    see `scoring.numeric_fault`); the latter are left out of every metric and counted instead."""
+    ok = [s for s in scores if getattr(s, "error", None) is None]
+    return ok, [s for s in scores if getattr(s, "error", None) is not None]

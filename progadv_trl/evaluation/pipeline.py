@@ -24,7 +24,7 @@ from ..utils import json_safe
 from .attribution import attribution_chance, failure_attribution
 from .calibration import calibration_report
 from .fair import fair_comparison
-from .labels import failure_kind, is_success, success_value
+from .labels import failure_kind, is_success, split_faults, success_value
 from .prediction import success_prediction
 from .reductions import choose_reduction as _choose_reduction
 from .reductions import reduction_grid
@@ -34,6 +34,10 @@ from .stats import CONFIDENCE
 
 if TYPE_CHECKING:
     from ..scoring import TrajectoryScore
+
+
+class EvaluationError(ValueError):
+    """Nothing left to evaluate; the message says why."""
 
 
 def evaluate(
@@ -65,7 +69,7 @@ def evaluate(
     reduced and how that was chosen: pass it; the default says "as scored"). `reduction_selection` (a
     `choose_reduction` result) is stored without its per-trajectory `fold_of`.
     """
-    scores = list(scores)
+    scores, faulted = split_faults(list(scores))  # a numeric fault is no score: out of every metric, counted
     for ts in scores:
         success_value(ts)  # raise early, naming the record, on a malformed label
     labelled = [ts for ts in scores if is_success(ts, success_threshold) is not None]
@@ -74,6 +78,7 @@ def evaluate(
     bon = best_of_n_table(scores, methods, seed, n_boot=n_boot, success_threshold=success_threshold)
     res = {
         "n_trajectories": len(scores),
+        "n_numeric_faults": len(faulted),
         "n_labelled": len(labelled),
         "n_success": sum(bool(is_success(ts, success_threshold)) for ts in labelled),
         "success_threshold": success_threshold,
@@ -157,8 +162,16 @@ def run_evaluation(
     reduction_info: Mapping | None = None,
     title: str = "progadv evaluate",
     progress: bool = False,
+    skipped: list | None = None,
+    on_scored=None,
 ) -> dict:
     """Score `trajectories`, evaluate every method and write the report under `out_dir`; return the metrics.
+
+    skipped: a list to collect the trajectories the chat template cannot render (left out, named); without it the
+    first such trajectory raises. on_scored: called with the scores before evaluation (the CLI names faults there).
+    A trajectory with a numeric fault (`TrajectoryScore.error`) has no score under any reduction: it is left out of
+    every metric, and `metrics["excluded"]` lists it with the skipped records. Raises `EvaluationError` when no
+    trajectory is left.
 
     scorer: a `ProgressScorer` (or a `ProgressCritic`: its scorer is used); the trajectories are scored under its
     config. choose_reduction: None, or a metric in SELECTION_METRICS: then every token x step reduction is scored
@@ -171,14 +184,22 @@ def run_evaluation(
     selection = None
     if choose_reduction:
         c = scorer.config
-        many = scorer.score_many(trajectories, reduction_grid(c), progress=progress)
+        many = scorer.score_many(trajectories, reduction_grid(c), progress=progress, skipped=skipped)
         scores = many[f"{c.token_reduction}/{c.step_reduction}"]
-        selection = _choose_reduction(many, metric=choose_reduction, k=k, seed=seed)
+        ok = {k_: split_faults(v)[0] for k_, v in many.items()}
+        if ok[f"{c.token_reduction}/{c.step_reduction}"]:
+            selection = _choose_reduction(ok, metric=choose_reduction, k=k, seed=seed)
     else:
-        scores = scorer.score(trajectories, progress=progress)
+        scores = scorer.score(trajectories, progress=progress, skipped=skipped)
+    if on_scored is not None:
+        on_scored(scores)
+    scores, faulted = split_faults(scores)
+    if not scores:
+        raise EvaluationError("no trajectory could be scored (every one has a numeric fault)")
     metrics = evaluate(
         scores, n_boot=n_boot, seed=seed, calibration=calibration, k=k, reduction=reduction_info,
         reduction_selection=selection,
     )  # fmt: skip
+    metrics["excluded"] = {"skipped": [str(e) for e in skipped or ()], "numeric_faults": {s.id: s.error for s in faulted}}
     write_report(metrics, scores, out_dir, title=title)
     return metrics

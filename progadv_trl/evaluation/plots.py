@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -13,9 +14,17 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .labels import is_success
+from ..utils import atomic_write_bytes
 
 if TYPE_CHECKING:
     from ..scoring import TrajectoryScore
+
+
+def save_png(fig, path: Path) -> None:
+    """PNG bytes first, then an atomic write: an interrupted report leaves no half-written plot."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def new_figure(**kw):
@@ -49,7 +58,7 @@ def plot_roc(metrics: Mapping, scores: Sequence[TrajectoryScore], path: Path, th
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="Success prediction (AUROC)")
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
 
 
 def plot_best_of_n(metrics: Mapping, path: Path) -> None:
@@ -72,7 +81,7 @@ def plot_best_of_n(metrics: Mapping, path: Path) -> None:
     ax.set_ylabel("success of the kept rollout")
     ax.set_title(f"Best-of-N (groups: {ref.get('n_groups', 0)}, N≈{(ref.get('group_size') or {}).get('mean') or 0:.1f})")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)
 
 
 def plot_traces(scores: Sequence[TrajectoryScore], path: Path, method: str = "progress_advantage", max_traces: int = 4,
@@ -100,4 +109,4 @@ def plot_traces(scores: Sequence[TrajectoryScore], path: Path, method: str = "pr
         axes[0, 0].text(0.5, 0.5, "no failed trajectories", ha="center", va="center")
     axes[-1, 0].set_xlabel("step (assistant turn)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path)

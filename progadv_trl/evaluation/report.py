@@ -45,6 +45,8 @@ def write_report(
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     thr = metrics.get("success_threshold")
     paths = report_paths(out_dir)
+    # A previous run's metrics.json would vouch for a directory this run is about to change: remove it first.
+    paths[METRICS_JSON].unlink(missing_ok=True)
     atomic_write_text(paths[METRICS_MD], format_markdown(metrics, title=title))
     plot_roc(metrics, scores, paths[ROC_PNG], threshold=thr)
     plot_best_of_n(metrics, paths[BEST_OF_N_PNG])
