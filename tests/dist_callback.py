@@ -25,6 +25,32 @@ TIMING_KEYS = ("step_time", "train_runtime", "train_samples_per_second", "train_
 from progadv_trl.demo.tiny import grpo_args, parity_reward, prompts  # noqa: E402,F401 - shared with benchmarks/run.py
 
 
+def heldout_records(n: int):
+    from conftest import make_trajectory
+
+    return [
+        make_trajectory(i, n_turns=1 + i % 3, success=bool(i % 2), failure_step=None if i % 2 else 0, group=f"g{i // 2}")
+        for i in range(n)
+    ]
+
+
+class count_forwards:
+    """Count forward passes through the models' decoders (the engine calls the decoder directly, TRL the model)."""
+
+    def __init__(self, *models):
+        self.n, self._handles = 0, []
+        for m in models:
+            base = m.get_base_model() if hasattr(m, "get_base_model") else m
+            self._handles.append(base.get_decoder().register_forward_pre_hook(self._hook))
+
+    def _hook(self, *_):
+        self.n += 1
+
+    def remove(self):
+        for h in self._handles:
+            h.remove()
+
+
 def is_ours(key: str) -> bool:
     """A key the callback logs: progadv/train/..., progadv/errors, eval_progadv/{eval,heldout}/..."""
     return key.startswith(("progadv/", "eval_progadv/"))

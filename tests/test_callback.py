@@ -204,6 +204,31 @@ def test_batch_scores_turns_and_groups():
     assert [s.group for s in scores] == ["eval-g3-p2", "eval-g3-p2", "eval-g3-p3"]
     assert [s.success for s in scores] == [1.0, 0.0, None]
     assert sums["n"] == int(mask.sum()) and sums["lr_sum"] == pytest.approx(float(lr[mask.bool()].sum()))
+    assert sums["faulted"] == 0
+
+
+def test_a_nan_log_prob_is_counted_not_logged():
+    """A non-finite log-prob (a broken checkpoint) marks its rollout and stays out of the logged sums and figures."""
+    from progadv_trl.callback import batch_scores, label_figures, step_figures, token_figures
+    from progadv_trl.scoring import ScoringConfig
+    from progadv_trl.trl_hooks import RolloutBatch
+
+    g = torch.Generator().manual_seed(0)
+    pol, ref = torch.randn(3, 4, generator=g), torch.randn(3, 4, generator=g)
+    pol[1, 2] = float("nan")
+    mask = torch.ones(3, 4, dtype=torch.long)
+    b = RolloutBatch("train", pol, ref, mask, False, torch.tensor([1.0, 0.0, 0.0]), torch.tensor([0, 1, 2]), 0, 3)
+    scores, sums = batch_scores(b, ScoringConfig())
+    assert [s.error is not None for s in scores] == [False, True, False]
+    ok = torch.ones(3, 4, dtype=torch.bool)
+    ok[1, 2] = False
+    assert sums["faulted"] == 1 and sums["n"] == 11
+    assert sums["lr_sum"] == pytest.approx(float((pol - ref).double()[ok].sum()))
+    figs = token_figures("p/", [[sums]], "grpo")
+    figs.update(step_figures(scores, "p/", 4))
+    figs.update(label_figures(scores, "p/", success_threshold=None, attribution_rule="min_cumsum", seed=0))
+    assert figs["p/numeric_faults"] == 1 and all(np.isfinite(v) for v in figs.values())
+    assert figs["p/success_rate"] == 0.5  # the faulted rollout is not among the labelled ones
 
 
 def test_version_check(monkeypatch):

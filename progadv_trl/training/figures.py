@@ -28,17 +28,22 @@ def turn_ids(mask: torch.Tensor) -> torch.Tensor:
 
 
 def batch_scores(batch: trl_hooks.RolloutBatch, config: ScoringConfig) -> tuple[list[TrajectoryScore], dict]:
-    """One TrajectoryScore per rollout of a captured batch, plus token sums: (scores, {"lr_sum", "n", "k3_sum"}).
+    """One TrajectoryScore per rollout of a captured batch, plus token sums: (scores, {"lr_sum", "n", "k3_sum",
+    "faulted"}).
 
     Rollouts with no model-written token (e.g. masked truncated completions) are left out. A rollout's `group` is
-    its prompt (generation batch, row // num_generations); `success` is its reward.
+    its prompt (generation batch, row // num_generations); `success` is its reward. Tokens whose log-probs are not
+    finite are left out of the sums (a NaN must not turn a logged figure into NaN); their rollouts carry `error`
+    and are counted in "faulted".
     """
     pol, ref, mask = batch.policy_logps.double(), batch.ref_logps.double(), batch.mask
     ids = turn_ids(mask)
     m = mask.bool()
-    diff = ref - pol
+    ok = m & torch.isfinite(pol) & torch.isfinite(ref)
+    diff = torch.where(ok, ref - pol, torch.zeros_like(pol))
     k3 = torch.exp(diff) - diff - 1  # GRPO's per-token kl estimator, to recompute its `kl` figure
-    sums = {"lr_sum": float((pol - ref)[m].sum()), "n": int(m.sum()), "k3_sum": float(k3[m].sum())}
+    sums = {"lr_sum": float((-diff)[ok].sum()), "n": int(ok.sum()), "k3_sum": float(k3[ok].sum()),
+            "faulted": int((m & ~ok).any(dim=1).sum())}  # fmt: skip
     out = []
     for b in range(mask.size(0)):
         sel = ids[b] >= 0
@@ -93,6 +98,7 @@ def label_figures(scores: list[TrajectoryScore], prefix: str, *, success_thresho
     from .. import evaluation as ev
 
     out = {}
+    scores = ev.split_faults(scores)[0]  # a numeric fault is no score: out of every figure
     labelled = [s for s in scores if ev.is_success(s, success_threshold) is not None]
     if not labelled:
         return out
@@ -176,6 +182,9 @@ def token_figures(prefix: str, sums_by_rank: list[list[dict]], kind: str) -> dic
     if n:
         out[f"{prefix}token_log_ratio_mean"] = sum(s["lr_sum"] for s in flat) / n
         out[f"{prefix}tokens"] = n
+    faulted = sum(s.get("faulted", 0) for s in flat)
+    if faulted:
+        out[f"{prefix}numeric_faults"] = faulted
     lengths = {len(r) for r in sums_by_rank}
     key = "k3_sum" if kind == "grpo" else "lr_sum"
     if len(lengths) == 1 and next(iter(lengths)):
