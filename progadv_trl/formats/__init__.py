@@ -118,17 +118,13 @@ def as_trajectory_source(path: str | os.PathLike, fmt: str = "auto"):
     if fmt == "progadv":
         return path
     if fmt == "auto":
-        p = Path(path)
-        if not p.exists():
-            return path  # load_trajectories says "not found" in its own words
-        fmt = detect_format(p)
-        if fmt is None:
-            raise TrajectoryError([RecordError(p.name, "<file>", "not a progadv trajectory file, a τ²-bench results "
-                                               "file or a Who&When case; name its format with --format")])  # fmt: skip
-        if fmt == "progadv":
-            if p.is_dir():
-                raise TrajectoryError([RecordError(str(p), "<directory>", "a directory is read only as Who&When cases "
-                                                   "or τ²-bench results files")])  # fmt: skip
+        try:
+            fmt = detect_format(path)
+        except (TrajectoryError, OSError):
+            fmt = None
+        if fmt not in FORMATS:
+            # progadv's own format, or nothing recognisable: load_trajectories reads it and names what is wrong
+            # (file, line, record, field) in its own words
             return path
     return convert(fmt, path)
 
