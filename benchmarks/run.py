@@ -37,7 +37,8 @@ def _trajectories(n: int):
 
 
 def _naive(policy, reference, tokenizer, trajs):
-    from progadv_trl.trajectories import as_trajectories, render
+    from progadv_trl.trajectories import as_trajectories
+    from progadv_trl.rendering import render
 
     out = []
     with torch.no_grad():

@@ -143,7 +143,8 @@ class DemoArguments:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .bundle import BundleError
     from .evaluation import EvaluationError
-    from .trajectories import ChatTemplateError, TokenizerMismatchError, TrajectoryError
+    from .trajectories import TrajectoryError
+    from .rendering import ChatTemplateError, TokenizerMismatchError
 
     return (TrajectoryError, ChatTemplateError, TokenizerMismatchError, BundleError, EvaluationError, FileNotFoundError)
 

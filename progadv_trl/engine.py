@@ -15,7 +15,8 @@ import torch
 
 from .reference import Reference, is_peft_model, load_pair, resolve
 from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
-from .trajectories import Rendered, Trajectory, as_trajectories, check_same_tokenizer, render_all
+from .trajectories import Trajectory, as_trajectories
+from .rendering import Rendered, check_same_tokenizer, render_all
 
 # Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")

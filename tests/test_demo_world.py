@@ -172,7 +172,8 @@ def demo_tok(tmp_path_factory):
 
 
 def test_records_round_trip_through_the_chat_template(demo_tok):
-    from progadv_trl.trajectories import load_trajectories, render as core_render
+    from progadv_trl.trajectories import load_trajectories
+    from progadv_trl.rendering import render as core_render
 
     tasks = make_tasks(30, 5)
     recs = [run_episode(t, demo_agent(), seed=i).record() for i, t in enumerate(tasks)]
@@ -242,7 +243,8 @@ class ScriptedLM(torch.nn.Module):
 
 
 def test_play_records_reproduce_generated_tokens(demo_tok):
-    from progadv_trl.trajectories import Trajectory, render as core_render
+    from progadv_trl.trajectories import Trajectory
+    from progadv_trl.rendering import render as core_render
 
     tasks = make_tasks(12, 9)
     eps = [Episode(t, seed=i) for i, t in enumerate(tasks)]

@@ -313,7 +313,7 @@ def export_from_paths(
             raise BundleError(f"{p} does not exist: pass a local checkpoint directory")
     if reference_identity is not None and reference_path is not None and "path" not in reference_identity:
         reference_identity = {**reference_identity, "path": reference_path}
-    from ..trajectories import TokenizerMismatchError
+    from ..rendering import TokenizerMismatchError
 
     try:
         policy, reference, tokenizer = load_pair(

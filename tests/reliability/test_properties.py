@@ -21,7 +21,8 @@ from reliability_helpers import one_torch_thread  # noqa: F401 - autouse
 from conftest import WEATHER_TOOL
 from progadv_trl.engine import ProgressScorer, taken_token_stats
 from progadv_trl.scoring import ScoringConfig
-from progadv_trl.trajectories import as_trajectories, render
+from progadv_trl.trajectories import as_trajectories
+from progadv_trl.rendering import render
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
