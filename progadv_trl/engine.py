@@ -102,7 +102,7 @@ class ProgressScorer:
         tokenizer: the tokenizer both models read (its chat template renders the trajectories).
         reference: a `reference.Reference`, a separate reference model, or None (a PEFT policy).
         config: `ScoringConfig` (beta, reductions, temperature, baseline knobs).
-        max_length: truncate longer trajectories (start kept, most recent context kept; see `trajectories.truncate`).
+        max_length: truncate longer trajectories (start kept, most recent context kept; see `rendering.truncate`).
         reference_tokenizer: when given, checked against `tokenizer` (vocabulary and chat template).
         batch_tokens: padded tokens per forward pass; lower it to save memory.
         compute_baselines: also compute self-certainty and DeepConf (full-vocabulary statistics of the policy).
