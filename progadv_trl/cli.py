@@ -345,6 +345,20 @@ COMMANDS = {
 }  # fmt: skip
 
 
+def _flags_take_no_value(parser: argparse.ArgumentParser) -> None:
+    """HfArgumentParser gives a bool field an optional value (`--overwrite [true|false]`), so `--overwrite OUT`
+    would read the positional OUT as that value. A flag that defaults to False takes no value here."""
+    for action in list(parser._actions):
+        if action.nargs == "?" and action.const is True and action.default is False:
+            parser._remove_action(action)
+            for opt in action.option_strings:
+                parser._option_string_actions.pop(opt, None)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            parser.add_argument(*action.option_strings, dest=action.dest, action="store_true", help=action.help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="progadv",
@@ -354,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     for name, (help_, positionals, types, _) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_, dataclass_types=types)
+        _flags_take_no_value(sp)
         for pos, pos_help in positionals:
             sp.add_argument(pos, help=pos_help)
     return p
