@@ -6,8 +6,9 @@ Grouping rule: trajectories whose tokens before their first scored action token 
 group's shared prefix is the longest common prefix of all its members (at least that prompt; longer when the
 rollouts also begin alike). Exact equality of the prompt is cheap to hash, never groups unrelated tasks, and covers
 every case above; trajectories of different tasks that share only a system prompt are not grouped (a tree of
-prefixes would save more and cost much more code). Truncated trajectories follow the same rule: `truncate` keeps
-the start, so a truncated rollout still shares its prompt with its group; the math does not depend on truncation.
+prefixes would save more and cost much more code). Truncated trajectories: `truncate` keeps the start, so the key
+ends at the cut when that comes first, and a truncated rollout shares its prompt with its group. The key only
+decides who is grouped; what is shared is the members' actual common prefix, so no grouping can change a number.
 
 Positions: a continuation token at absolute position P + j gets position id P + j and attends to the P cached keys
 and its own row's earlier tokens (attention mask [1] * P + the suffix's right-padded mask). The action token at
@@ -39,8 +40,11 @@ class SharedGroup:
         return [i for b in self.batches for i in b]
 
 
-def _first_action(r: Rendered) -> int:
-    return min((max(s, 1) for s, e in r.spans if e > max(s, 1)), default=len(r.input_ids))
+def _prompt_end(r: Rendered) -> int:
+    """Where the grouping key ends: the first scored action token, or the truncation cut if that comes first (a
+    rollout whose first steps were cut still keeps its prompt, and is grouped with its untruncated siblings)."""
+    end = min((max(s, 1) for s, e in r.spans if e > max(s, 1)), default=len(r.input_ids))
+    return min(end, r.truncation["dropped_range"][0]) if r.truncation else end
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
@@ -56,7 +60,7 @@ def plan(rendered: list[Rendered], batch_tokens: int) -> tuple[list[SharedGroup]
     """(groups scored over a shared prefix, indices left for the plain path)."""
     by_prompt: dict[tuple[int, ...], list[int]] = {}
     for i, r in enumerate(rendered):
-        by_prompt.setdefault(tuple(r.input_ids[: _first_action(r)]), []).append(i)
+        by_prompt.setdefault(tuple(r.input_ids[: _prompt_end(r)]), []).append(i)
     groups, rest = [], []
     for members in by_prompt.values():
         seqs = [rendered[i].input_ids for i in members]
