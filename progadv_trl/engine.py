@@ -3,6 +3,9 @@
 Memory: only the hidden states of positions that predict action tokens go through the output layer, in chunks
 (`scoring.token_logprob_stats`), so no [batch, seq, vocab] tensor is ever built. With a PEFT policy and no explicit
 reference, the reference is the same weights under `disable_adapter()`: one copy of the base model in memory.
+
+Compute: trajectories that share their prompt (a GRPO group, best-of-N) run it once per model and reuse its KV cache
+for their continuations (`prefix.py`); the rest go through plain right-padded batches.
 """
 
 from __future__ import annotations

@@ -205,10 +205,12 @@ def _rollout(task, k, *, system=SYSTEM, lead=True, tool_words=1):
 
 
 def _groups(**kw):
-    """Two tasks x 8 rollouts sharing a long prompt, and one trajectory (index 5) that shares nothing."""
+    """Two tasks x 8 rollouts sharing a long prompt, one trajectory (index 5) that shares nothing, and a rollout
+    logged twice (as a padded shard repeats one): all but its last token shared."""
     trajs = [_rollout(0, k, **kw) for k in range(8)] + [_rollout(1, k, lead=False, **kw) for k in range(8)]
     trajs.insert(5, _rollout(2, 0, system="Another agent.", tool_words=kw.get("tool_words", 1)))
-    return trajs
+    twice = _rollout(3, 1, **kw)
+    return trajs + [twice, {**twice, "id": "again"}]
 
 
 def _lora(ref):
@@ -240,16 +242,22 @@ def _shared_vs_plain(pol, ref, tokenizer, trajs, **kw):
     return rendered, plan(rendered, shared.batch_tokens)
 
 
-@pytest.mark.parametrize("policy", ["full", "lora"])
-def test_shared_prefix_matches_plain_scoring(tiny_models, tiny_tokenizer, policy):
+@pytest.mark.parametrize("policy", ["full", "lora", "full_forward"])
+def test_shared_prefix_matches_plain_scoring(tiny_models, tiny_tokenizer, policy, monkeypatch):
+    import progadv_trl.engine as engine
+
     pol, ref = tiny_models
     if policy == "lora":
         pol, ref = _lora(ref), None  # reference = the same model, adapter disabled, also while caching the prefix
+    if policy == "full_forward":  # as for models with logit soft-capping: logits from the model's own forward
+        monkeypatch.setattr(engine, "_hidden_fn", lambda model: None)
     trajs = _groups()
     # a budget of about 3 rows: each group's continuations run in several batches on copies of one prefix cache
     rendered, (groups, rest) = _shared_vs_plain(pol, ref, tiny_tokenizer, trajs, batch_tokens=2600)
-    assert rest == [5] and sorted(len(g.members) for g in groups) == [8, 8]
-    assert all(len(g.batches) > 1 for g in groups)
+    assert rest == [5] and sorted(len(g.members) for g in groups) == [2, 8, 8]
+    assert sum(len(g.batches) > 1 for g in groups) == 2
+    twice = next(g for g in groups if len(g.members) == 2)
+    assert twice.prefix_len == len(rendered[-1].input_ids) - 1 > rendered[-1].spans[-1][0]
     first_action = {g.prefix_len - min(rendered[i].spans[0][0] for i in g.members) for g in groups}
     # task 0: the prefix ends where actions start (the first action token is predicted by the last cached position);
     # task 1: the rollouts also open alike, so the prefix reaches into their first actions
@@ -265,7 +273,7 @@ def test_shared_prefix_with_truncation(tiny_models, tiny_tokenizer):
     # the prompt (535 tokens) fits in the kept start: truncated rollouts still share it with their group
     rendered, (groups, rest) = _shared_vs_plain(pol, ref, tiny_tokenizer, trajs, max_length=1100)
     cut = [i for i, r in enumerate(rendered) if r.truncation is not None]
-    assert len(cut) >= 4 and set(cut) & {i for g in groups for i in g.members} and len(groups) == 2
+    assert len(cut) >= 4 and set(cut) & {i for g in groups for i in g.members} and len(groups) == 3
     # a budget that cuts into the prompt: the kept start (350 tokens of system prompt and tools) is still shared
     rendered, (groups, rest) = _shared_vs_plain(pol, ref, tiny_tokenizer, trajs, max_length=700)
     assert sum(r.truncation is not None for r in rendered) >= 16 and [g.prefix_len for g in groups] == [350]
