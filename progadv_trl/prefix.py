@@ -120,7 +120,7 @@ def shared_token_stats(
         raise RuntimeError("this model did not fill the KV cache it was given; score with share_prefix=False")
     kv = [(layer.keys, layer.values) for layer in cache.layers]
     del cache
-    hs, row0 = [], 0
+    out, row0 = [], 0
     for batch in group.batches:
         S = max(len(rendered[i].input_ids) for i in batch) - P
         ids = torch.full((len(batch), S), pad_id, dtype=torch.long)
@@ -137,13 +137,14 @@ def shared_token_stats(
         suf = states(ids, mask, position_ids, past_key_values=past)
         del past
         sel = (rows >= row0) & (rows < row0 + len(batch))
-        q, r = pos[sel].to(device) - 1, rows[sel].to(device) - row0
-        # the state at q: the prefix run's for q < P, else row r's suffix state at q - P
+        r, p = rows[sel] - row0, pos[sel]
+        targets = torch.tensor([rendered[batch[a]].input_ids[b] for a, b in zip(r.tolist(), p.tolist())], dtype=torch.long)
+        # the state at q = p - 1: the prefix run's for q < P (the boundary p = P included), else row r's at q - P
+        q, r = (p - 1).to(device), r.to(device)
         h = suf.new_empty((q.numel(), suf.shape[-1]))
         in_pre = q < P
         h[in_pre], h[~in_pre] = pre[q[in_pre]], suf[r[~in_pre], q[~in_pre] - P]
-        hs.append(h)
+        # per batch, as the plain path does: with a full-forward model these states are logits
+        out.append(token_logprob_stats(h, head, targets.to(device), **kw))
         row0 += len(batch)
-    members = group.members
-    targets = torch.tensor([rendered[members[r]].input_ids[p] for r, p in zip(rows.tolist(), pos.tolist())], device=device)
-    return token_logprob_stats(torch.cat(hs), head, targets, **kw)
+    return {k: torch.cat([o[k] for o in out]) for k in out[0]}
