@@ -235,19 +235,16 @@ class ProgressScorer:
                         step_of.extend([step] * (e - s))
                         owner.extend([i] * (e - s))
                 index = (torch.tensor(b_idx, dtype=torch.long), torch.tensor(p_idx, dtype=torch.long))
-                if isinstance(unit, SharedGroup):
+                padded = None if isinstance(unit, SharedGroup) else self._pad(rendered, unit)
 
-                    def run(model, **extra):
-                        states, head = _states_fn(model)
-                        cfg_m = _plain_model(model).config
-                        return shared_token_stats(
-                            states, head, cfg_m, _device(model), rendered, unit, index, pad_id=self.pad_id, **kw, **extra
-                        )
-                else:
-                    ids, mask = self._pad(rendered, unit)
-
-                    def run(model, **extra):
-                        return taken_token_stats(model, ids, mask, index, **kw, **extra)
+                def run(model, **extra):
+                    if padded is not None:
+                        return taken_token_stats(model, *padded, index, **kw, **extra)
+                    states, head = _states_fn(model)
+                    return shared_token_stats(
+                        states, head, _plain_model(model).config, _device(model), rendered, unit, index,
+                        pad_id=self.pad_id, **kw, **extra,
+                    )  # fmt: skip
 
                 pol = run(self.policy, topk=cfg.topk, with_vocab_stats=self.compute_baselines)
                 with self.reference.active(self.policy):  # the prefix cache too: computed under the same adapters
