@@ -138,7 +138,8 @@ def shared_token_stats(
         del past
         sel = (rows >= row0) & (rows < row0 + len(batch))
         r, p = rows[sel] - row0, pos[sel]
-        targets = torch.tensor([rendered[batch[a]].input_ids[b] for a, b in zip(r.tolist(), p.tolist())], dtype=torch.long)
+        tokens = [rendered[batch[a]].input_ids[b] for a, b in zip(r.tolist(), p.tolist())]
+        targets = torch.tensor(tokens, dtype=torch.long)  # (long even when empty: a batch of fully cut steps)
         # the state at q = p - 1: the prefix run's for q < P (the boundary p = P included), else row r's at q - P
         q, r = (p - 1).to(device), r.to(device)
         h = suf.new_empty((q.numel(), suf.shape[-1]))
