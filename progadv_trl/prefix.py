@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .scoring import token_logprob_stats
-from .trajectories import Rendered
+from .rendering import Rendered
 
 # Below this many shared tokens the extra forward call and the cache copy cost about what they save.
 MIN_SHARED_TOKENS = 32
