@@ -89,6 +89,13 @@ class DemoConfig:
         metadata={"help": "steps of next-token pretraining on short snippets (an id, then a tool call copying it) "
                           "before SFT: the tiny model learns to copy ids there at a fifth of SFT's cost per step"},
     )
+    pretrain_read: float = field(
+        default=0.3,
+        metadata={"help": "share of pretraining snippets that teach reading a lookup result (the reply restates its "
+                          "facts). Without them the reference never learned to tell 'booked within 24h' apart: "
+                          "P(cancel) 0.24 when only that applied, 0.21 when nothing did, so RL had no feature to amplify "
+                          "and pushed both towards refusing"},
+    )
     pretrain_batch_size: int = field(default=64, metadata={"help": "snippets per pretraining step"})
     pretrain_lr: float = field(default=3e-3, metadata={"help": "pretraining learning rate"})
     # SFT
@@ -108,6 +115,12 @@ class DemoConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (training and sampled eval)"})
     max_new_tokens: int = field(default=24, metadata={"help": "tokens per assistant turn before it is cut off"})
     logging_steps: int = field(default=10, metadata={"help": "GRPO logging interval"})
+    grpo_balance: bool = field(
+        default=True,
+        metadata={"help": "GRPO prompts balanced over the four situations (rarer ones repeated): with the natural mix, "
+                          "'neither' (refuse is right) outnumbers '24h_only' (cancel is right) 2:1 and RL pushed both "
+                          "towards refusing before it learned to tell them apart"},
+    )
     # the callback and the evaluation (progadv demo)
     heldout_per_task: int = field(default=4, metadata={"help": "labelled reference rollouts per held-out task"})
     heldout_eval_steps: int = field(default=20, metadata={"help": "the callback scores the held-out set this often"})
@@ -193,17 +206,30 @@ def build_tokenizer(out_dir, cfg: DemoConfig):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def pretraining_snippet(rng: random.Random, tokenizer) -> list[int]:
-    """One short stretch of domain text where an id is copied: the customer's opening (or a tool result echoing the
-    id) and the assistant's next tool call with that id, written by the chat template."""
+def describe_lookup(insured: bool, within_24h: bool) -> str:
+    """A plain restatement of a lookup's facts, booking time first. Pretraining text only: no demonstration or
+    rollout writes it, so it teaches the base model to read a lookup result, not what to do about it."""
+    return f"{'Recent' if within_24h else 'Older'} booking, {'insured' if insured else 'not insured'}."
+
+
+def pretraining_snippet(rng: random.Random, tokenizer, p_read: float = 0.0) -> list[int]:
+    """One short stretch of domain text. Mostly an id copied: the customer's opening (or a tool result echoing the
+    id) and the assistant's next tool call with that id, written by the chat template. With probability `p_read`,
+    reading instead: a lookup result and a reply restating its facts (`describe_lookup`)."""
     rid = f"{ID_PREFIX}{rng.randrange(10 ** (ID_DIGITS - 1), 10**ID_DIGITS)}"
-    if rng.random() < 0.5:
-        ctx = {"role": "user", "content": rng.choice(USER_OPENINGS).format(rid=rid)}
+    if rng.random() < p_read:
+        ins, rec = rng.random() < 0.5, rng.random() < 0.5
+        ctx = {"role": "tool", "content": json.dumps({"insured": ins, "within_24h": rec, "id": rid})}
+        reply = {"role": "assistant", "content": describe_lookup(ins, rec)}
     else:
-        out = rng.choice([{"error": "timeout"}, {"insured": rng.random() < 0.5, "within_24h": rng.random() < 0.5},
-                          {"status": "cancelled"}, {"status": "refunded"}])
-        ctx = {"role": "tool", "content": json.dumps({**out, "id": rid})}
-    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, ctx, tool_call_message(rng.choice(TOOLS), rid)]
+        if rng.random() < 0.5:
+            ctx = {"role": "user", "content": rng.choice(USER_OPENINGS).format(rid=rid)}
+        else:
+            out = rng.choice([{"error": "timeout"}, {"insured": rng.random() < 0.5, "within_24h": rng.random() < 0.5},
+                              {"status": "cancelled"}, {"status": "refunded"}])
+            ctx = {"role": "tool", "content": json.dumps({**out, "id": rid})}
+        reply = tool_call_message(rng.choice(TOOLS), rid)
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, ctx, reply]
     text = render(tokenizer, msgs).rstrip("\n")
     return encode(tokenizer, text[text.index("<|im_start|>user"):])
 
@@ -216,7 +242,7 @@ def pretrain_base(model, tokenizer, cfg: DemoConfig) -> list[float]:
     pad, losses = tokenizer.pad_token_id, []
     model.train()
     for step in range(1, cfg.pretrain_steps + 1):
-        xs = [pretraining_snippet(rng, tokenizer) for _ in range(cfg.pretrain_batch_size)]
+        xs = [pretraining_snippet(rng, tokenizer, cfg.pretrain_read) for _ in range(cfg.pretrain_batch_size)]
         L = max(map(len, xs))
         ids = torch.full((len(xs), L), pad)
         labels = torch.full((len(xs), L), -100)
@@ -313,6 +339,16 @@ def grpo_dataset(tasks: list[Task]):
     return datasets.Dataset.from_list([{"prompt": t.prompt(), "task_id": t.id} for t in tasks])
 
 
+def balanced(tasks: list[Task]) -> list[Task]:
+    """The tasks with each situation equally often: every situation's tasks cycled up to the largest one's count,
+    interleaved (the trainer shuffles anyway). A situation with no task stays absent."""
+    by: dict[str, list[Task]] = {}
+    for t in tasks:
+        by.setdefault(t.situation, []).append(t)
+    n = max((len(v) for v in by.values()), default=0)
+    return [v[i % len(v)] for i in range(n) for v in by.values()]
+
+
 def grpo_config(cfg: DemoConfig, **overrides):
     from trl import GRPOConfig
 
@@ -345,7 +381,7 @@ def train_policy(cfg: DemoConfig, callbacks=(), model_path: str | None = None, s
         model=model_path,
         reward_funcs=success_reward,
         args=grpo_config(cfg, **overrides),
-        train_dataset=grpo_dataset(tasks),
+        train_dataset=grpo_dataset(balanced(tasks) if cfg.grpo_balance else tasks),
         processing_class=tok,
         rollout_func=make_rollout_func(tasks, seed=cfg.seed, world=cfg.world, max_new_tokens=cfg.max_new_tokens),
     )
