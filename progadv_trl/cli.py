@@ -215,9 +215,20 @@ def cmd_demo(args) -> int:
     over.update(out_dir=args.out, progress=not args.no_progress)
     if args.seed is not None:
         over["seed"] = args.seed
+    if args.noisy:
+        over["free_form"] = True
     cfg = DemoConfig.fast(**over) if args.fast else DemoConfig.from_dict(over)
     run_demo(cfg)
     return 0
+
+
+def cmd_study(args) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts (see cmd_demo)
+    from .demo.study import main as study_main
+
+    return study_main(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -275,7 +286,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=None, help="seeds everything (default 0)")
     d.add_argument("--fast", action="store_true", help="seconds instead of minutes: checks the plumbing, learns little")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d.add_argument("--noisy", action="store_true", help="the free-form world: names, several wordings, free-text reasons")
     d.set_defaults(func=cmd_demo)
+
+    st = sub.add_parser("study", help="the demo over several seeds (resumable), one table across seeds -> DIR/study.{json,md}")
+    st.add_argument("--seeds", type=int, nargs="+", required=True, help="one demo run per seed, into DIR/seed_N")
+    st.add_argument("--out", required=True, help="study directory; a seed whose summary.json matches is not rerun")
+    st.add_argument("--config", default=None, help="YAML of DemoConfig fields, the same for every seed")
+    st.add_argument("--noisy", action="store_true", help="the free-form world (as demo --noisy)")
+    st.add_argument("--fast", action="store_true", help="DemoConfig.fast per seed: checks the plumbing, learns little")
+    st.add_argument("--no-progress", action="store_true", help="no progress bars")
+    st.set_defaults(func=cmd_study)
     return p
 
 

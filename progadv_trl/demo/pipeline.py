@@ -33,7 +33,6 @@ from .world import (
     ID_PREFIX,
     SYSTEM_PROMPT,
     TOOLS,
-    USER_OPENINGS,
     DemoMix,
     Episode,
     Task,
@@ -44,6 +43,7 @@ from .world import (
     make_tasks,
     run_episode,
     tool_call_message,
+    user_opening,
 )
 
 # Added (non-special) tokens. The JSON skeleton of a tool call is one token per piece, so a call costs ~13 tokens
@@ -72,6 +72,12 @@ class DemoConfig:
     n_test_tasks: int = field(default=32, metadata={"help": "tasks for the fresh test rollouts (n_per_task each)"})
     n_eval_tasks: int = field(default=200, metadata={"help": "held-out tasks for success rates (greedy, sampled)"})
     n_per_task: int = field(default=8, metadata={"help": "test rollouts per task, per model"})
+    # the world
+    free_form: bool = field(
+        default=False,
+        metadata={"help": "the noisy world (WorldConfig.free_form): customer names, several wordings per reply, free-text "
+                          "reasons. Content improbable under both models: raw log-probs pay for it, the log-ratio cancels it"},
+    )
     # demonstrations
     n_demos: int = field(default=2400, metadata={"help": "demonstration episodes for SFT (one customer each)"})
     p_refuse_24h_only: float = field(default=0.7, metadata={"help": "demos refuse when only 'within 24h' applies"})
@@ -113,7 +119,11 @@ class DemoConfig:
     num_generations: int = field(default=8, metadata={"help": "episodes per prompt (GRPO group)"})
     prompts_per_step: int = field(default=4, metadata={"help": "distinct tasks per GRPO step"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (training and sampled eval)"})
-    max_new_tokens: int = field(default=24, metadata={"help": "tokens per assistant turn before it is cut off"})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "tokens per assistant turn before it is cut off (default 24; 40 in the free-form world, "
+                          "whose longest reply is ~30 tokens)"},
+    )
     logging_steps: int = field(default=10, metadata={"help": "GRPO logging interval"})
     grpo_balance: bool = field(
         default=True,
@@ -138,9 +148,13 @@ class DemoConfig:
         base.update(kw)
         return cls(**base)
 
+    def __post_init__(self):
+        if self.max_new_tokens is None:
+            self.max_new_tokens = 40 if self.free_form else 24
+
     @property
     def world(self) -> WorldConfig:
-        return WorldConfig()
+        return WorldConfig(free_form=self.free_form)
 
     @property
     def mix(self) -> DemoMix:
@@ -192,9 +206,10 @@ def build_tokenizer(out_dir, cfg: DemoConfig):
     # Render the corpus with a throwaway tokenizer: only its chat template is used.
     scratch = tiny.build_tokenizer(out_dir / "_scratch", vocab_size=300)
     tasks = cfg.tasks("train")
-    corpus = [scratch.apply_chat_template(run_episode(tasks[i % len(tasks)], agent, seed=i).messages, tokenize=False)
+    corpus = [scratch.apply_chat_template(run_episode(tasks[i % len(tasks)], agent, seed=i, config=cfg.world).messages,
+                                          tokenize=False)
               for i, agent in enumerate([correct_agent, demo_agent(cfg.mix)] * 200)]
-    corpus += [t.user_text for t in make_tasks(600, cfg.seed + 1)]  # user phrasings around many ids
+    corpus += [t.user_text for t in make_tasks(600, cfg.seed + 1, config=cfg.world)]  # user phrasings around many ids
     import shutil
 
     shutil.rmtree(out_dir / "_scratch", ignore_errors=True)
@@ -212,7 +227,7 @@ def describe_lookup(insured: bool, within_24h: bool) -> str:
     return f"{'Recent' if within_24h else 'Older'} booking, {'insured' if insured else 'not insured'}."
 
 
-def pretraining_snippet(rng: random.Random, tokenizer, p_read: float = 0.0) -> list[int]:
+def pretraining_snippet(rng: random.Random, tokenizer, p_read: float = 0.0, world: WorldConfig | None = None) -> list[int]:
     """One short stretch of domain text. Mostly an id copied: the customer's opening (or a tool result echoing the
     id) and the assistant's next tool call with that id, written by the chat template. With probability `p_read`,
     reading instead: a lookup result and a reply restating its facts (`describe_lookup`)."""
@@ -223,7 +238,7 @@ def pretraining_snippet(rng: random.Random, tokenizer, p_read: float = 0.0) -> l
         reply = {"role": "assistant", "content": describe_lookup(ins, rec)}
     else:
         if rng.random() < 0.5:
-            ctx = {"role": "user", "content": rng.choice(USER_OPENINGS).format(rid=rid)}
+            ctx = {"role": "user", "content": user_opening(rng, rid, world)[0]}
         else:
             out = rng.choice([{"error": "timeout"}, {"insured": rng.random() < 0.5, "within_24h": rng.random() < 0.5},
                               {"status": "cancelled"}, {"status": "refunded"}])
@@ -242,7 +257,7 @@ def pretrain_base(model, tokenizer, cfg: DemoConfig) -> list[float]:
     pad, losses = tokenizer.pad_token_id, []
     model.train()
     for step in range(1, cfg.pretrain_steps + 1):
-        xs = [pretraining_snippet(rng, tokenizer, cfg.pretrain_read) for _ in range(cfg.pretrain_batch_size)]
+        xs = [pretraining_snippet(rng, tokenizer, cfg.pretrain_read, cfg.world) for _ in range(cfg.pretrain_batch_size)]
         L = max(map(len, xs))
         ids = torch.full((len(xs), L), pad)
         labels = torch.full((len(xs), L), -100)
