@@ -91,7 +91,7 @@ def aggregate(summaries: list[dict]) -> dict:
 
     Returns {"seeds", "config", "config_varying", "success", "table", "regimes"}:
     - success: per seed the reference's and the policy's greedy held-out success (and sampled, where present), the
-      gain in points, the run's wall time; then the min/mean gain and whether every seed cleared MIN_GAIN_POINTS;
+      gain in points, the run's wall and process CPU seconds; then the min/mean gain and whether every seed cleared MIN_GAIN_POINTS;
     - table[regime][method][figure] = {mean, std, min, max, n_seeds, wins}: every numeric leaf of every method's row
       in summary["evaluation"][set]["methods"] (nested dicts flattened to "a/b"); `wins` counts the seeds where the
       method was best in that cell among the methods that have it that seed (ties count for each tied method; lower
@@ -113,6 +113,8 @@ def aggregate(summaries: list[dict]) -> dict:
                 row[k.replace("_success", "")] = s[k]
         if isinstance(s.get("timings"), dict) and "total_s" in s["timings"]:
             row["total_s"] = s["timings"]["total_s"]
+        if isinstance(s.get("cpu_timings"), dict) and "total_s" in s["cpu_timings"]:
+            row["cpu_s"] = s["cpu_timings"]["total_s"]
         per_seed.append(row)
     gains = [r["gain_points"] for r in per_seed if r["gain_points"] is not None]
     success = {
@@ -174,11 +176,11 @@ def study_markdown(study: dict, command: str | None = None) -> str:
     if study.get("config_varying"):
         md += [f"Config differs between seeds in: {', '.join(study['config_varying'])}.", ""]
     md += ["## Held-out greedy success, reference -> RL policy", "",
-           "| seed | reference | policy | gain (points) | sampled ref -> policy | wall (s) |", "|---|---|---|---|---|---|"]
+           "| seed | reference | policy | gain (points) | sampled ref -> policy | wall / CPU (s) |", "|---|---|---|---|---|---|"]
     for r in s["per_seed"]:
         samp = f"{_f(r.get('reference_sampled'))} -> {_f(r.get('policy_sampled'))}" if "policy_sampled" in r else "–"
         md.append(f"| {r['seed']} | {_f(r['reference'])} | {_f(r['policy'])} | {_f(r['gain_points'], 1)} | {samp} | "
-                  f"{_f(r.get('total_s'), 0)} |")
+                  f"{_f(r.get('total_s'), 0)} / {_f(r.get('cpu_s'), 0)} |")
     md += ["", f"Min gain {_f(s['min_gain_points'], 1)} points, mean {_f(s['mean_gain_points'], 1)} (bar: "
                f"{s['bar_points']:.0f} on every seed: {'cleared' if s['all_seeds_clear_bar'] else 'NOT cleared'}).", ""]
     for regime, t in study["table"].items():
