@@ -129,8 +129,8 @@ class DemoConfig:
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (training and sampled eval)"})
     max_new_tokens: int | None = field(
         default=None,
-        metadata={"help": "tokens per assistant turn before it is cut off (default 24; 40 in the free-form world, "
-                          "whose longest reply is ~30 tokens)"},
+        metadata={"help": "tokens per assistant turn before it is cut off (default 24; 32 in the free-form world, "
+                          "whose longest reply is 26 tokens)"},
     )
     logging_steps: int = field(default=10, metadata={"help": "GRPO logging interval"})
     # the callback and the evaluation (progadv demo)
@@ -152,7 +152,7 @@ class DemoConfig:
 
     def __post_init__(self):
         if self.max_new_tokens is None:
-            self.max_new_tokens = 40 if self.free_form else 24
+            self.max_new_tokens = 32 if self.free_form else 24
 
     @property
     def world(self) -> WorldConfig:

@@ -96,22 +96,25 @@ USER_OPENINGS_NAMED = (
     "{name} here. Can you cancel reservation {rid}?",
     "Hello, my name is {name}. Please cancel {rid}.",
 )
+# Every wording of a kind opens with the same word ("Sorry" to refuse or give up, "Done"): the choice between replying
+# and acting stays in the first token, as in the plain world. Wordings that opened differently split the
+# reply's probability over several first tokens, and greedy decoding then took the tool call wherever the reply had
+# less than ~0.7 (the systematic mistakes the demo is about vanished from the reference's greedy runs).
 SAY_FREE = {
     "refuse": (
         "Sorry {name}, this reservation cannot be cancelled under our policy.",
-        "{name}, I am afraid this booking is not eligible: {reason}.",
+        "Sorry {name}, this booking is not eligible: {reason}.",
         "Sorry {name}, I am unable to cancel it: {reason}.",
-        "I cannot cancel this booking, {name}: {reason}.",
     ),
     "done": (
         "Done, {name}: your reservation is cancelled and refunded.",
-        "{name}, the booking is cancelled and your refund has been issued.",
-        "All set {name}, cancelled and refunded.",
+        "Done {name}, the booking is cancelled and your refund has been issued.",
+        "Done, {name}: cancelled and refunded.",
     ),
     "give_up": (
         "Sorry {name}, our system is down. Please try again later.",
-        "{name}, we have a technical issue, please try again later.",
-        "Apologies {name}, the system is down right now.",
+        "Sorry {name}, we have a technical issue, please try again later.",
+        "Sorry {name}, the system is down right now.",
     ),
 }
 REFUSE_REASONS = (
