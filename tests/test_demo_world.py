@@ -18,8 +18,10 @@ from progadv_trl.demo.rollout import (
 )
 from progadv_trl.demo.world import (
     SAY,
+    SAY_FREE,
     Episode,
     WorldConfig,
+    classify_text,
     correct_agent,
     demo_agent,
     make_tasks,
@@ -161,6 +163,65 @@ def test_same_seed_same_dice_for_different_agents():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The free-form world (WorldConfig.free_form): noisy content, the same decisions
+
+
+def _replies(world, n=200, seed=4, agent=None):
+    """{kind: [text of every plain reply]} over n episodes of the demo agent, and the tasks."""
+    tasks = make_tasks(n, seed, config=world)
+    out = {}
+    for i, t in enumerate(tasks):
+        ep = run_episode(t, agent or demo_agent(), seed=i, config=world)
+        for m in ep.messages:
+            if m["role"] == "assistant" and not m.get("tool_calls"):
+                out.setdefault(classify_text(m["content"]), []).append((t, m["content"]))
+    return out
+
+
+def test_free_form_keeps_facts_decisions_and_labels():
+    plain, free = WorldConfig(), WorldConfig(free_form=True)
+    a, b = make_tasks(120, 2, config=plain), make_tasks(120, 2, config=free)
+    assert [(t.id, t.insured, t.within_24h) for t in a] == [(t.id, t.insured, t.within_24h) for t in b]
+    assert all(t.name == "" for t in a) and len({t.name for t in b}) >= 10
+    assert all(t.name in t.user_text and t.user_text.rstrip(".?").endswith(t.res_id) for t in b)  # the id stays last
+    assert all(x.user_text != y.user_text for x, y in zip(a, b))
+    for i, (ta, tb) in enumerate(zip(a, b)):  # the correct agent: the same actions, outcomes and labels in both worlds
+        ra = run_episode(ta, correct_agent, seed=i, config=plain).record()
+        rb = run_episode(tb, correct_agent, seed=i, config=free).record()
+        assert ra["metadata"]["actions"] == rb["metadata"]["actions"]
+        assert (ra["success"], ra["failure_step"], ra["metadata"]["outcome"]) == (rb["success"], rb["failure_step"],
+                                                                                rb["metadata"]["outcome"])  # fmt: skip
+    assert sum(run_episode(t, correct_agent, seed=i, config=free).success for i, t in enumerate(b)) > 0.85 * len(b)
+
+
+def test_free_form_replies_are_improbable_content_of_the_right_kind():
+    free = _replies(WorldConfig(free_form=True))
+    plain = _replies(WorldConfig())
+    assert set(free) == set(plain) == {"refuse", "done", "give_up"}  # every wording is read as its kind, never "other"
+    for kind, rows in free.items():
+        texts = [x for _, x in rows]
+        assert all(t.name in x for t, x in rows)  # addressed to the customer by name
+        top = max(texts.count(x) for x in set(texts))
+        assert top / len(texts) < 0.25, kind  # no reply is likely: a model matching the wording pays >1.4 nats a turn
+        assert {x for _, x in plain[kind]} == {SAY[kind]}  # the plain world: one phrasing, nearly free to predict
+    # several wordings of each kind (names aside), and refusals with several free-text reasons
+    for kind, rows in free.items():
+        shapes = {x.replace(t.name, "{name}") for t, x in rows}
+        assert len(shapes) >= (6 if kind == "refuse" else len(SAY_FREE[kind])), kind
+        assert len({x.split()[0].strip(",") for x in texts}) == 1, kind  # one first word: the decision stays in it
+
+
+def test_demo_config_free_form():
+    from progadv_trl.demo.pipeline import DemoConfig
+
+    assert DemoConfig().world == WorldConfig() and DemoConfig().max_new_tokens == 24
+    cfg = DemoConfig(free_form=True)
+    assert cfg.world.free_form and cfg.max_new_tokens == 32  # the longest free-form reply is 26 tokens
+    assert DemoConfig(free_form=True, max_new_tokens=40).max_new_tokens == 40
+    assert all(t.name for t in DemoConfig.fast(free_form=True).tasks("test"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Rendering round trip
 
 
@@ -171,12 +232,14 @@ def demo_tok(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("demo_tok"), DemoConfig.fast())
 
 
-def test_records_round_trip_through_the_chat_template(demo_tok):
-    from progadv_trl.trajectories import load_trajectories
+@pytest.mark.parametrize("free_form", [False, True])
+def test_records_round_trip_through_the_chat_template(demo_tok, free_form):
     from progadv_trl.rendering import render as core_render
+    from progadv_trl.trajectories import load_trajectories
 
-    tasks = make_tasks(30, 5)
-    recs = [run_episode(t, demo_agent(), seed=i).record() for i, t in enumerate(tasks)]
+    world = WorldConfig(free_form=free_form)
+    tasks = make_tasks(30, 5, config=world)
+    recs = [run_episode(t, demo_agent(), seed=i, config=world).record() for i, t in enumerate(tasks)]
     loaded = load_trajectories(recs).trajectories  # the core loader accepts them as they are
     for rec, traj in zip(recs, loaded):
         text = demo_tok.apply_chat_template(rec["messages"], tokenize=False)
