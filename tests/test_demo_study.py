@@ -137,3 +137,13 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress"]) == 0
     assert (out / "seed_1" / "summary.json").stat().st_mtime_ns == before  # resumed, not rerun
     assert "not run again" in capsys.readouterr().err
+    # --reevaluate: the finished seed's evaluation is computed again (same models and rollouts), nothing retrained
+    s1 = json.loads((out / "seed_1" / "summary.json").read_text())
+    trained = (out / "seed_1" / "policy" / "model.safetensors").stat().st_mtime_ns
+    stale = {**s1, "evaluation": {}}
+    (out / "seed_1" / "summary.json").write_text(json.dumps(stale))
+    assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress", "--reevaluate"]) == 0
+    again = json.loads((out / "seed_1" / "summary.json").read_text())
+    assert again["evaluation"] == s1["evaluation"] and again["policy_success"] == s1["policy_success"]
+    assert (out / "seed_1" / "policy" / "model.safetensors").stat().st_mtime_ns == trained
+    assert "evaluating its saved rollouts again" in capsys.readouterr().err
