@@ -46,15 +46,20 @@ def _hidden_fn(model):
         return None
 
     def hidden(input_ids, attention_mask, position_ids, past_key_values=None):
-        return decoder(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-        ).last_hidden_state
+        return _forward(decoder, input_ids, attention_mask, position_ids, past_key_values).last_hidden_state
 
     return hidden, head
+
+
+def _forward(module, input_ids, attention_mask, position_ids, past_key_values=None):
+    """One forward pass; the KV cache is filled only when a cache is passed (the shared-prefix path, prefix.py)."""
+    return module(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=past_key_values is not None,
+    )
 
 
 def _states_fn(model):
@@ -64,13 +69,7 @@ def _states_fn(model):
         return fn
 
     def logits(input_ids, attention_mask, position_ids, past_key_values=None):
-        return model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            use_cache=past_key_values is not None,
-        ).logits
+        return _forward(model, input_ids, attention_mask, position_ids, past_key_values).logits
 
     return logits, (lambda x: x)
 
