@@ -18,7 +18,8 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   continuation, batch 1, no padding) plus the output layer and its log-sum-exp at action positions only. The floor
   computes the same log-probs (checked against the engine to 1e-4), so it is a scorer, not a lower-bound guess.
 - engine_flops_over_floor: the engine's predicted FLOPs (padded batches, a shared prompt once per rollout unless it
-  shares prefixes) / the floor's: 1 / this is the floor efficiency the FLOPs allow.
+  shares prefixes) / the floor's: 1 / this is the floor efficiency the FLOPs allow. speedup_predicted_from_flops:
+  the naive scorer's FLOPs / the engine's (null once the engine shares prefixes: its FLOPs then depend on how).
 - baseline_extra_cost_ratio: engine time with the full-vocabulary baselines (self-certainty, DeepConf) / without.
 - prefix_sharing_speedup: engine time with share_prefix=False / True (null when the engine has no share_prefix).
 - logits_peak_memory_ratio: elements of the largest logits tensor the engine builds (seen by a hook on the output
@@ -72,7 +73,8 @@ TARGETS = {
 }
 ROWS = [
     "n_trajectories", "n_tokens", "n_distinct_tokens", "n_action_tokens", "scoring_speedup_vs_naive",
-    "speedup_bound_vs_naive", "speedup_fraction_of_bound", "floor_efficiency", "engine_flops_over_floor",
+    "speedup_bound_vs_naive", "speedup_fraction_of_bound", "speedup_predicted_from_flops", "floor_efficiency",
+    "engine_flops_over_floor",
     "baseline_extra_cost_ratio", "prefix_sharing_speedup", "logits_peak_memory_ratio", "lora_peak_memory_ratio",
     "capture_overhead_pct", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s", "two_process_speedup", "engine_tokens_per_s", "engine_s", "naive_s",
     "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
@@ -384,6 +386,7 @@ def bench_scoring(ctx, args) -> dict:
         "n_action_tokens": fl["n_action"], "n_batches": len(batches),
         "scoring_speedup_vs_naive": speedup, "speedup_bound_vs_naive": bound, "speedup_fraction_of_bound": speedup / bound,
         "floor_efficiency": floor_t / best["engine"], "engine_flops_over_floor": fl["engine"] / fl["floor"],
+        "speedup_predicted_from_flops": fl["naive"] / fl["engine"],
         "baseline_extra_cost_ratio": best["baselines"] / best["engine"],
         "prefix_sharing_speedup": best["noshare"] / best["engine"] if share else None,
         "logits_peak_memory_ratio": engine_logits / plain, "logits_engine_rows": engine_logits // V,
@@ -654,7 +657,7 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, default=1, help="groups of 8 agent rollouts (realistic, qwen2.5-1.5b)")
     p.add_argument("--tiny-n", type=int, default=32, help="tiny trajectories")
     p.add_argument("--repeat", type=int, default=3, help="timed rounds of naive, engine, floor on the tiny shape (best of)")
-    p.add_argument("--repeat-large", type=int, default=1, help="the same on the realistic and qwen2.5-1.5b shapes")
+    p.add_argument("--repeat-large", type=int, default=2, help="the same on the realistic and qwen2.5-1.5b shapes")
     p.add_argument("--memory-n", type=int, default=3, help="trajectories scored in each memory subprocess")
     p.add_argument("--dist-n", type=int, default=4, help="trajectories in the two-process comparison (0: all)")
     p.add_argument("--dist-repeat", type=int, default=1, help="interleaved rounds of the two-process comparison")
