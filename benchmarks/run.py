@@ -73,11 +73,12 @@ TARGETS = {
 }
 ROWS = [
     "n_trajectories", "n_tokens", "n_distinct_tokens", "n_action_tokens", "scoring_speedup_vs_naive",
-    "speedup_bound_vs_naive", "speedup_fraction_of_bound", "speedup_predicted_from_flops", "floor_efficiency",
-    "engine_flops_over_floor",
-    "baseline_extra_cost_ratio", "prefix_sharing_speedup", "logits_peak_memory_ratio", "lora_peak_memory_ratio",
-    "capture_overhead_pct", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s", "two_process_speedup", "engine_tokens_per_s", "engine_s", "naive_s",
-    "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
+    "scoring_speedup_vs_naive_cputime", "speedup_bound_vs_naive", "speedup_fraction_of_bound",
+    "speedup_predicted_from_flops", "floor_efficiency", "floor_efficiency_cputime", "engine_flops_over_floor",
+    "baseline_extra_cost_ratio", "baseline_extra_cost_ratio_cputime", "prefix_sharing_speedup",
+    "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio",
+    "capture_overhead_pct", "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
+    "two_process_speedup", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
 ]  # fmt: skip
 
 
@@ -86,14 +87,20 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+CPU_TIMES: dict[str, list[float]] = {}  # label -> this process's CPU seconds (all threads) per timed call
+
+
 def _timed(fn, device, label: str | None = None):
+    """(wall seconds, result); with a label, the process's CPU seconds go to CPU_TIMES[label]. On a shared machine
+    the CPU seconds are the steadier figure: other processes stretch wall time, not the work this one does."""
     _sync(device)
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     out = fn()
     _sync(device)
-    dt = time.perf_counter() - t
+    dt, dc = time.perf_counter() - t, time.process_time() - c
     if label:
-        print(f"  {label}: {dt:.2f} s", file=sys.stderr, flush=True)
+        CPU_TIMES.setdefault(label, []).append(dc)
+        print(f"  {label}: {dt:.2f} s wall, {dc:.2f} s CPU", file=sys.stderr, flush=True)
     return dt, out
 
 
@@ -372,6 +379,13 @@ def bench_scoring(ctx, args) -> dict:
     for name, d in check.items():
         assert d <= 1e-4, f"{name} and engine step advantages differ by {d:.2e} (> 1e-4, float32)"
     best = {k: min(v) if v else float("nan") for k, v in times.items()}
+    labels = {"naive": "naive", "engine": "engine", "baselines": "engine+baselines",
+              "noshare": "engine share_prefix=False", "floor": "floor (prefix once, batch 1)",
+              "floor_batched": "floor (engine batches)"}  # fmt: skip
+    cpu = {k: min(CPU_TIMES.pop(v)) if CPU_TIMES.get(v) else float("nan") for k, v in labels.items()}
+    floor_cpu = cpu["floor"]
+    if times["floor_batched"] and not any(P for _, P in groups):
+        floor_cpu = min(floor_cpu, cpu["floor_batched"])
     floor_t = best["floor"]
     if times["floor_batched"] and not any(P for _, P in groups):
         floor_t = min(floor_t, best["floor_batched"])  # (with shared prefixes it does more than the floor's work)
@@ -387,7 +401,10 @@ def bench_scoring(ctx, args) -> dict:
         "scoring_speedup_vs_naive": speedup, "speedup_bound_vs_naive": bound, "speedup_fraction_of_bound": speedup / bound,
         "floor_efficiency": floor_t / best["engine"], "engine_flops_over_floor": fl["engine"] / fl["floor"],
         "speedup_predicted_from_flops": fl["naive"] / fl["engine"],
+        "scoring_speedup_vs_naive_cputime": cpu["naive"] / cpu["engine"], "floor_efficiency_cputime": floor_cpu / cpu["engine"],
         "baseline_extra_cost_ratio": best["baselines"] / best["engine"],
+        "baseline_extra_cost_ratio_cputime": cpu["baselines"] / cpu["engine"],
+        "prefix_sharing_speedup_cputime": cpu["noshare"] / cpu["engine"] if share else None,
         "prefix_sharing_speedup": best["noshare"] / best["engine"] if share else None,
         "logits_peak_memory_ratio": engine_logits / plain, "logits_engine_rows": engine_logits // V,
         "logits_plain_rows": plain // V,
@@ -554,10 +571,10 @@ def bench_capture(ctx, args) -> dict:
             self.ends = []
 
         def on_train_begin(self, *a, **k):
-            self.ends = [time.perf_counter()]
+            self.ends = [(time.perf_counter(), time.process_time())]
 
         def on_step_end(self, *a, **k):
-            self.ends.append(time.perf_counter())
+            self.ends.append((time.perf_counter(), time.process_time()))
 
     def trainer(name, steps, **kw):
         a = grpo_args(ctx["root"] / f"cap_{ctx['shape']}_{name}", max_steps=steps, eval_strategy="no",
@@ -585,19 +602,23 @@ def bench_capture(ctx, args) -> dict:
         timer = StepTimes()
         t.add_callback(timer)  # after the callback: its on_step_end (the flush) falls inside the step
         t.train()
-        d = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
-        return d[1:]
+        wall = [b[0] - a[0] for a, b in zip(timer.ends, timer.ends[1:])]
+        cpu = [b[1] - a[1] for a, b in zip(timer.ends, timer.ends[1:])]
+        return wall[1:], cpu[1:]
 
     steps = {True: [], False: []}
+    steps_cpu = {True: [], False: []}
     runs_without = []
     with contextlib.redirect_stdout(io.StringIO()):  # the trainer prints every log line
         for _ in range(args.capture_repeat):
             for flag in (False, True):
-                d = one(flag)
+                d, c = one(flag)
                 steps[flag].extend(d)
+                steps_cpu[flag].extend(c)
                 if not flag:
                     runs_without.append(statistics.median(d))
     with_s, without_s = statistics.median(steps[True]), statistics.median(steps[False])
+    with_c, without_c = statistics.median(steps_cpu[True]), statistics.median(steps_cpu[False])
     noise = 100 * (max(runs_without) / min(runs_without) - 1) if len(runs_without) > 1 else None
 
     held = ctx["trajs"][: args.heldout_n]
@@ -608,6 +629,7 @@ def bench_capture(ctx, args) -> dict:
     secs = [e["eval_progadv/heldout/seconds"] for e in t.state.log_history if "eval_progadv/heldout/seconds" in e]
     return {
         "capture_overhead_pct": 100 * (with_s / without_s - 1), "grpo_step_s_with": with_s, "grpo_step_s_without": without_s,
+        "capture_overhead_pct_cputime": 100 * (with_c / without_c - 1),
         "capture_steps_each": len(steps[True]), "capture_noise_pct": noise,
         "capture_flush_pct": 100 * statistics.median(flush) / without_s if flush else None,
         "heldout_eval_s": secs[-1] if secs else None,
@@ -660,7 +682,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeat-large", type=int, default=2, help="the same on the realistic and qwen2.5-1.5b shapes")
     p.add_argument("--memory-n", type=int, default=3, help="trajectories scored in each memory subprocess")
     p.add_argument("--dist-n", type=int, default=4, help="trajectories in the two-process comparison (0: all)")
-    p.add_argument("--dist-repeat", type=int, default=1, help="interleaved rounds of the two-process comparison")
+    p.add_argument("--dist-repeat", type=int, default=2, help="interleaved rounds of the two-process comparison")
     p.add_argument("--nproc", type=int, default=2, help="processes in the multi-process run")
     p.add_argument("--capture-steps", type=int, default=7)
     p.add_argument("--capture-repeat", type=int, default=2)
