@@ -39,7 +39,8 @@ class ModelArguments:
                           "reference recorded by identity lives"},
     )
     dtype: str | None = field(default=None, metadata={"help": "torch dtype to load the models in (default: the checkpoint's)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cpu)"})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cpu). Under torchrun, "
+                                                               "cuda means each rank's own GPU (cuda:LOCAL_RANK)"})
     trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the checkpoint"})
 
 
@@ -191,9 +192,11 @@ def _report_skipped_and_faults(skipped, scores) -> None:
 
 def _scorer(model: ModelArguments, scoring: ScoringArguments):
     """(ProgressScorer, ProgressCritic or None) from --bundle or --policy/--reference, with the overrides applied."""
+    from . import distributed
     from .engine import ProgressScorer
     from .scoring import ScoringConfig
 
+    device = distributed.device(model.device)  # `cuda` under torchrun: this rank's GPU
     over = scoring.overrides()
     if model.bundle:
         if model.policy:
@@ -201,7 +204,7 @@ def _scorer(model: ModelArguments, scoring: ScoringArguments):
         from .critic import ProgressCritic
 
         critic = ProgressCritic.from_pretrained(
-            model.bundle, trust_remote_code=model.trust_remote_code, device=model.device, dtype=model.dtype,
+            model.bundle, trust_remote_code=model.trust_remote_code, device=device, dtype=model.dtype,
             reference_path=model.reference,
         )  # fmt: skip
         scorer = critic.scorer
@@ -213,7 +216,7 @@ def _scorer(model: ModelArguments, scoring: ScoringArguments):
     if not model.policy:
         raise SystemExit("progadv: error: give --bundle, or --policy (and --reference unless the policy is a LoRA adapter)")
     scorer = ProgressScorer.from_pretrained(
-        model.policy, model.reference, config=ScoringConfig(**over), dtype=model.dtype, device=model.device,
+        model.policy, model.reference, config=ScoringConfig(**over), dtype=model.dtype, device=device,
         trust_remote_code=model.trust_remote_code, max_length=scoring.max_length, batch_tokens=scoring.batch_tokens,
     )  # fmt: skip
     return scorer, None
@@ -234,10 +237,17 @@ def _reduction_info(scorer, critic) -> dict:
 
 def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArguments, inputs: InputArguments,
               args: ScoreArguments) -> int:  # fmt: skip
+    from . import distributed
+
+    distributed.init(model.device)  # several processes (torchrun): shard, gather, the main process writes
     trajs, skipped = _load_inputs(trajectories, inputs)
     scorer, _ = _scorer(model, scoring)
     skip = skipped if inputs.on_error == "skip" else None  # records the chat template cannot render join them
-    scores = scorer.score(trajs, with_token_ratios=args.token_ratios, progress=len(trajs) > 1, skipped=skip)
+    scores = distributed.score(
+        scorer, trajs, with_token_ratios=args.token_ratios, progress=len(trajs) > 1, skipped=skip
+    )  # fmt: skip
+    if scores is None:  # not the main process: it writes and reports
+        return 0
     atomic_write_text(args.output, "".join(json.dumps(s.to_dict()) + "\n" for s in scores))
     print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
     _report_skipped_and_faults(skipped, scores)
@@ -246,8 +256,10 @@ def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArgument
 
 def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArguments, inputs: InputArguments,
                  args: EvaluateArguments) -> int:  # fmt: skip
+    from . import distributed
     from .evaluation import format_table, report_paths, run_evaluation
 
+    distributed.init(model.device)  # several processes (torchrun): shard, gather, the main process evaluates
     trajs, skipped = _load_inputs(trajectories, inputs)
     scorer, critic = _scorer(model, scoring)
     # --choose-reduction: one set of forward passes, every token x step reduction, k-fold CV so no choice is scored
@@ -258,6 +270,8 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
         progress=len(trajs) > 1, skipped=skipped if inputs.on_error == "skip" else None,
         on_scored=lambda scores: _report_skipped_and_faults(skipped, scores),
     )  # fmt: skip
+    if not distributed.is_main():  # the main process evaluates, writes and prints
+        return 0
     print(format_table(metrics))
     print(f"progadv: wrote {', '.join(str(p) for p in report_paths(args.output).values())}", file=sys.stderr)
     return 0
@@ -420,14 +434,24 @@ def main(argv: list[str] | None = None) -> int:
     command, values = parse(argv)
     # The library warns about numeric faults; the commands name each one themselves, after scoring.
     warnings.filterwarnings("ignore", message=".*numeric fault", category=UserWarning)
+    from . import distributed
+
+    quiet = not distributed.is_main()  # several processes: the main process reports every rank's error once
     try:
         return COMMANDS[command][3](*values) or 0
     except _user_errors() as e:
-        print(f"progadv: error: {e}", file=sys.stderr)
+        if not quiet:
+            print(f"progadv: error: {e}", file=sys.stderr)
         return 2
+    except distributed.RankError as e:
+        print(f"progadv: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("progadv: interrupted; no output was left half-written", file=sys.stderr)
+        if not quiet:
+            print("progadv: interrupted; no output was left half-written", file=sys.stderr)
         return 130
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":

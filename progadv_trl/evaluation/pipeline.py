@@ -173,6 +173,10 @@ def run_evaluation(
     every metric, and `metrics["excluded"]` lists it with the skipped records. Raises `EvaluationError` when no
     trajectory is left.
 
+    Several processes (WORLD_SIZE > 1, e.g. torchrun): every rank must call this; the trajectories are sharded
+    across them (`distributed`), and the main process alone evaluates, writes and returns the metrics; the other
+    ranks return {}.
+
     scorer: a `ProgressScorer` (or a `ProgressCritic`: its scorer is used); the trajectories are scored under its
     config. choose_reduction: None, or a metric in SELECTION_METRICS: then every token x step reduction is scored
     from one set of forward passes (`score_many` over `reduction_grid`), one is chosen by k-fold CV on that metric
@@ -180,17 +184,23 @@ def run_evaluation(
     config. k: folds for that choice and for the attribution threshold. reduction_info: what `metrics["reduction"]`
     says about how the scorer's reductions were chosen. Writes metrics.md, the plots and, last, metrics.json.
     """
+    from .. import distributed  # several processes (torchrun): each scores a shard, the main process evaluates
+
     scorer = getattr(scorer, "scorer", scorer)
     selection = None
     if choose_reduction:
         c = scorer.config
-        many = scorer.score_many(trajectories, reduction_grid(c), progress=progress, skipped=skipped)
+        many = distributed.score_many(scorer, trajectories, reduction_grid(c), progress=progress, skipped=skipped)
+        if many is None:  # not the main process
+            return {}
         scores = many[f"{c.token_reduction}/{c.step_reduction}"]
         ok = {k_: split_faults(v)[0] for k_, v in many.items()}
         if ok[f"{c.token_reduction}/{c.step_reduction}"]:
             selection = _choose_reduction(ok, metric=choose_reduction, k=k, seed=seed)
     else:
-        scores = scorer.score(trajectories, progress=progress, skipped=skipped)
+        scores = distributed.score(scorer, trajectories, progress=progress, skipped=skipped)
+        if scores is None:  # not the main process
+            return {}
     if on_scored is not None:
         on_scored(scores)
     scores, faulted = split_faults(scores)

@@ -1,0 +1,224 @@
+"""Scoring across processes: `torchrun --nproc_per_node K -m progadv_trl.cli score|evaluate ...`.
+
+Every rank loads and validates the same inputs and renders every trajectory (so a bad record is found, and skipped
+or reported, identically everywhere, before any collective). The engine's own padded batches (longest first, so a
+batch holds trajectories of similar length) are then dealt to the ranks greedily by padded tokens, heaviest first
+(LPT: each batch to the least-loaded rank), so the ranks finish together. Each rank runs exactly the batches a single
+process would have run, one engine call per batch: that is what makes the output byte-identical to a single
+process's (a trajectory padded to another length, or batched with other rows, may come out different in the last
+bits: reductions are blocked by shape). Each rank's per-token statistics are gathered to the main process in input
+order (`gather_object`, over gloo: the objects live in CPU memory), which alone finishes the scores, writes and
+prints; the other ranks return None.
+
+Errors: every rank joins every collective. Failures before sharding (a bad record, a chat template that cannot
+render a trajectory) happen identically on every rank. A failure inside a rank's shard (say, out of memory on one
+GPU) is caught and sent to the main process with the gather, which raises it (a note names the rank; `RankError`
+when it cannot be pickled); the failing rank raises it too. No rank is left waiting in a collective that another never joins.
+
+Processes: only when WORLD_SIZE > 1 (torchrun, `accelerate launch` with several processes) is a process group
+initialised; otherwise every function here is the single-process code path, unchanged. `--device cuda` means
+cuda:LOCAL_RANK under torchrun. torch is imported lazily (`progadv --help` stays light).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from collections.abc import Callable, Sequence
+
+
+def world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1") or 1)
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", "0") or 0)
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0") or 0)
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def active() -> bool:
+    """Several processes (WORLD_SIZE > 1)."""
+    return world_size() > 1
+
+
+def device(device: str | None) -> str | None:
+    """`cuda` (no index) means this rank's local GPU under torchrun; anything else is kept."""
+    if device is not None and device.strip() == "cuda" and active():
+        return f"cuda:{local_rank()}"
+    return device
+
+
+def init(device_: str | None = None) -> None:
+    """Initialise the default process group once, when WORLD_SIZE > 1: gloo, plus nccl for CUDA tensors when the
+    models run on a GPU (object collectives go over gloo either way: their payload is in CPU memory)."""
+    if not active():
+        return
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    dev = device(device_)
+    backend = "gloo"
+    if dev is not None and dev.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.set_device(torch.device(dev))
+        backend = "cpu:gloo,cuda:nccl"
+    # The main process evaluates and writes while the others wait for nothing (they are done), but ranks that finish
+    # their shard early wait in the gather for the slowest: allow long shards.
+    dist.init_process_group(backend=backend, timeout=datetime.timedelta(hours=6))
+
+
+def shard(costs: Sequence[float], n_ranks: int) -> list[list[int]]:
+    """Unit indices per rank: heaviest first, each to the least-loaded rank (ties: lower rank); each rank's list in
+    input order. Deterministic, so every rank computes the same split."""
+    loads = [0.0] * n_ranks
+    out: list[list[int]] = [[] for _ in range(n_ranks)]
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(n_ranks), key=lambda r: (loads[r], r))
+        out[r].append(i)
+        loads[r] += costs[i]
+    return [sorted(o) for o in out]
+
+
+class RankError(RuntimeError):
+    """Another rank failed inside its shard; the message names it."""
+
+
+def map_sharded(fn: Callable, units: Sequence, costs: Sequence[float]) -> list | None:
+    """[fn(unit) for unit in units] with the units spread over the ranks (`shard`); on the main process the results
+    in unit order, None elsewhere. Single process: every unit here, in order. Every rank joins the gather, whatever
+    failed locally; then a failure anywhere is raised on the main process (and on the rank where it happened)."""
+    if not active():
+        return [fn(u) for u in units]
+    import torch.distributed as dist
+
+    init()
+    mine = shard(costs, world_size())[rank()]
+    payload: dict = {"rank": rank(), "ok": True, "results": []}
+    error: BaseException | None = None
+    try:
+        payload["results"] = [(i, fn(units[i])) for i in mine]
+    except BaseException as e:  # noqa: BLE001 - this rank still joins the gather below
+        error = e
+        payload = {"rank": rank(), "ok": False, "error": _picklable(e)}
+    gathered: list | None = [None] * world_size() if is_main() else None
+    dist.gather_object(payload, gathered, dst=0)
+    if error is not None:
+        raise error
+    if not is_main():
+        return None
+    assert gathered is not None
+    failed = [p for p in gathered if not p["ok"]]
+    if failed:
+        e = failed[0]["error"]
+        if isinstance(e, BaseException):
+            e.add_note(f"(raised on rank {failed[0]['rank']} of {world_size()})")
+            raise e
+        raise RankError(f"rank {failed[0]['rank']} failed: {e}")
+    out: list = [None] * len(units)
+    for p in gathered:
+        for i, res in p["results"]:
+            out[i] = res
+    return out
+
+
+def _picklable(e: BaseException):
+    """The exception itself when it survives pickling, else its message."""
+    try:
+        e2 = pickle.loads(pickle.dumps(e))
+        if isinstance(e2, BaseException):
+            return e2
+    except Exception:  # noqa: BLE001
+        pass
+    return f"{type(e).__name__}: {e}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The scorer's paths (`ProgressScorer.score` / `score_many`, sharded)
+
+
+def token_stats(scorer, rendered, progress: bool = False) -> list | None:
+    """`scorer.token_stats(rendered)`, its batches spread over the ranks; the full list on the main process (input
+    order), None elsewhere."""
+    if not active():
+        return scorer.token_stats(rendered, progress=progress)
+    batches = scorer._batches(rendered)
+    costs = [len(b) * max(len(rendered[i].input_ids) for i in b) for b in batches]  # padded tokens
+    bar = None
+    if progress and is_main():
+        from tqdm.auto import tqdm
+
+        mine = shard(costs, world_size())[rank()]
+        bar = tqdm(total=len(mine), desc=f"scoring (rank 0 of {world_size()})", unit="batch", disable=None)
+
+    def run(batch):
+        # One engine call per batch of the single-process plan: the same rows, padded to the same length.
+        res = scorer.token_stats([rendered[i] for i in batch])
+        if bar is not None:
+            bar.update(1)
+        return res
+
+    try:
+        per_batch = map_sharded(run, batches, costs)
+    finally:
+        if bar is not None:
+            bar.close()
+    if per_batch is None:
+        return None
+    out: list = [None] * len(rendered)
+    for batch, stats in zip(batches, per_batch):
+        for i, st in zip(batch, stats):
+            out[i] = st
+    return out
+
+
+def score(scorer, trajectories, *, with_token_ratios: bool = False, progress: bool = False, skipped: list | None = None):
+    """`ProgressScorer.score` across the ranks: the scores on the main process, None elsewhere."""
+    if not active():
+        return scorer.score(trajectories, with_token_ratios=with_token_ratios, progress=progress, skipped=skipped)
+    from .engine import _warn_faults, finish_score
+
+    trajs, rendered = scorer.render(trajectories, skipped)
+    stats = token_stats(scorer, rendered, progress=progress)
+    if stats is None:
+        return None
+    scores = [finish_score(t, r, s, scorer.config, with_token_ratios=with_token_ratios) for t, r, s in zip(trajs, rendered, stats)]
+    _warn_faults(scores)
+    return scores
+
+
+def score_many(scorer, trajectories, configs: dict, *, progress: bool = False, skipped: list | None = None):
+    """`ProgressScorer.score_many` across the ranks: {name: scores} on the main process, None elsewhere."""
+    if not active():
+        return scorer.score_many(trajectories, configs, progress=progress, skipped=skipped)
+    from .engine import _warn_faults, finish_score
+
+    if any(c.temperature != scorer.config.temperature for c in configs.values()):
+        raise ValueError("score_many: every config must use the scorer's temperature")
+    trajs, rendered = scorer.render(trajectories, skipped)
+    stats = token_stats(scorer, rendered, progress=progress)
+    if stats is None:
+        return None
+    out = {name: [finish_score(t, r, s, c) for t, r, s in zip(trajs, rendered, stats)] for name, c in configs.items()}
+    if out:
+        _warn_faults(next(iter(out.values())))
+    return out
+
+
+def finish() -> None:
+    """Tear the process group down (end of a command)."""
+    if not active():
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
