@@ -18,6 +18,7 @@ applies, and giving up after a lookup timeout instead of retrying.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
@@ -110,11 +111,12 @@ class DemoConfig:
     sft_epochs: float = field(default=2.0, metadata={"help": "passes over the demonstrations"})
     sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (tiny models like it high)"})
     sft_batch_size: int = field(default=32, metadata={"help": "episodes per SFT step"})
-    sft_schedule: str = field(
-        default="cosine",
-        metadata={"help": "SFT learning-rate schedule (transformers' lr_scheduler_type). Decaying to 0 leaves a reference "
-                          "close to the demonstrations' frequencies; at a constant 3e-3 the last steps' noise moved its "
-                          "decisions across 0.5 from seed to seed (a reference greedily right where its data was 70% wrong)"},
+    sft_decay: float = field(
+        default=0.25,
+        metadata={"help": "share of SFT steps, at the end, over which the learning rate decays (cosine) to 0; 0: constant. "
+                          "At a constant 3e-3 the last steps' noise moved the reference's decisions across 0.5 from seed "
+                          "to seed (greedily right where its data was 70% wrong); decaying all along (cosine) left it "
+                          "unable to tell 'booked within 24h' apart, and RL then collapsed that case to refusing"},
     )
     # GRPO
     grpo_steps: int = field(default=80, metadata={"help": "GRPO optimizer steps"})
@@ -331,9 +333,14 @@ def train_reference(cfg: DemoConfig, callbacks=()) -> str:
     tok = AutoTokenizer.from_pretrained(base)
     model = AutoModelForCausalLM.from_pretrained(base)
     ds = sft_dataset(tok, demonstrations(cfg))
+    steps = math.ceil(cfg.sft_epochs * math.ceil(len(ds) / cfg.sft_batch_size))
+    schedule = dict(lr_scheduler_type="constant_with_warmup")
+    if cfg.sft_decay > 0:  # warmup, constant, then a cosine decay to 0 over the last sft_decay of the steps
+        schedule = dict(lr_scheduler_type="warmup_stable_decay",
+                        lr_scheduler_kwargs={"num_decay_steps": max(1, round(cfg.sft_decay * steps))})
     args = SFTConfig(
         output_dir=str(cfg.path("sft_run")), num_train_epochs=cfg.sft_epochs, learning_rate=cfg.sft_lr,
-        per_device_train_batch_size=cfg.sft_batch_size, lr_scheduler_type=cfg.sft_schedule, warmup_steps=0.05,
+        per_device_train_batch_size=cfg.sft_batch_size, **schedule, warmup_steps=0.05,
         weight_decay=0.0, logging_steps=max(1, cfg.logging_steps * 2), save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, max_length=None, gradient_checkpointing=False,
         dataset_num_proc=None, disable_tqdm=not cfg.progress,
