@@ -54,6 +54,10 @@ from .world import (
 ADDED_TOKENS = ['{"name": "', '", "arguments": {"id": "', '"}}', "get_reservation", "cancel_reservation", "issue_refund",
                 "R"]
 EXTRA_SPECIALS = ["<tool_response>", "</tool_response>"]
+# Attention kernel of the demo's models. At this size (head dim 24, one token a step with a KV cache) the plain
+# implementation sampled episodes ~1.6x faster on 2 CPU cores than the default SDPA, with no loss elsewhere; the
+# checkpoints do not record it, so every load passes it.
+ATTN = "eager"
 
 
 @dataclass
@@ -298,7 +302,7 @@ def build_assets(out_dir, seed: int = 0, cfg: DemoConfig | None = None) -> dict:
         pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     losses = pretrain_base(model, tok, cfg)
@@ -331,7 +335,7 @@ def train_reference(cfg: DemoConfig, callbacks=()) -> str:
     _setup(cfg)
     base, out = cfg.path("base"), cfg.path("reference")
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation=ATTN)
     ds = sft_dataset(tok, demonstrations(cfg))
     steps = math.ceil(cfg.sft_epochs * math.ceil(len(ds) / cfg.sft_batch_size))
     schedule = dict(lr_scheduler_type="constant_with_warmup")
@@ -372,7 +376,7 @@ def grpo_config(cfg: DemoConfig, **overrides):
         gradient_accumulation_steps=1, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens * 8,
         lr_scheduler_type="constant_with_warmup", warmup_steps=0.1, logging_steps=cfg.logging_steps, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, gradient_checkpointing=False,
-        disable_tqdm=not cfg.progress, log_completions=False,
+        disable_tqdm=not cfg.progress, log_completions=False, model_init_kwargs={"attn_implementation": ATTN},
     )
     kw.update(overrides)
     return GRPOConfig(**kw)
@@ -459,7 +463,7 @@ def load_models(cfg: DemoConfig, names=("reference", "policy")):
 
     _setup(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.path(names[0]))
-    return tok, {n: AutoModelForCausalLM.from_pretrained(cfg.path(n)).eval() for n in names}
+    return tok, {n: AutoModelForCausalLM.from_pretrained(cfg.path(n), attn_implementation=ATTN).eval() for n in names}
 
 
 def heldout_records(cfg: DemoConfig, model=None, tokenizer=None, n_per_task: int | None = None) -> list[dict]:
