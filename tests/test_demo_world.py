@@ -19,6 +19,7 @@ from progadv_trl.demo.rollout import (
 from progadv_trl.demo.world import (
     SAY,
     SAY_FREE,
+    SAY_MISTAKEN_REFUSAL,
     Episode,
     WorldConfig,
     classify_text,
@@ -131,8 +132,19 @@ def test_demo_agent_makes_the_systematic_mistake_mostly():
     for k in range(n):
         ep = Episode(task, seed)
         ep.step(correct_agent(ep))
-        refused += demo_agent()(ep, random.Random(k))["content"] == SAY["refuse"]
+        refused += demo_agent()(ep, random.Random(k))["content"] == SAY_MISTAKEN_REFUSAL
     assert 0.55 < refused / n < 0.75  # the majority action: greedy decoding of the reference repeats it
+    assert classify_text(SAY_MISTAKEN_REFUSAL) == "refuse"  # the world judges it as any refusal
+
+
+def test_mistaken_refusal_is_worded_apart_only_where_only_24h_applies():
+    # The demonstrations say "not insured" exactly in the mistake, so imitating them takes reading within_24h.
+    for world in (WorldConfig(), WorldConfig(free_form=True)):
+        rows = [(t, x) for rs in _replies(world, n=300).values() for t, x in rs]
+        mistaken = [t.situation for t, x in rows if x.startswith("Unfortunately")]
+        assert mistaken and set(mistaken) == {"24h_only"}
+        others = [t.situation for t, x in rows if classify_text(x) == "refuse" and not x.startswith("Unfortunately")]
+        assert "neither" in others
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -203,12 +215,14 @@ def test_free_form_replies_are_improbable_content_of_the_right_kind():
         assert all(t.name in x for t, x in rows)  # addressed to the customer by name
         top = max(texts.count(x) for x in set(texts))
         assert top / len(texts) < 0.25, kind  # no reply is likely: a model matching the wording pays >1.4 nats a turn
-        assert {x for _, x in plain[kind]} == {SAY[kind]}  # the plain world: one phrasing, nearly free to predict
+        # the plain world: one phrasing (and the demonstrations' mistaken refusal), nearly free to predict
+        assert {x for _, x in plain[kind]} == {SAY[kind]} | ({SAY_MISTAKEN_REFUSAL} if kind == "refuse" else set())
     # several wordings of each kind (names aside), and refusals with several free-text reasons
     for kind, rows in free.items():
         shapes = {x.replace(t.name, "{name}") for t, x in rows}
         assert len(shapes) >= (6 if kind == "refuse" else len(SAY_FREE[kind])), kind
-        assert len({x.split()[0].strip(",") for x in texts}) == 1, kind  # one first word: the decision stays in it
+        # one first word (the mistaken refusal has its own): the decision stays in it
+        assert len({x.split()[0].strip(",") for _, x in rows if not x.startswith("Unfortunately")}) == 1, kind
 
 
 def test_demo_config_free_form():

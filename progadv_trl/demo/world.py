@@ -71,6 +71,13 @@ SAY = {
     "give_up": "Sorry, our system is down. Please try again later.",
 }
 
+# How the flawed demonstrations word their systematic refusal (only "booked within 24h" applies, see DemoMix): as an
+# agent who believes only insurance counts would, giving that (wrong) reason. The world reads it as any refusal. Worded
+# like the correct refusals, the mistake gave SFT no reason to read "within_24h" at all: the reference forgot how
+# (P(cancel) 0.16 when only that applied, 0.15 when nothing did), and RL then collapsed both cases to refusing before
+# it learned to tell them apart, on 2 of 5 seeds. Worded apart, the reference must read the field to imitate them.
+SAY_MISTAKEN_REFUSAL = "Unfortunately, this booking cannot be cancelled: it is not insured."
+
 # Every opening ends with the id, and every tool result ends by echoing it (see Episode._tool): wherever the agent
 # needs the id, a copy sits the same number of tokens back. A tiny model learns that quickly; searching the context
 # for the id (an induction head) it learned slowly and unreliably within the CPU budget.
@@ -117,6 +124,10 @@ SAY_FREE = {
         "Sorry {name}, the system is down right now.",
     ),
 }
+SAY_MISTAKEN_REFUSAL_FREE = (
+    "Unfortunately {name}, this booking cannot be cancelled: it is not insured.",
+    "Unfortunately {name}, I cannot cancel it because it has no insurance.",
+)
 REFUSE_REASONS = (
     "it is not insured and was booked over a day ago",
     "only insured or recent bookings qualify",
@@ -270,6 +281,14 @@ def say_message(kind: str, name: str | None = None, rng: random.Random | None = 
         return {"role": "assistant", "content": SAY[kind]}
     pick = rng.choice if rng is not None else (lambda xs: xs[0])
     return {"role": "assistant", "content": pick(SAY_FREE[kind]).format(name=name, reason=pick(REFUSE_REASONS))}
+
+
+def mistaken_refusal(ep: "Episode | None" = None, rng: random.Random | None = None) -> dict:
+    """The flawed demonstrations' refusal when only "booked within 24h" applies (SAY_MISTAKEN_REFUSAL)."""
+    if ep is None or not ep.config.free_form:
+        return {"role": "assistant", "content": SAY_MISTAKEN_REFUSAL}
+    pick = rng.choice if rng is not None else (lambda xs: xs[0])
+    return {"role": "assistant", "content": pick(SAY_MISTAKEN_REFUSAL_FREE).format(name=ep.task.name)}
 
 
 def action_message(a: Action, ep: "Episode | None" = None, rng: random.Random | None = None) -> dict:
@@ -444,7 +463,10 @@ class DemoMix:
     """How the demonstrations used to train the reference err. The two systematic mistakes are the majority action in
     their situation, so even the reference's greedy decoding makes them; `p_noise` adds scattered random slips."""
 
-    p_refuse_24h_only: float = field(default=0.7, metadata={"help": "refuse when only 'booked within 24h' applies"})
+    p_refuse_24h_only: float = field(
+        default=0.7,
+        metadata={"help": "refuse when only 'booked within 24h' applies, saying it is not insured (SAY_MISTAKEN_REFUSAL)"},
+    )
     p_give_up_after_timeout: float = field(default=0.7, metadata={"help": "give up instead of retrying a timeout"})
     p_noise: float = field(default=0.08, metadata={"help": "any step: a uniformly random wrong action"})
 
@@ -456,7 +478,7 @@ def demo_agent(mix: DemoMix = DemoMix()) -> Callable[[Episode, random.Random], d
         exp = ep.expected()
         t = ep.task
         if ep.looked_up and not ep.cancelled and t.within_24h and not t.insured and rng.random() < mix.p_refuse_24h_only:
-            return action_message(Action("say", "refuse"), ep, rng)
+            return mistaken_refusal(ep, rng)
         if ep.last_timed_out and not ep.looked_up and rng.random() < mix.p_give_up_after_timeout:
             return action_message(Action("say", "give_up"), ep, rng)
         if rng.random() < mix.p_noise:
