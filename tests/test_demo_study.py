@@ -147,3 +147,48 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     assert again["evaluation"] == s1["evaluation"] and again["policy_success"] == s1["policy_success"]
     assert (out / "seed_1" / "policy" / "model.safetensors").stat().st_mtime_ns == trained
     assert "evaluating its saved rollouts again" in capsys.readouterr().err
+
+
+def _with_comparison(summary, diffs):
+    """`diffs`: {set: {application: (difference, verdict, best baseline)}} added as the demo's `comparison`."""
+    for set_name, apps in diffs.items():
+        summary["evaluation"][set_name]["comparison"] = {
+            app: {"best_baseline": b, "difference": d, "difference_ci": [d - 0.05, d + 0.05], "verdict": v}
+            for app, (d, v, b) in apps.items()
+        }
+        summary["evaluation"][set_name]["methods"]["progress_advantage"]["fair_auroc"] = 0.5 + apps["auroc"][0]
+    return summary
+
+
+def test_verdicts_ranges_and_the_demo_beside_the_study():
+    from progadv_trl.demo.study import compare_with_study, study_ranges
+
+    sums = [
+        _with_comparison(_summary(0, 0.55, 0.90, 0.9, 0.8), {"reference": {"auroc": (0.05, "beats", "policy_logprob")},
+                                                             "policy": {"auroc": (-0.30, "loses", "reference_logprob")}}),
+        _with_comparison(_summary(1, 0.60, 0.88, 0.9, 0.8), {"reference": {"auroc": (0.01, "ties", "policy_logprob")},
+                                                             "policy": {"auroc": (-0.50, "loses", "policy_logprob")}}),
+    ]  # fmt: skip
+    st = aggregate(sums)
+    off = st["verdicts"]["off-policy"]["auroc"]
+    assert (off["beats"], off["ties"], off["loses"]) == (1, 1, 0) and off["best_baseline"] == {"policy_logprob": 2}
+    assert off["differences"] == [0.05, 0.01] and off["mean"] == pytest.approx(0.03) and off["min"] == 0.01
+    on = st["verdicts"]["on-policy"]["auroc"]
+    assert on["loses"] == 2 and on["best_baseline"] == {"reference_logprob": 1, "policy_logprob": 1}
+    md = study_markdown(st)
+    assert "| off-policy | success prediction, AUROC over all rollouts |" in md and "| 1 / 1 / 0 |" in md
+
+    r = study_ranges(st)
+    assert r["gain_points"] == {"min": 28.0, "mean": 31.5, "max": 35.0} and r["world"] == "plain"
+    assert r["regimes"]["on-policy"]["auroc"]["difference"] == {"min": -0.5, "mean": -0.4, "max": -0.3}
+
+    inside = _with_comparison(_summary(7, 0.5, 0.8, 0.9, 0.8), {"reference": {"auroc": (0.02, "ties", "policy_logprob")},
+                                                                "policy": {"auroc": (-0.9, "loses", "policy_logprob")}})
+    inside["greedy_gain_points"] = 30.0
+    lines = compare_with_study(inside, r)
+    assert any("greedy gain +30.0" in x and x.endswith("inside") for x in lines)
+    assert any(x.startswith("  off-policy, auroc") and x.endswith("inside") for x in lines)
+    assert any(x.startswith("  on-policy, auroc") and x.endswith("OUTSIDE (below)") for x in lines)
+    assert "another draw" in lines[-1]
+    other = dict(inside, config={**inside["config"], "beta": 0.3})  # a changed knob: no comparison
+    assert "not comparable" in compare_with_study(other, r)[-1] and "beta" in compare_with_study(other, r)[-1]

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..evaluation import format_cell, markdown_table, text_table
 from ..utils import atomic_write_text
+from .study import compare_with_study, reference_ranges
 from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference, write_jsonl
 
 N_STAGES = 6
@@ -124,6 +125,9 @@ def run_demo(cfg: DemoConfig) -> dict:
                   "policy": str(out / "policy"), "reference": str(out / "reference")},  # fmt: skip
         "config": asdict(cfg),
     }
+    ranges = reference_ranges(cfg.free_form)
+    if ranges is not None:
+        summary["study_comparison"] = compare_with_study(summary, ranges)
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     print(format_summary(summary))
@@ -142,6 +146,9 @@ def reevaluate(out_dir) -> dict:
     evaluations = {name: evaluate_set(critic, summary["test_rollouts"][name]["path"], out / "report" / name, cfg)
                    for name in SETS}  # fmt: skip
     summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
+    ranges = reference_ranges(cfg.free_form)
+    if ranges is not None:
+        summary["study_comparison"] = compare_with_study(summary, ranges)
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
@@ -293,6 +300,8 @@ def format_summary(summary: dict) -> str:
         cv = h["cv_reduction"]
         if cv.get("chosen"):
             lines.append(f"(5-fold CV would pick the reduction {cv['chosen']}: out-of-fold AUROC {format_cell(cv['out_of_fold_auroc'])})")
+    if summary.get("study_comparison"):
+        lines += [""] + summary["study_comparison"]
     t = summary["timings"]
     lines += ["", "timings (s): " + ", ".join(f"{k[:-2]} {v:.0f}" for k, v in t.items() if k.endswith("_s")), "",
               f"report: {summary['paths']['report']}", f"critic bundle: {summary['paths']['bundle']}  "

@@ -152,7 +152,113 @@ def aggregate(summaries: list[dict]) -> dict:
                 figs[f] = {**_stats(cell["values"]), "wins": cell["wins"]}
 
     return {"seeds": seeds, "config": common, "config_varying": varying, "success": success, "table": table,
-            "regimes": {v: k for k, v in REGIMES.items()}}  # fmt: skip
+            "verdicts": verdicts(summaries), "regimes": {v: k for k, v in REGIMES.items()}}  # fmt: skip
+
+
+APPLICATIONS = {  # the fair comparison's applications (summary["evaluation"][set]["comparison"]) -> what they measure
+    "auroc": "success prediction, AUROC over all rollouts",
+    "auroc_decision_failures": "success prediction, AUROC over successes + decision failures",
+    "best_of_n": "best-of-N success",
+    "attribution": "mistake step named exactly (failed runs)",
+}
+
+
+def verdicts(summaries: list[dict]) -> dict:
+    """Per regime and application, across seeds: how often progress advantage beat / tied / lost to the best
+    baseline (each method with its rule chosen by CV; "beats"/"loses" only where the seed's paired 95 % interval
+    excludes zero), the differences per seed and which baseline was best how often."""
+    out: dict[str, dict] = {}
+    for s in summaries:
+        for set_name, ev in (s.get("evaluation") or {}).items():
+            regime = REGIMES.get(set_name, set_name)
+            for app, c in (ev.get("comparison") or {}).items():
+                if not isinstance(c, dict) or c.get("difference") is None:
+                    continue
+                v = out.setdefault(regime, {}).setdefault(app, {"beats": 0, "ties": 0, "loses": 0, "differences": [],
+                                                                 "best_baseline": {}})  # fmt: skip
+                v[c.get("verdict", "ties")] = v.get(c.get("verdict", "ties"), 0) + 1
+                v["differences"].append(float(c["difference"]))
+                b = c.get("best_baseline") or "?"
+                v["best_baseline"][b] = v["best_baseline"].get(b, 0) + 1
+    for apps in out.values():
+        for v in apps.values():
+            v.update({k: x for k, x in _stats(v["differences"]).items() if k != "n_seeds"})
+    return out
+
+
+def study_ranges(study: dict) -> dict:
+    """The compact across-seed figures a single demo run is set beside (`progadv demo` prints them; the committed
+    copy is progadv_trl/demo/study_reference.json): the greedy gain, and per regime and application progress
+    advantage's fair figure and its difference from the best baseline, as min / mean / max."""
+    gains = [r["gain_points"] for r in study["success"]["per_seed"] if r["gain_points"] is not None]
+    rng = lambda c: {k: c[k] for k in ("min", "mean", "max")}  # noqa: E731
+    regimes = {}
+    for regime, t in study["table"].items():
+        pa = t.get("progress_advantage") or {}
+        apps = {}
+        for app in APPLICATIONS:
+            v = (study.get("verdicts") or {}).get(regime, {}).get(app)
+            cell = pa.get(f"fair_{app}")
+            if v is None and cell is None:
+                continue
+            apps[app] = {"progress_advantage": rng(cell) if cell else None,
+                         "difference": rng(v) if v else None,
+                         "verdicts": {k: v[k] for k in ("beats", "ties", "loses")} if v else None}  # fmt: skip
+        regimes[regime] = apps
+    return {"command": study.get("command"), "seeds": study["seeds"], "config": study["config"],
+            "world": "noisy" if study["config"].get("free_form") else "plain",
+            "gain_points": {"min": min(gains), "mean": sum(gains) / len(gains), "max": max(gains)} if gains else None,
+            "regimes": regimes}  # fmt: skip
+
+
+STUDY_REFERENCE = Path(__file__).with_name("study_reference.json")  # {"plain": study_ranges, "noisy": ...}
+
+
+def reference_ranges(free_form: bool) -> dict | None:
+    """The committed study's ranges for the plain or the free-form world, or None before a study was committed."""
+    if not STUDY_REFERENCE.exists():
+        return None
+    return json.loads(STUDY_REFERENCE.read_text()).get("noisy" if free_form else "plain")
+
+
+def compare_with_study(summary: dict, ranges: dict) -> list[str]:
+    """Lines setting one demo run's figures beside the study's across-seed range, saying plainly which fall outside."""
+    def where(x, r):
+        if x is None or r is None:
+            return ""
+        if r["min"] <= x <= r["max"]:
+            return "inside"
+        return "OUTSIDE (below)" if x < r["min"] else "OUTSIDE (above)"
+
+    def fmt(r, nd=3):
+        return f"{r['min']:+.{nd}f} .. {r['max']:+.{nd}f} (mean {r['mean']:+.{nd}f})"
+
+    n = len(ranges["seeds"])
+    lines = [f"this run beside the study ({n} seeds, {ranges['world']} world; `{ranges['command']}`):"]
+    diff = [k for k in config_diff(ranges.get("config") or {}, summary.get("config") or {})
+            if k in (ranges.get("config") or {})]  # keys the study held fixed (seed and paths are not among them)
+    if diff:
+        return lines + [f"  not comparable: this run's configuration differs from the study's in {', '.join(diff)}"]
+    g, gr = summary.get("greedy_gain_points"), ranges.get("gain_points")
+    if g is not None and gr:
+        lines.append(f"  greedy gain {g:+.1f} points; study {fmt(gr, 1)}: {where(g, gr)}")
+    outside = 0
+    for set_name, ev in (summary.get("evaluation") or {}).items():
+        regime = REGIMES.get(set_name, set_name)
+        for app, r in (ranges["regimes"].get(regime) or {}).items():
+            c = (ev.get("comparison") or {}).get(app) or {}
+            d, dr = c.get("difference"), r.get("difference")
+            if d is None or dr is None:
+                continue
+            w = where(d, dr)
+            outside += w.startswith("OUTSIDE")
+            vs = r.get("verdicts") or {}
+            lines.append(f"  {regime}, {app}: PA - best baseline {d:+.3f} ({c.get('verdict')}); study {fmt(dr)}, "
+                         f"beats/ties/loses on {vs.get('beats', 0)}/{vs.get('ties', 0)}/{vs.get('loses', 0)} seeds: {w}")  # fmt: skip
+    if outside or (g is not None and gr and where(g, gr).startswith("OUTSIDE")):
+        lines.append("  Figures marked OUTSIDE fall outside every seed of the study: this run is another draw (another "
+                     "CPU rounds differently and the RL run diverges); judge the method from the study, not one run.")  # fmt: skip
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -183,6 +289,7 @@ def study_markdown(study: dict, command: str | None = None) -> str:
                   f"{_f(r.get('total_s'), 0)} / {_f(r.get('cpu_s'), 0)} |")
     md += ["", f"Min gain {_f(s['min_gain_points'], 1)} points, mean {_f(s['mean_gain_points'], 1)} (bar: "
                f"{s['bar_points']:.0f} on every seed: {'cleared' if s['all_seeds_clear_bar'] else 'NOT cleared'}).", ""]
+    md += verdict_markdown(study)
     for regime, t in study["table"].items():
         md += [f"## {regime} ({study['regimes'].get(regime, regime)} rollouts)", "",
                f"Mean ± std across seeds [min, max]; wins: seeds (of {n}) where the method was best in the cell.", ""]
@@ -201,6 +308,27 @@ def study_markdown(study: dict, command: str | None = None) -> str:
                                                       for f, c in sorted(t["(set)"].items()))]
         md.append("")
     return "\n".join(md)
+
+
+def verdict_markdown(study: dict) -> list[str]:
+    """The headline: per regime and application, progress advantage against the best baseline across seeds."""
+    n = len(study["seeds"])
+    md = ["## Progress advantage against the best baseline", "",
+          "Every method with its own attribution rule / reduction chosen by 5-fold cross-validation and reported out of "
+          "fold; per seed a paired bootstrap (the same rollouts resampled for both) of progress advantage minus the "
+          "best baseline; \"beats\"/\"loses\" only where that seed's 95 % interval excludes zero.", "",
+          "| regime | application | progress advantage, mean ± std | PA − best baseline: mean [min, max] | "
+          f"beats / ties / loses (of {n} seeds) | best baseline (seeds) |", "|---|---|---|---|---|---|"]  # fmt: skip
+    for regime, apps in (study.get("verdicts") or {}).items():
+        pa = (study["table"].get(regime) or {}).get("progress_advantage") or {}
+        for app, v in apps.items():
+            c = pa.get(f"fair_{app}")
+            best = ", ".join(f"{b} ({k})" for b, k in sorted(v["best_baseline"].items(), key=lambda x: -x[1]))
+            pa_cell = "–" if c is None else f"{_f(c['mean'])} ± {_f(c['std'])}"
+            md.append(f"| {regime} | {APPLICATIONS.get(app, app)} | {pa_cell} | "
+                      f"{v['mean']:+.3f} [{v['min']:+.3f}, {v['max']:+.3f}] | {v['beats']} / {v['ties']} / {v['loses']} | "
+                      f"{best} |")  # fmt: skip
+    return md + [""]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,6 +393,7 @@ def run_study(seeds: list[int], out_dir, make_config, runner=None, command: str 
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "study.json", json.dumps(study, indent=2, default=str) + "\n")
     atomic_write_text(out / "study.md", study_markdown(study, command) + "\n")
+    atomic_write_text(out / "study_ranges.json", json.dumps(study_ranges(study), indent=2) + "\n")
     _say(f"wrote {out / 'study.json'} and {out / 'study.md'}")
     return study
 
