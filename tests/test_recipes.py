@@ -100,3 +100,20 @@ def test_score_real_logs_on_local_models(tiny_dir, tmp_path):
     assert [len(s["steps"]) for s in scores] == [sum(m["role"] == "assistant" for m in r["messages"]) for r in recs]
     ww = json.loads((out / "eval" / "metrics.json").read_text())["whowhen_attribution"]
     assert ww["n"] == 4 and ww["methods"]["progress_advantage"]["min_cumsum"]["agent_accuracy"] is not None
+
+
+def test_onpolicy_sweep_two_fast_cells(tmp_path):
+    """The sweep recipe as a user runs it: two (beta, steps) cells of one fast seed each, then its table; the second
+    invocation resumes every finished cell instead of training again."""
+    out = tmp_path / "sweep"
+    args = [sys.executable, str(RECIPES / "onpolicy_sweep.py"), "--config", str(RECIPES / "onpolicy_sweep.yaml"),
+            "--betas", "0.05", "0.3", "--steps", "2", "--seeds", "0", "--out_dir", str(out), "--fast", "true"]  # fmt: skip
+    _run(args, cwd=tmp_path, timeout=900)
+    rows = json.loads((out / "sweep.json").read_text())
+    assert [(r["beta"], r["steps"]) for r in rows] == [(0.05, 2), (0.3, 2)]
+    for r in rows:  # each cell really ran with its own beta and steps
+        cfg = json.loads((out / f"beta_{r['beta']}_steps_2" / "seed_0" / "summary.json").read_text())["config"]
+        assert (cfg["beta"], cfg["grpo_steps"]) == (r["beta"], 2) and "on-policy/auroc" in r
+    assert "| 0.3 | 2 |" in (out / "sweep.md").read_text()
+    p = _run(args, cwd=tmp_path, timeout=300)
+    assert p.stderr.count("exists with this configuration: not run again") == 2

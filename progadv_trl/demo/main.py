@@ -183,8 +183,9 @@ def headline(metrics: dict) -> dict:
     advantage minus the best baseline per application, with its paired 95 % interval and verdict."""
     fair = metrics.get("fair") or {}
     fair_dec = ((metrics.get("fair_by_failure_kind") or {}).get("decision") or {}).get("auroc") or {}
-    apps = {"auroc": fair.get("auroc"), "auroc_decision_failures": fair_dec, "best_of_n": fair.get("best_of_n"),
-            "attribution": fair.get("attribution")}  # fmt: skip
+    fair_luck = ((metrics.get("fair_by_failure_kind") or {}).get("luck") or {}).get("auroc") or {}
+    apps = {"auroc": fair.get("auroc"), "auroc_decision_failures": fair_dec, "auroc_luck_failures": fair_luck,
+            "best_of_n": fair.get("best_of_n"), "attribution": fair.get("attribution")}  # fmt: skip
     rows = {}
     for m, e in metrics["methods"].items():
         sp, b = e["success_prediction"], e["best_of_n"]

@@ -158,6 +158,7 @@ def aggregate(summaries: list[dict]) -> dict:
 APPLICATIONS = {  # the fair comparison's applications (summary["evaluation"][set]["comparison"]) -> what they measure
     "auroc": "success prediction, AUROC over all rollouts",
     "auroc_decision_failures": "success prediction, AUROC over successes + decision failures",
+    "auroc_luck_failures": "success prediction, AUROC over successes + luck failures",
     "best_of_n": "best-of-N success",
     "attribution": "mistake step named exactly (failed runs)",
 }
