@@ -175,8 +175,10 @@ def test_verdicts_ranges_and_the_demo_beside_the_study():
     assert off["differences"] == [0.05, 0.01] and off["mean"] == pytest.approx(0.03) and off["min"] == 0.01
     on = st["verdicts"]["on-policy"]["auroc"]
     assert on["loses"] == 2 and on["best_baseline"] == {"reference_logprob": 1, "policy_logprob": 1}
+    assert [p["chosen"] for p in st["reductions_chosen"]["on-policy"]] == ["sum/sum", "sum/sum"]
     md = study_markdown(st)
     assert "| off-policy | success prediction, AUROC over all rollouts |" in md and "| 1 / 1 / 0 |" in md
+    assert "- on-policy: seed 0: sum/sum (0.700); seed 1: sum/sum (0.700)" in md
 
     r = study_ranges(st)
     assert r["gain_points"] == {"min": 28.0, "mean": 31.5, "max": 35.0} and r["world"] == "plain"

@@ -152,7 +152,21 @@ def aggregate(summaries: list[dict]) -> dict:
                 figs[f] = {**_stats(cell["values"]), "wins": cell["wins"]}
 
     return {"seeds": seeds, "config": common, "config_varying": varying, "success": success, "table": table,
-            "verdicts": verdicts(summaries), "regimes": {v: k for k, v in REGIMES.items()}}  # fmt: skip
+            "verdicts": verdicts(summaries), "reductions_chosen": reductions_chosen(summaries),
+            "regimes": {v: k for k, v in REGIMES.items()}}  # fmt: skip
+
+
+def reductions_chosen(summaries: list[dict]) -> dict:
+    """Per regime: the token/step reduction 5-fold CV chose on each seed (is one stable across seeds?), with its
+    out-of-fold AUROC."""
+    out: dict[str, list] = {}
+    for i, s in enumerate(summaries):
+        for set_name, ev in (s.get("evaluation") or {}).items():
+            cv = ev.get("cv_reduction") or {}
+            if cv.get("chosen"):
+                out.setdefault(REGIMES.get(set_name, set_name), []).append(
+                    {"seed": _seed(s, i), "chosen": cv["chosen"], "out_of_fold_auroc": cv.get("out_of_fold_auroc")})
+    return out
 
 
 APPLICATIONS = {  # the fair comparison's applications (summary["evaluation"][set]["comparison"]) -> what they measure
@@ -291,6 +305,13 @@ def study_markdown(study: dict, command: str | None = None) -> str:
     md += ["", f"Min gain {_f(s['min_gain_points'], 1)} points, mean {_f(s['mean_gain_points'], 1)} (bar: "
                f"{s['bar_points']:.0f} on every seed: {'cleared' if s['all_seeds_clear_bar'] else 'NOT cleared'}).", ""]
     md += verdict_markdown(study)
+    if study.get("reductions_chosen"):
+        md += ["## The reduction 5-fold CV chose (per seed)", ""]
+        for regime, picks in study["reductions_chosen"].items():
+            md.append(f"- {regime}: " + "; ".join(f"seed {p['seed']}: {p['chosen']}" + (
+                "" if not isinstance(p.get("out_of_fold_auroc"), (int, float)) else f" ({p['out_of_fold_auroc']:.3f})")
+                for p in picks))  # fmt: skip
+        md.append("")
     for regime, t in study["table"].items():
         md += [f"## {regime} ({study['regimes'].get(regime, regime)} rollouts)", "",
                f"Mean ± std across seeds [min, max]; wins: seeds (of {n}) where the method was best in the cell.", ""]
