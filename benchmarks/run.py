@@ -29,8 +29,10 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   (getrusage ru_maxrss) minus its RSS before the model is built (tracemalloc does not see torch's allocator);
   on a GPU torch.cuda.max_memory_allocated minus the allocation before.
 - capture_overhead_pct: 100 x (median GRPO step time with the callback capturing training rollouts / without - 1),
-  same seed, runs interleaved, the first step of each run left out. heldout_eval_s: one held-out evaluation of the
-  callback (its own `eval_progadv/heldout/seconds`).
+  same seed, runs interleaved, the first step of each run left out (logging every step: the callback flushes every
+  step). capture_noise_pct: the same figure between two runs WITHOUT the callback (the noise floor).
+  capture_flush_pct: the callback's flush at each logging step, timed alone, as a share of the step.
+  heldout_eval_s: one held-out evaluation of the callback (its own `eval_progadv/heldout/seconds`).
 - two_process_speedup: scoring time in one process (all cores as threads) / under torchrun with 2 processes (the
   cores split between them), timed inside the processes from after loading to the gathered result.
 """
@@ -73,11 +75,9 @@ TARGETS = {
 }
 ROWS = [
     "n_trajectories", "n_tokens", "n_distinct_tokens", "n_action_tokens", "scoring_speedup_vs_naive",
-    "scoring_speedup_vs_naive_cputime", "speedup_bound_vs_naive", "speedup_fraction_of_bound",
-    "speedup_predicted_from_flops", "floor_efficiency", "floor_efficiency_cputime", "engine_flops_over_floor",
-    "baseline_extra_cost_ratio", "baseline_extra_cost_ratio_cputime", "prefix_sharing_speedup",
-    "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio",
-    "capture_overhead_pct", "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
+    "speedup_bound_vs_naive", "speedup_fraction_of_bound", "speedup_predicted_from_flops", "floor_efficiency",
+    "engine_flops_over_floor", "baseline_extra_cost_ratio", "prefix_sharing_speedup", "logits_peak_memory_ratio",
+    "lora_peak_memory_ratio", "capture_overhead_pct", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
     "two_process_speedup", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
 ]  # fmt: skip
 
@@ -91,8 +91,9 @@ CPU_TIMES: dict[str, list[float]] = {}  # label -> this process's CPU seconds (a
 
 
 def _timed(fn, device, label: str | None = None):
-    """(wall seconds, result); with a label, the process's CPU seconds go to CPU_TIMES[label]. On a shared machine
-    the CPU seconds are the steadier figure: other processes stretch wall time, not the work this one does."""
+    """(wall seconds, result); with a label, the process's CPU seconds go to CPU_TIMES[label] (the JSON's
+    `*_cputime` ratios: when they track the wall-clock ones, timings varied because the shared host ran slower, not
+    because this process waited for a core)."""
     _sync(device)
     t, c = time.perf_counter(), time.process_time()
     out = fn()
@@ -646,7 +647,7 @@ def _fmt(v) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
     return str(v)
 
 
@@ -690,10 +691,14 @@ def main(argv=None) -> int:
     p.add_argument("--engine-batches-floor", action="store_true",
                    help="also time bare decoder passes over the engine's padded batches when prompts are shared")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture")
+    p.add_argument("--table", default=None, metavar="JSON", help="print the table of a saved run and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     if args.worker:
         res = worker(json.loads(Path(args.worker).read_text()))
         from progadv_trl import distributed
