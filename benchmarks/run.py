@@ -5,7 +5,7 @@
 
 Shapes and trajectories: `benchmarks/workload.py` ("realistic": a random Qwen2-style decoder whose output layer has
 Qwen2.5-1.5B's share of a token's forward FLOPs, 15 %, vocabulary 32768, one group of 8 agent rollouts sharing a
-1.3k-token prompt with tool schemas, 1.4-2.6k tokens each; "tiny": the earlier shape and corpus).
+1.2k-token prompt with tool schemas, 1.3-2.0k tokens each; "tiny": the earlier shape and corpus).
 
 Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
 - scoring_speedup_vs_naive: naive time / engine time (baselines off). Naive is the paper's public code's way: one
