@@ -174,7 +174,8 @@ def _action_positions(r) -> list[int]:
 def naive_steps(pol, ref, tok, trajs, device) -> list[list[float]]:
     """The paper's public code's way: one trajectory at a time; each model's full [T, V] logits, a float32
     log-softmax over the whole vocabulary at every position; per step the sum of the log-ratios."""
-    from progadv_trl.trajectories import as_trajectories, render
+    from progadv_trl.rendering import render
+    from progadv_trl.trajectories import as_trajectories
 
     out = []
     with torch.no_grad():

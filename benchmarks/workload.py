@@ -203,7 +203,8 @@ def agent_group(group: int, n_rollouts: int, tokenizer, min_tokens: int = 1200, 
     """`n_rollouts` trajectories sharing a prompt (system prompt with tool schemas, then one task); each rollout
     draws a target length in [min_tokens, max_tokens] (rendered with `tokenizer`) and takes turns until it reaches
     it: tool calls with their results, a closing answer. success alternates so every group holds both labels."""
-    from progadv_trl.trajectories import as_trajectories, render
+    from progadv_trl.rendering import render
+    from progadv_trl.trajectories import as_trajectories
 
     rng_task = random.Random(seed * 1000 + group)
     user = f"{rng_task.choice(_NAMES)}_{rng_task.randint(100, 999)}"

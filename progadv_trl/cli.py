@@ -135,6 +135,19 @@ class DemoArguments:
     seed: int | None = field(default=None, metadata={"help": "seeds everything (default 0)"})
     fast: bool = field(default=False, metadata={"help": "seconds instead of minutes: checks the plumbing, learns little"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
+    noisy: bool = field(default=False, metadata={"help": "the free-form world: names, several wordings, free-text reasons"})
+
+
+@dataclass
+class StudyArguments:
+    seeds: list[int] = field(metadata={"nargs": "+", "help": "one demo run per seed, into OUT/seed_N"})
+    out: str = field(metadata={"help": "study directory: seed_N/ runs, study.json, study.md"})
+    config: str | None = field(default=None, metadata={"help": "YAML of DemoConfig fields, as for `progadv demo`"})
+    noisy: bool = field(default=False, metadata={"help": "the free-form world (see `progadv demo --noisy`)"})
+    fast: bool = field(default=False, metadata={"help": "DemoConfig.fast per seed (plumbing only)"})
+    no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
+    reevaluate: bool = field(default=False, metadata={"help": "evaluate finished seeds again with this version's "
+                                                              "evaluation (same models and rollouts)"})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -144,7 +157,8 @@ class DemoArguments:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from .bundle import BundleError
     from .evaluation import EvaluationError
-    from .trajectories import ChatTemplateError, TokenizerMismatchError, TrajectoryError
+    from .trajectories import TrajectoryError
+    from .rendering import ChatTemplateError, TokenizerMismatchError
 
     return (TrajectoryError, ChatTemplateError, TokenizerMismatchError, BundleError, EvaluationError, FileNotFoundError)
 
@@ -319,6 +333,8 @@ def demo_config(args: DemoArguments):
     given.update(out_dir=args.out, progress=not args.no_progress)
     if args.seed is not None:
         given["seed"] = args.seed
+    if args.noisy:
+        given["free_form"] = True
     return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
 
 
@@ -338,6 +354,15 @@ def cmd_demo(args: DemoArguments) -> int:
     return 0
 
 
+def cmd_study(args: StudyArguments) -> int:
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts (see cmd_demo)
+    from .demo.study import main as study_main
+
+    return study_main(args)
+
+
 # name: (help, positional arguments as (name, help), dataclasses, function)
 COMMANDS = {
     "score": ("per-step progress advantage of every trajectory -> JSONL",
@@ -353,9 +378,25 @@ COMMANDS = {
                [("output", "bundle directory to create")], (ExportArguments, ScoringArguments), cmd_export),
     "inspect": ("print a bundle's manifest and verify every file", [("bundle", "the bundle directory")],
                 (InspectArguments,), cmd_inspect),
-    "demo": ("the whole loop on a CPU: tiny agent, GRPO + callback, bundle, evaluation (~6 min)", [], (DemoArguments,),
+    "demo": ("the whole loop on a CPU: tiny agent, GRPO + callback, bundle, evaluation (~5 min)", [], (DemoArguments,),
              cmd_demo),
+    "study": ("the demo over several seeds (resumable), one table across seeds -> OUT/study.{json,md}", [],
+              (StudyArguments,), cmd_study),
 }  # fmt: skip
+
+
+def _flags_take_no_value(parser: argparse.ArgumentParser) -> None:
+    """HfArgumentParser gives a bool field an optional value (`--overwrite [true|false]`), so `--overwrite OUT`
+    would read the positional OUT as that value. A flag that defaults to False takes no value here."""
+    for action in list(parser._actions):
+        if action.nargs == "?" and action.const is True and action.default is False:
+            parser._remove_action(action)
+            for opt in action.option_strings:
+                parser._option_string_actions.pop(opt, None)
+            for group in parser._action_groups:
+                if action in group._group_actions:
+                    group._group_actions.remove(action)
+            parser.add_argument(*action.option_strings, dest=action.dest, action="store_true", help=action.help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -367,6 +408,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     for name, (help_, positionals, types, _) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_, description=help_, dataclass_types=types)
+        _flags_take_no_value(sp)
         for pos, pos_help in positionals:
             sp.add_argument(pos, help=pos_help)
     return p

@@ -3,6 +3,9 @@
 Memory: only the hidden states of positions that predict action tokens go through the output layer, in chunks
 (`scoring.token_logprob_stats`), so no [batch, seq, vocab] tensor is ever built. With a PEFT policy and no explicit
 reference, the reference is the same weights under `disable_adapter()`: one copy of the base model in memory.
+
+Compute: trajectories that share their prompt (a GRPO group, best-of-N) run it once per model and reuse its KV cache
+for their continuations (`prefix.py`); the rest go through plain right-padded batches.
 """
 
 from __future__ import annotations
@@ -13,9 +16,11 @@ import warnings
 import numpy as np
 import torch
 
+from .prefix import SharedGroup, full_attention, plan, shared_token_stats
 from .reference import Reference, is_peft_model, load_pair, resolve
 from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
-from .trajectories import Rendered, Trajectory, as_trajectories, check_same_tokenizer, render_all
+from .trajectories import Trajectory, as_trajectories
+from .rendering import Rendered, check_same_tokenizer, render_all
 
 # Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -27,7 +32,8 @@ def _plain_model(model):
 
 
 def _hidden_fn(model):
-    """(hidden_states(input_ids, attention_mask, position_ids) -> [B, T, H], head) or None for a full forward."""
+    """(hidden_states(input_ids, attention_mask, position_ids, past_key_values=None) -> [B, T, H], head) or None for a
+    full forward. With `past_key_values` (a cache) the decoder reads and extends it."""
     base = _plain_model(model)
     cfg = getattr(base, "config", None)
     if cfg is not None and any(getattr(cfg, a, None) not in (None, 1, 1.0) for a in _LOGIT_POSTPROCESSING):
@@ -39,12 +45,33 @@ def _hidden_fn(model):
     if decoder is None or head is None or decoder is base:
         return None
 
-    def hidden(input_ids, attention_mask, position_ids):
-        return decoder(
-            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
-        ).last_hidden_state
+    def hidden(input_ids, attention_mask, position_ids, past_key_values=None):
+        return _forward(decoder, input_ids, attention_mask, position_ids, past_key_values).last_hidden_state
 
     return hidden, head
+
+
+def _forward(module, input_ids, attention_mask, position_ids, past_key_values=None):
+    """One forward pass; the KV cache is filled only when a cache is passed (the shared-prefix path, prefix.py)."""
+    return module(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=past_key_values,
+        use_cache=past_key_values is not None,
+    )
+
+
+def _states_fn(model):
+    """Like `_hidden_fn`, and for models that need the full forward: (logits function, identity head)."""
+    fn = _hidden_fn(model)
+    if fn is not None:
+        return fn
+
+    def logits(input_ids, attention_mask, position_ids, past_key_values=None):
+        return _forward(model, input_ids, attention_mask, position_ids, past_key_values).logits
+
+    return logits, (lambda x: x)
 
 
 def _device(model) -> torch.device:
@@ -80,13 +107,8 @@ def taken_token_stats(
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     b_idx, p_idx = targets_index[0].to(dev), targets_index[1].to(dev)
     targets = input_ids[b_idx, p_idx]
-    fn = _hidden_fn(model)
-    if fn is not None:
-        hidden_fn, head = fn
-        h = hidden_fn(input_ids, attention_mask, position_ids)[b_idx, p_idx - 1]
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
-        h, head = logits[b_idx, p_idx - 1], (lambda x: x)
+    states, head = _states_fn(model)
+    h = states(input_ids, attention_mask, position_ids)[b_idx, p_idx - 1]
     return token_logprob_stats(
         h, head, targets, temperature=temperature, topk=topk, chunk_size=chunk_size, with_vocab_stats=with_vocab_stats
     )
@@ -101,10 +123,12 @@ class ProgressScorer:
         tokenizer: the tokenizer both models read (its chat template renders the trajectories).
         reference: a `reference.Reference`, a separate reference model, or None (a PEFT policy).
         config: `ScoringConfig` (beta, reductions, temperature, baseline knobs).
-        max_length: truncate longer trajectories (start kept, most recent context kept; see `trajectories.truncate`).
+        max_length: truncate longer trajectories (start kept, most recent context kept; see `rendering.truncate`).
         reference_tokenizer: when given, checked against `tokenizer` (vocabulary and chat template).
         batch_tokens: padded tokens per forward pass; lower it to save memory.
         compute_baselines: also compute self-certainty and DeepConf (full-vocabulary statistics of the policy).
+        share_prefix: run each model once over the prompt that a group of trajectories shares (GRPO groups, best-of-N,
+            retries) and reuse its KV cache for their continuations (`prefix.py`); the same numbers as without.
     """
 
     def __init__(
@@ -119,6 +143,7 @@ class ProgressScorer:
         batch_tokens: int = 16384,
         chunk_size: int = 1024,
         compute_baselines: bool = True,
+        share_prefix: bool = True,
     ):
         self.reference: Reference = resolve(policy, reference)
         if reference_tokenizer is not None:
@@ -129,7 +154,7 @@ class ProgressScorer:
         self.config = config or ScoringConfig()
         self.max_length = max_length
         self.batch_tokens, self.chunk_size = batch_tokens, chunk_size
-        self.compute_baselines = compute_baselines
+        self.compute_baselines, self.share_prefix = compute_baselines, share_prefix
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
     # -- loading ------------------------------------------------------------------------------------------------
@@ -162,9 +187,10 @@ class ProgressScorer:
             skipped.extend(errors)
         return trajs, rendered
 
-    def _batches(self, rendered: list[Rendered]) -> list[list[int]]:
-        """Indices grouped into padded batches of at most `batch_tokens`, longest first (less padding)."""
-        order = sorted(range(len(rendered)), key=lambda i: -len(rendered[i].input_ids))
+    def _batches(self, rendered: list[Rendered], indices=None) -> list[list[int]]:
+        """Indices (all, or `indices`) grouped into padded batches of at most `batch_tokens`, longest first (less
+        padding)."""
+        order = sorted(range(len(rendered)) if indices is None else indices, key=lambda i: -len(rendered[i].input_ids))
         batches, cur, cur_max = [], [], 0
         for i in order:
             L = len(rendered[i].input_ids)
@@ -177,51 +203,70 @@ class ProgressScorer:
             batches.append(cur)
         return batches
 
+    def _units(self, rendered: list[Rendered], ref_model) -> list:
+        """Plain padded batches and `SharedGroup`s (models whose cache a continuation cannot extend: batches only)."""
+        if self.share_prefix and all(full_attention(_plain_model(m).config) for m in (self.policy, ref_model)):
+            groups, rest = plan(rendered, self.batch_tokens)
+            return groups + self._batches(rendered, rest)
+        return self._batches(rendered)
+
     @torch.no_grad()
     def token_stats(self, rendered: list[Rendered], progress: bool = False) -> list[TokenStats]:
         """Run both models over the rendered trajectories; per trajectory, per action token statistics."""
         cfg = self.config
         out: list[TokenStats | None] = [None] * len(rendered)
-        batches = self._batches(rendered)
-        it = batches
+        ref_model = self.reference.model_for(self.policy)
+        units = it = self._units(rendered, ref_model)
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(batches, desc="scoring", unit="batch", disable=None)
-        ref_model = self.reference.model_for(self.policy)
+            it = tqdm(units, desc="scoring", unit="batch", disable=None)
+        vocab = _plain_model(self.policy).get_output_embeddings().weight.shape[0] if self.compute_baselines else None
+        kw = dict(temperature=cfg.temperature, chunk_size=self.chunk_size)
         with _eval_mode(self.policy), _eval_mode(ref_model):
-            for batch in it:
-                T = max(len(rendered[i].input_ids) for i in batch)
-                ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
-                mask = torch.zeros((len(batch), T), dtype=torch.long)
+            for unit in it:
+                members = unit.members if isinstance(unit, SharedGroup) else unit
                 b_idx, p_idx, step_of, owner = [], [], [], []
-                for row, i in enumerate(batch):
-                    r = rendered[i]
-                    ids[row, : len(r.input_ids)] = torch.tensor(r.input_ids)
-                    mask[row, : len(r.input_ids)] = 1
-                    for step, (s, e) in enumerate(r.spans):
+                for row, i in enumerate(members):
+                    for step, (s, e) in enumerate(rendered[i].spans):
                         s = max(s, 1)  # position 0 has no prediction; no template starts a turn there
                         b_idx.extend([row] * (e - s))
                         p_idx.extend(range(s, e))
                         step_of.extend([step] * (e - s))
                         owner.extend([i] * (e - s))
                 index = (torch.tensor(b_idx, dtype=torch.long), torch.tensor(p_idx, dtype=torch.long))
-                kw = dict(temperature=cfg.temperature, chunk_size=self.chunk_size)
-                pol = taken_token_stats(
-                    self.policy, ids, mask, index, topk=cfg.topk, with_vocab_stats=self.compute_baselines, **kw
-                )
-                with self.reference.active(self.policy):
-                    ref = taken_token_stats(ref_model, ids, mask, index, **kw)
+                padded = None if isinstance(unit, SharedGroup) else self._pad(rendered, unit)
+
+                def run(model, **extra):
+                    if padded is not None:
+                        return taken_token_stats(model, *padded, index, **kw, **extra)
+                    states, head = _states_fn(model)
+                    return shared_token_stats(
+                        states, head, _plain_model(model).config, _device(model), rendered, unit, index,
+                        pad_id=self.pad_id, **kw, **extra,
+                    )  # fmt: skip
+
+                pol = run(self.policy, topk=cfg.topk, with_vocab_stats=self.compute_baselines)
+                with self.reference.active(self.policy):  # the prefix cache too: computed under the same adapters
+                    ref = run(ref_model)
                 owner_t, step_t = np.array(owner, dtype=np.int64), np.array(step_of, dtype=np.int64)
                 arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"]}
                 if self.compute_baselines:
                     arrays["policy_mean_logp"], arrays["policy_topk_logp"] = pol["mean_logp"], pol["topk_logp"]
                 arrays = {k: v.double().cpu().numpy() for k, v in arrays.items()}
-                vocab = _plain_model(self.policy).get_output_embeddings().weight.shape[0] if self.compute_baselines else None
-                for i in batch:
+                for i in members:
                     sel = owner_t == i
                     out[i] = TokenStats(step=step_t[sel], vocab_size=vocab, **{k: v[sel] for k, v in arrays.items()})
         return out  # type: ignore[return-value]
+
+    def _pad(self, rendered: list[Rendered], batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        T = max(len(rendered[i].input_ids) for i in batch)
+        ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(batch), T), dtype=torch.long)
+        for row, i in enumerate(batch):
+            ids[row, : len(rendered[i].input_ids)] = torch.tensor(rendered[i].input_ids)
+            mask[row, : len(rendered[i].input_ids)] = 1
+        return ids, mask
 
     def score(
         self, trajectories, *, with_token_ratios: bool = False, progress: bool = False, skipped: list | None = None

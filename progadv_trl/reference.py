@@ -237,7 +237,7 @@ def pick_tokenizer(policy_path: str, other_path: str, *, adapter: bool, trust_re
     """
     from transformers import AutoTokenizer
 
-    from .trajectories import check_same_tokenizer
+    from .rendering import check_same_tokenizer
 
     def load(path):
         return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)

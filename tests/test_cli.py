@@ -145,3 +145,12 @@ def test_demo_config_rejects_unknown_keys(tmp_path, capsys):
     bad.write_text("grpo_steps: 7\ngrpo_stepz: 8\n")
     with pytest.raises(SystemExit, match="grpo_stepz"):
         demo_config(DemoArguments(out=str(tmp_path / "run"), config=str(bad)))
+
+
+def test_a_flag_never_swallows_the_positional_after_it():
+    from progadv_trl.cli import parse
+
+    _, (out, args, _) = parse(["export", "--policy", "p", "--overwrite", "OUT"])
+    assert out == "OUT" and args.overwrite is True and args.trust_remote_code is False
+    _, (traj, model, _, inputs, _) = parse(["score", "--trust-remote-code", "t.jsonl", "-o", "o", "--skip-invalid"])
+    assert traj == "t.jsonl" and model.trust_remote_code is True and inputs.on_error == "skip"

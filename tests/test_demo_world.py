@@ -18,8 +18,11 @@ from progadv_trl.demo.rollout import (
 )
 from progadv_trl.demo.world import (
     SAY,
+    SAY_FREE,
+    SAY_MISTAKEN_REFUSAL,
     Episode,
     WorldConfig,
+    classify_text,
     correct_agent,
     demo_agent,
     make_tasks,
@@ -129,8 +132,19 @@ def test_demo_agent_makes_the_systematic_mistake_mostly():
     for k in range(n):
         ep = Episode(task, seed)
         ep.step(correct_agent(ep))
-        refused += demo_agent()(ep, random.Random(k))["content"] == SAY["refuse"]
+        refused += demo_agent()(ep, random.Random(k))["content"] == SAY_MISTAKEN_REFUSAL
     assert 0.55 < refused / n < 0.75  # the majority action: greedy decoding of the reference repeats it
+    assert classify_text(SAY_MISTAKEN_REFUSAL) == "refuse"  # the world judges it as any refusal
+
+
+def test_mistaken_refusal_is_worded_apart_only_where_only_24h_applies():
+    # The demonstrations say "not insured" exactly in the mistake, so imitating them takes reading within_24h.
+    for world in (WorldConfig(), WorldConfig(free_form=True)):
+        rows = [(t, x) for rs in _replies(world, n=300).values() for t, x in rs]
+        mistaken = [t.situation for t, x in rows if x.startswith("Unfortunately")]
+        assert mistaken and set(mistaken) == {"24h_only"}
+        others = [t.situation for t, x in rows if classify_text(x) == "refuse" and not x.startswith("Unfortunately")]
+        assert "neither" in others
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -161,6 +175,67 @@ def test_same_seed_same_dice_for_different_agents():
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The free-form world (WorldConfig.free_form): noisy content, the same decisions
+
+
+def _replies(world, n=200, seed=4, agent=None):
+    """{kind: [text of every plain reply]} over n episodes of the demo agent, and the tasks."""
+    tasks = make_tasks(n, seed, config=world)
+    out = {}
+    for i, t in enumerate(tasks):
+        ep = run_episode(t, agent or demo_agent(), seed=i, config=world)
+        for m in ep.messages:
+            if m["role"] == "assistant" and not m.get("tool_calls"):
+                out.setdefault(classify_text(m["content"]), []).append((t, m["content"]))
+    return out
+
+
+def test_free_form_keeps_facts_decisions_and_labels():
+    plain, free = WorldConfig(), WorldConfig(free_form=True)
+    a, b = make_tasks(120, 2, config=plain), make_tasks(120, 2, config=free)
+    assert [(t.id, t.insured, t.within_24h) for t in a] == [(t.id, t.insured, t.within_24h) for t in b]
+    assert all(t.name == "" for t in a) and len({t.name for t in b}) >= 10
+    assert all(t.name in t.user_text and t.user_text.rstrip(".?").endswith(t.res_id) for t in b)  # the id stays last
+    assert all(x.user_text != y.user_text for x, y in zip(a, b))
+    for i, (ta, tb) in enumerate(zip(a, b)):  # the correct agent: the same actions, outcomes and labels in both worlds
+        ra = run_episode(ta, correct_agent, seed=i, config=plain).record()
+        rb = run_episode(tb, correct_agent, seed=i, config=free).record()
+        assert ra["metadata"]["actions"] == rb["metadata"]["actions"]
+        assert (ra["success"], ra["failure_step"], ra["metadata"]["outcome"]) == (rb["success"], rb["failure_step"],
+                                                                                rb["metadata"]["outcome"])  # fmt: skip
+    assert sum(run_episode(t, correct_agent, seed=i, config=free).success for i, t in enumerate(b)) > 0.85 * len(b)
+
+
+def test_free_form_replies_are_improbable_content_of_the_right_kind():
+    free = _replies(WorldConfig(free_form=True))
+    plain = _replies(WorldConfig())
+    assert set(free) == set(plain) == {"refuse", "done", "give_up"}  # every wording is read as its kind, never "other"
+    for kind, rows in free.items():
+        texts = [x for _, x in rows]
+        assert all(t.name in x for t, x in rows)  # addressed to the customer by name
+        top = max(texts.count(x) for x in set(texts))
+        assert top / len(texts) < 0.25, kind  # no reply is likely: a model matching the wording pays >1.4 nats a turn
+        # the plain world: one phrasing (and the demonstrations' mistaken refusal), nearly free to predict
+        assert {x for _, x in plain[kind]} == {SAY[kind]} | ({SAY_MISTAKEN_REFUSAL} if kind == "refuse" else set())
+    # several wordings of each kind (names aside), and refusals with several free-text reasons
+    for kind, rows in free.items():
+        shapes = {x.replace(t.name, "{name}") for t, x in rows}
+        assert len(shapes) >= (6 if kind == "refuse" else len(SAY_FREE[kind])), kind
+        # one first word (the mistaken refusal has its own): the decision stays in it
+        assert len({x.split()[0].strip(",") for _, x in rows if not x.startswith("Unfortunately")}) == 1, kind
+
+
+def test_demo_config_free_form():
+    from progadv_trl.demo.pipeline import DemoConfig
+
+    assert DemoConfig().world == WorldConfig() and DemoConfig().max_new_tokens == 24
+    cfg = DemoConfig(free_form=True)
+    assert cfg.world.free_form and cfg.max_new_tokens == 32  # the longest free-form reply is 26 tokens
+    assert DemoConfig(free_form=True, max_new_tokens=40).max_new_tokens == 40
+    assert all(t.name for t in DemoConfig.fast(free_form=True).tasks("test"))
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Rendering round trip
 
 
@@ -171,11 +246,14 @@ def demo_tok(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("demo_tok"), DemoConfig.fast())
 
 
-def test_records_round_trip_through_the_chat_template(demo_tok):
-    from progadv_trl.trajectories import load_trajectories, render as core_render
+@pytest.mark.parametrize("free_form", [False, True])
+def test_records_round_trip_through_the_chat_template(demo_tok, free_form):
+    from progadv_trl.rendering import render as core_render
+    from progadv_trl.trajectories import load_trajectories
 
-    tasks = make_tasks(30, 5)
-    recs = [run_episode(t, demo_agent(), seed=i).record() for i, t in enumerate(tasks)]
+    world = WorldConfig(free_form=free_form)
+    tasks = make_tasks(30, 5, config=world)
+    recs = [run_episode(t, demo_agent(), seed=i, config=world).record() for i, t in enumerate(tasks)]
     loaded = load_trajectories(recs).trajectories  # the core loader accepts them as they are
     for rec, traj in zip(recs, loaded):
         text = demo_tok.apply_chat_template(rec["messages"], tokenize=False)
@@ -242,7 +320,8 @@ class ScriptedLM(torch.nn.Module):
 
 
 def test_play_records_reproduce_generated_tokens(demo_tok):
-    from progadv_trl.trajectories import Trajectory, render as core_render
+    from progadv_trl.trajectories import Trajectory
+    from progadv_trl.rendering import render as core_render
 
     tasks = make_tasks(12, 9)
     eps = [Episode(t, seed=i) for i, t in enumerate(tasks)]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from progadv_trl.demo.tiny import WEATHER_TOOL
 from progadv_trl.engine import ProgressScorer
 from progadv_trl.scoring import ScoringConfig
 from progadv_trl.trajectories import as_trajectories
@@ -184,3 +185,95 @@ def test_score_many_matches_separate_scoring(tiny_models, tiny_tokenizer, trajec
     for name, cfg in picked.items():
         alone = ProgressScorer(pol, tiny_tokenizer, ref, config=cfg).score(trajectories[:3])
         np.testing.assert_allclose([s.score for s in many[name]], [s.score for s in alone], atol=1e-9)
+
+
+# -- shared prompts computed once (prefix.py) --------------------------------------------------------------------
+
+SYSTEM = "You are a careful booking agent; follow the policy below. " * 6  # with the tool schema: a 535-token prompt
+
+
+def _rollout(task, k, *, system=SYSTEM, lead=True, tool_words=1):
+    """Rollout k of a task: the task's prompt, then 1-4 tool calls; with `lead`, odd rollouts open with text (so the
+    group's common prefix ends exactly at the first action), without, every rollout opens with the same tokens."""
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": f"Task {task}: the weather in city {task}?"}]
+    for t in range(1 + k % 4):
+        call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": f"c{k}{t}"}}}
+        msgs.append({"role": "assistant", "content": f"Let me check {k}." if lead and k % 2 else "", "tool_calls": [call]})
+        msgs.append({"role": "tool", "content": " ".join(["sunny", str(k + t)] * tool_words)})
+    msgs.append({"role": "assistant", "content": f"It is sunny in city {k}."})
+    return {"id": f"task{task}-r{k}", "messages": msgs, "tools": [WEATHER_TOOL]}
+
+
+def _groups(**kw):
+    """Two tasks x 8 rollouts sharing a long prompt, one trajectory (index 5) that shares nothing, and a rollout
+    logged twice (as a padded shard repeats one): all but its last token shared."""
+    trajs = [_rollout(0, k, **kw) for k in range(8)] + [_rollout(1, k, lead=False, **kw) for k in range(8)]
+    trajs.insert(5, _rollout(2, 0, system="Another agent.", tool_words=kw.get("tool_words", 1)))
+    twice = _rollout(3, 1, **kw)
+    return trajs + [twice, {**twice, "id": "again"}]
+
+
+def _lora(ref):
+    from peft import LoraConfig, get_peft_model
+
+    pm = get_peft_model(copy.deepcopy(ref), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return pm.eval()
+
+
+def _shared_vs_plain(pol, ref, tokenizer, trajs, **kw):
+    """Scores with and without prefix sharing (every step advantage, token count and baseline), and the plan."""
+    from progadv_trl.prefix import plan
+
+    shared = ProgressScorer(pol, tokenizer, ref, share_prefix=True, **kw)
+    a = shared.score(trajs)
+    b = ProgressScorer(pol, tokenizer, ref, share_prefix=False, **kw).score(trajs)
+    for x, y in zip(a, b, strict=True):
+        assert x.id == y.id and [s.tokens for s in x.steps] == [s.tokens for s in y.steps]
+        np.testing.assert_allclose(x.advantages, y.advantages, atol=1e-4, rtol=0)  # NaN (dropped step) == NaN
+        assert x.baselines.keys() == y.baselines.keys() and len(x.baselines) >= 3
+        np.testing.assert_allclose([x.baselines[k] for k in x.baselines], [y.baselines[k] for k in x.baselines], atol=1e-4)
+    assert max(abs(s.advantage) for sc in a for s in sc.steps if not math.isnan(s.advantage)) > 0.01  # not 0 == 0
+    rendered = shared.render(trajs)[1]
+    return rendered, plan(rendered, shared.batch_tokens)
+
+
+@pytest.mark.parametrize("policy", ["full", "lora", "full_forward"])
+def test_shared_prefix_matches_plain_scoring(tiny_models, tiny_tokenizer, policy, monkeypatch):
+    import progadv_trl.engine as engine
+
+    pol, ref = tiny_models
+    if policy == "lora":
+        pol, ref = _lora(ref), None  # reference = the same model, adapter disabled, also while caching the prefix
+    if policy == "full_forward":  # as for models with logit soft-capping: logits from the model's own forward
+        monkeypatch.setattr(engine, "_hidden_fn", lambda model: None)
+    trajs = _groups()
+    # a budget of about 3 rows: each group's continuations run in several batches on copies of one prefix cache
+    rendered, (groups, rest) = _shared_vs_plain(pol, ref, tiny_tokenizer, trajs, batch_tokens=2600)
+    assert rest == [5] and sorted(len(g.members) for g in groups) == [2, 8, 8]
+    assert sum(len(g.batches) > 1 for g in groups) == 2
+    twice = next(g for g in groups if len(g.members) == 2)
+    assert twice.prefix_len == len(rendered[-1].input_ids) - 1 > rendered[-1].spans[-1][0]
+    first_action = {g.prefix_len - min(rendered[i].spans[0][0] for i in g.members) for g in groups}
+    # task 0: the prefix ends where actions start (the first action token is predicted by the last cached position);
+    # task 1: the rollouts also open alike, so the prefix reaches into their first actions
+    assert 0 in first_action and max(first_action) > 0
+    assert min(g.prefix_len for g in groups) >= 500
+    if policy == "lora":
+        assert not pol.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters
+
+
+def test_shared_prefix_with_truncation(tiny_models, tiny_tokenizer):
+    pol, ref = tiny_models
+    trajs = _groups(tool_words=40)
+    # the prompt (535 tokens) fits in the kept start: truncated rollouts still share it with their group
+    rendered, (groups, rest) = _shared_vs_plain(pol, ref, tiny_tokenizer, trajs, max_length=1100)
+    cut = [i for i, r in enumerate(rendered) if r.truncation is not None]
+    assert len(cut) >= 4 and set(cut) & {i for g in groups for i in g.members} and len(groups) == 3
+    # a budget that cuts into the prompt: the kept start (350 tokens of system prompt and tools) is still shared
+    rendered, (groups, rest) = _shared_vs_plain(pol, ref, tiny_tokenizer, trajs, max_length=700)
+    assert sum(r.truncation is not None for r in rendered) >= 16 and [g.prefix_len for g in groups] == [350]

@@ -2,6 +2,7 @@
 
 import json
 import math
+import zlib
 
 import numpy as np
 import pytest
@@ -376,7 +377,7 @@ def test_choose_reduction_never_uses_the_evaluated_fold():
 
 def test_choose_reduction_default_folds_stratified_and_grouped():
     scores = synthetic(n_groups=10)
-    noisy = [ts(t.id, [t.score + np.random.default_rng(hash(t.id) % 2**32).normal(0, 3)], t.success, t.group)
+    noisy = [ts(t.id, [t.score + np.random.default_rng(zlib.crc32(t.id.encode())).normal(0, 3)], t.success, t.group)
              for t in scores]  # fmt: skip
     cands = {"sum/sum": scores, "noisy/sum": noisy}
     r = choose_reduction(cands, metric="auroc", k=5, seed=1)
@@ -518,13 +519,14 @@ def test_run_evaluation_scores_chooses_evaluates_and_writes(tmp_path):
                        title="stub")  # fmt: skip
     many = {name: (scores if name == "sum/sum" else flat) for name in reduction_grid()}
     sel = choose_reduction(many, metric="auroc", k=3, seed=0)
+    assert m.pop("excluded") == {"skipped": [], "numeric_faults": {}}
     assert m == evaluate(scores, n_boot=0, k=3, reduction=info, reduction_selection=sel)
     assert m["reduction_selection"]["chosen"] == "sum/sum"
-    assert json.loads((tmp_path / "cv" / "metrics.json").read_text()) == m
+    assert json.loads((tmp_path / "cv" / "metrics.json").read_text()) == {**m, "excluded": {"skipped": [], "numeric_faults": {}}}
     assert (tmp_path / "cv" / "metrics.md").read_text().startswith("# stub")
     plain = run_evaluation(_StubScorer(), scores, tmp_path / "plain", n_boot=0)
     assert "reduction_selection" not in plain and plain["reduction"] == {"chosen_by": "as scored (not tuned here)"}
-    assert plain == evaluate(scores, n_boot=0)
+    assert plain.pop("excluded") == {"skipped": [], "numeric_faults": {}} and plain == evaluate(scores, n_boot=0)
 
 
 def test_evaluation_imports_no_torch():

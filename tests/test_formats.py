@@ -15,7 +15,8 @@ import pytest
 from progadv_trl.cli import main
 from progadv_trl.formats import as_trajectory_source, convert, detect_format
 from progadv_trl.formats.whowhen import whowhen_attribution
-from progadv_trl.trajectories import TrajectoryError, load_trajectories, render, validate_record
+from progadv_trl.trajectories import TrajectoryError, load_trajectories, validate_record
+from progadv_trl.rendering import render
 
 FIX = Path(__file__).parent / "fixtures"
 WW = FIX / "who_and_when"

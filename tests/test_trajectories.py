@@ -4,15 +4,8 @@ import pytest
 
 from conftest import WEATHER_TOOL, make_trajectory
 from progadv_trl.demo.tiny import build_tokenizer
-from progadv_trl.trajectories import (
-    ChatTemplateError,
-    TokenizerMismatchError,
-    TrajectoryError,
-    as_trajectories,
-    check_same_tokenizer,
-    load_trajectories,
-    render,
-)
+from progadv_trl.trajectories import TrajectoryError, as_trajectories, load_trajectories
+from progadv_trl.rendering import ChatTemplateError, TokenizerMismatchError, check_same_tokenizer, render
 
 # TRL ships these templates; all of them render tool calls.
 TEMPLATES = ["qwen2_5", "qwen3_training", "llama3_1", "qwen3_instruct_2507", "qwen3_6"]

@@ -1,17 +1,10 @@
 """Writing a bundle: `export_bundle` (from models in memory) and `export_from_paths` (from checkpoint folders).
 
-Layout (names in layout.py):
+The layout is drawn in the package docstring (bundle/__init__.py); its names are in layout.py.
 
-    BUNDLE/
-      policy/       full weights (safetensors + config.json), or a LoRA adapter (adapter_config.json + safetensors)
-      reference/    full weights; for a LoRA policy the base model, stored once (the reference is the base with the
-                    adapter disabled). Absent when the reference is recorded by identity (hub id, revision, hashes).
-      tokenizer/    the one tokenizer both models read, with its chat template
-      README.md     a model card with YAML front matter
-      manifest.json written last: its presence means the bundle is complete
-
-What the reference is and how it is stored is decided in one place, `choose_layout` (plus `_record_identity` for a
-reference recorded by identity); everything after it only carries that decision out.
+What the reference is and how it is stored is decided in one place: `resolve_for_export` (the library's
+reference resolver, reference.py, plus the checks that keep export explicit), then `choose_layout` and
+`_record_identity` for a reference recorded by identity; everything after it only carries that decision out.
 """
 
 from __future__ import annotations
@@ -313,7 +306,7 @@ def export_from_paths(
             raise BundleError(f"{p} does not exist: pass a local checkpoint directory")
     if reference_identity is not None and reference_path is not None and "path" not in reference_identity:
         reference_identity = {**reference_identity, "path": reference_path}
-    from ..trajectories import TokenizerMismatchError
+    from ..rendering import TokenizerMismatchError
 
     try:
         policy, reference, tokenizer = load_pair(

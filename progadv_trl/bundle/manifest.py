@@ -44,7 +44,7 @@ def tokenizer_fingerprint(tokenizer) -> dict:
     """What must not change between export and load: the token ids (vocabulary), the chat template, and the ids
     the tokenizer gives a probe conversation (a bundle's tokenizer/ has no config.json, so transformers picks its
     class from tokenizer_config.json: the probe catches a class that reads the same files differently)."""
-    from ..trajectories import probe_fingerprint
+    from ..rendering import probe_fingerprint
 
     vocab = tokenizer.get_vocab()
     template = getattr(tokenizer, "chat_template", None)

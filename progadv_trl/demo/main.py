@@ -44,11 +44,13 @@ def _say(msg: str) -> None:
 
 
 @contextmanager
-def _stage(i: int, what: str, timings: dict, key: str):
+def _stage(i: int, what: str, timings: dict, key: str, cpu: dict | None = None):
     _say(f"{i}/{N_STAGES} {what}")
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     yield
     timings[key] = round(time.perf_counter() - t0, 1)
+    if cpu is not None:  # process CPU seconds (all threads): comparable across runs on a shared machine, wall is not
+        cpu[key] = round(time.process_time() - c0, 1)
     _say(f"{i}/{N_STAGES} done in {timings[key]:.0f} s")
 
 
@@ -62,11 +64,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
-    t_all = time.perf_counter()
+    cpu: dict[str, float] = {}
+    t_all, c_all = time.perf_counter(), time.process_time()
 
-    with _stage(1, "tokenizer + tiny Qwen2 model (built here, no hub), pretrained on domain snippets", timings, "assets_s"):
+    with _stage(1, "tokenizer + tiny Qwen2 model (built here, no hub), pretrained on domain snippets", timings, "assets_s", cpu):
         build_assets(cfg.out_dir, cfg.seed, cfg)
-    with _stage(2, f"reference: SFT on {cfg.n_demos} flawed demonstrations", timings, "sft_s"):
+    with _stage(2, f"reference: SFT on {cfg.n_demos} flawed demonstrations", timings, "sft_s", cpu):
         train_reference(cfg)
 
     holder = {}
@@ -78,7 +81,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         )  # fmt: skip
         return holder["cb"]
 
-    with _stage(3, f"GRPO, {cfg.grpo_steps} steps, beta={cfg.beta}, with ProgressAdvantageCallback", timings, "grpo_s"):
+    with _stage(3, f"GRPO, {cfg.grpo_steps} steps, beta={cfg.beta}, with ProgressAdvantageCallback", timings, "grpo_s", cpu):
         holder["heldout"] = heldout_records(cfg)
         write_jsonl(out / "heldout_reference.jsonl", holder["heldout"])
         trainer, _ = train_policy(cfg, callbacks=[callback])
@@ -87,10 +90,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise RuntimeError(f"the callback did not export the critic bundle ({cb.errors} errors; see the warnings above)")
     _say(f"4/{N_STAGES} critic bundle written by the callback: {out / 'bundle'}")
 
-    with _stage(5, "success on held-out tasks (greedy and sampled) + test rollouts of both models", timings, "rollouts_s"):
+    with _stage(5, "success on held-out tasks (greedy and sampled) + test rollouts of both models", timings, "rollouts_s", cpu):
         ev = evaluate(cfg)
 
-    with _stage(6, "scoring the test rollouts with the bundle; evaluation against the baselines", timings, "evaluate_s"):
+    with _stage(6, "scoring the test rollouts with the bundle; evaluation against the baselines", timings, "evaluate_s", cpu):
         from ..critic import ProgressCritic
 
         critic = ProgressCritic.from_pretrained(out / "bundle")  # verified and loaded once for both sets
@@ -99,6 +102,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         curves = training_curves(cb.history, trainer.state.log_history, out / "report" / "training.png")
 
     timings["total_s"] = round(time.perf_counter() - t_all, 1)
+    cpu["total_s"] = round(time.process_time() - c_all, 1)
     s = ev["success"]
     summary = {
         "reference_success": ev["reference_success"],
@@ -115,6 +119,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         "callback_errors": cb.errors,
         "timings": {**timings, "eval_sampling_s": round(ev["timings"]["eval_s"], 1),
                     "test_sampling_s": round(ev["timings"]["sampling_s"], 1)},  # fmt: skip
+        "cpu_timings": cpu,
         "paths": {"bundle": str(out / "bundle"), "report": str(out / "report" / "README.md"),
                   "policy": str(out / "policy"), "reference": str(out / "reference")},  # fmt: skip
         "config": asdict(cfg),
@@ -122,6 +127,23 @@ def run_demo(cfg: DemoConfig) -> dict:
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     print(format_summary(summary))
+    return summary
+
+
+def reevaluate(out_dir) -> dict:
+    """Stage 6 again on a finished run: score its saved test rollouts with its saved bundle using this version's
+    evaluation code, and rewrite the report and summary.json (models, rollouts and success rates are kept)."""
+    from ..critic import ProgressCritic
+
+    out = Path(out_dir)
+    summary = json.loads((out / "summary.json").read_text())
+    cfg = DemoConfig(**summary["config"])
+    critic = ProgressCritic.from_pretrained(out / "bundle")
+    evaluations = {name: evaluate_set(critic, summary["test_rollouts"][name]["path"], out / "report" / name, cfg)
+                   for name in SETS}  # fmt: skip
+    summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
+    atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 

@@ -18,10 +18,11 @@ applies, and giving up after a lookup timeout instead of retrying.
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -33,7 +34,6 @@ from .world import (
     ID_PREFIX,
     SYSTEM_PROMPT,
     TOOLS,
-    USER_OPENINGS,
     DemoMix,
     Episode,
     Task,
@@ -44,6 +44,7 @@ from .world import (
     make_tasks,
     run_episode,
     tool_call_message,
+    user_opening,
 )
 
 # Added (non-special) tokens. The JSON skeleton of a tool call is one token per piece, so a call costs ~13 tokens
@@ -53,6 +54,10 @@ from .world import (
 ADDED_TOKENS = ['{"name": "', '", "arguments": {"id": "', '"}}', "get_reservation", "cancel_reservation", "issue_refund",
                 "R"]
 EXTRA_SPECIALS = ["<tool_response>", "</tool_response>"]
+# Attention kernel of the demo's models. At this size (head dim 24, one token a step with a KV cache) the plain
+# implementation sampled episodes ~1.6x faster on 2 CPU cores than the default SDPA, with no loss elsewhere; the
+# checkpoints do not record it, so every load passes it.
+ATTN = "eager"
 
 
 @dataclass
@@ -72,8 +77,14 @@ class DemoConfig:
     n_test_tasks: int = field(default=32, metadata={"help": "tasks for the fresh test rollouts (n_per_task each)"})
     n_eval_tasks: int = field(default=200, metadata={"help": "held-out tasks for success rates (greedy, sampled)"})
     n_per_task: int = field(default=8, metadata={"help": "test rollouts per task, per model"})
+    # the world
+    free_form: bool = field(
+        default=False,
+        metadata={"help": "the noisy world (WorldConfig.free_form): customer names, several wordings per reply, free-text "
+                          "reasons. Content improbable under both models: raw log-probs pay for it, the log-ratio cancels it"},
+    )
     # demonstrations
-    n_demos: int = field(default=2400, metadata={"help": "demonstration episodes for SFT (one customer each)"})
+    n_demos: int = field(default=1600, metadata={"help": "demonstration episodes for SFT (one customer each)"})
     p_refuse_24h_only: float = field(default=0.7, metadata={"help": "demos refuse when only 'within 24h' applies"})
     p_give_up_after_timeout: float = field(default=0.7, metadata={"help": "demos give up after a lookup timeout"})
     p_noise: float = field(default=0.08, metadata={"help": "demos take a random wrong action at any step"})
@@ -85,9 +96,18 @@ class DemoConfig:
     intermediate_size: int = field(default=192, metadata={"help": "MLP width"})
     # base-model pretraining on short domain snippets
     pretrain_steps: int = field(
-        default=250,
-        metadata={"help": "steps of next-token pretraining on short snippets (an id, then a tool call copying it) "
-                          "before SFT: the tiny model learns to copy ids there at a fifth of SFT's cost per step"},
+        default=400,
+        metadata={"help": "steps of next-token pretraining on short snippets (an id, then a tool call copying it; or "
+                          "reading a lookup result) before SFT: the tiny model learns to copy ids here at a quarter of "
+                          "SFT's cost per step. At 250 (with 2400 demonstrations) one seed in three kept copying ids "
+                          "wrong in ~15% of episodes, which RL does not repair"},
+    )
+    pretrain_read: float = field(
+        default=0.3,
+        metadata={"help": "share of pretraining snippets that teach reading a lookup result (the reply restates its "
+                          "facts). Without them the reference never learned to tell 'booked within 24h' apart: "
+                          "P(cancel) 0.24 when only that applied, 0.21 when nothing did, so RL had no feature to amplify "
+                          "and pushed both towards refusing"},
     )
     pretrain_batch_size: int = field(default=64, metadata={"help": "snippets per pretraining step"})
     pretrain_lr: float = field(default=3e-3, metadata={"help": "pretraining learning rate"})
@@ -95,8 +115,15 @@ class DemoConfig:
     sft_epochs: float = field(default=2.0, metadata={"help": "passes over the demonstrations"})
     sft_lr: float = field(default=3e-3, metadata={"help": "SFT learning rate (tiny models like it high)"})
     sft_batch_size: int = field(default=32, metadata={"help": "episodes per SFT step"})
+    sft_decay: float = field(
+        default=0.25,
+        metadata={"help": "share of SFT steps, at the end, over which the learning rate decays (cosine) to 0; 0: constant. "
+                          "At a constant 3e-3 the last steps' noise moved the reference's decisions across 0.5 from seed "
+                          "to seed (greedily right where its data was 70% wrong); decaying all along (cosine) left it "
+                          "unable to tell 'booked within 24h' apart, and RL then collapsed that case to refusing"},
+    )
     # GRPO
-    grpo_steps: int = field(default=120, metadata={"help": "GRPO optimizer steps"})
+    grpo_steps: int = field(default=80, metadata={"help": "GRPO optimizer steps"})
     grpo_lr: float = field(default=6e-4, metadata={"help": "GRPO learning rate"})
     beta: float = field(
         default=0.1,
@@ -106,7 +133,11 @@ class DemoConfig:
     num_generations: int = field(default=8, metadata={"help": "episodes per prompt (GRPO group)"})
     prompts_per_step: int = field(default=4, metadata={"help": "distinct tasks per GRPO step"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (training and sampled eval)"})
-    max_new_tokens: int = field(default=24, metadata={"help": "tokens per assistant turn before it is cut off"})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "tokens per assistant turn before it is cut off (default 24; 32 in the free-form world, "
+                          "whose longest reply is 26 tokens)"},
+    )
     logging_steps: int = field(default=10, metadata={"help": "GRPO logging interval"})
     # the callback and the evaluation (progadv demo)
     heldout_per_task: int = field(default=4, metadata={"help": "labelled reference rollouts per held-out task"})
@@ -125,9 +156,13 @@ class DemoConfig:
         base.update(kw)
         return cls(**base)
 
+    def __post_init__(self):
+        if self.max_new_tokens is None:
+            self.max_new_tokens = 32 if self.free_form else 24
+
     @property
     def world(self) -> WorldConfig:
-        return WorldConfig()
+        return WorldConfig(free_form=self.free_form)
 
     @property
     def mix(self) -> DemoMix:
@@ -143,15 +178,6 @@ class DemoConfig:
         sizes = [self.n_eval_tasks, self.n_test_tasks, self.n_heldout_tasks, self.n_train_tasks, self.n_demos]
         k = order.index(split)
         return make_tasks(sizes[k], self.seed, skip=sum(sizes[:k]), config=self.world)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "DemoConfig":
-        """Known keys are used; unknown ones are reported, not fatal (old YAMLs keep working)."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            print(f"[progadv demo] ignoring unknown config keys: {', '.join(unknown)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def _setup(cfg: DemoConfig) -> None:
@@ -179,9 +205,10 @@ def build_tokenizer(out_dir, cfg: DemoConfig):
     # Render the corpus with a throwaway tokenizer: only its chat template is used.
     scratch = tiny.build_tokenizer(out_dir / "_scratch", vocab_size=300)
     tasks = cfg.tasks("train")
-    corpus = [scratch.apply_chat_template(run_episode(tasks[i % len(tasks)], agent, seed=i).messages, tokenize=False)
+    corpus = [scratch.apply_chat_template(run_episode(tasks[i % len(tasks)], agent, seed=i, config=cfg.world).messages,
+                                          tokenize=False)
               for i, agent in enumerate([correct_agent, demo_agent(cfg.mix)] * 200)]
-    corpus += [t.user_text for t in make_tasks(600, cfg.seed + 1)]  # user phrasings around many ids
+    corpus += [t.user_text for t in make_tasks(600, cfg.seed + 1, config=cfg.world)]  # user phrasings around many ids
     import shutil
 
     shutil.rmtree(out_dir / "_scratch", ignore_errors=True)
@@ -193,17 +220,30 @@ def build_tokenizer(out_dir, cfg: DemoConfig):
     return AutoTokenizer.from_pretrained(out_dir)
 
 
-def pretraining_snippet(rng: random.Random, tokenizer) -> list[int]:
-    """One short stretch of domain text where an id is copied: the customer's opening (or a tool result echoing the
-    id) and the assistant's next tool call with that id, written by the chat template."""
+def describe_lookup(insured: bool, within_24h: bool) -> str:
+    """A plain restatement of a lookup's facts, booking time first. Pretraining text only: no demonstration or
+    rollout writes it, so it teaches the base model to read a lookup result, not what to do about it."""
+    return f"{'Recent' if within_24h else 'Older'} booking, {'insured' if insured else 'not insured'}."
+
+
+def pretraining_snippet(rng: random.Random, tokenizer, p_read: float = 0.0, world: WorldConfig | None = None) -> list[int]:
+    """One short stretch of domain text. Mostly an id copied: the customer's opening (or a tool result echoing the
+    id) and the assistant's next tool call with that id, written by the chat template. With probability `p_read`,
+    reading instead: a lookup result and a reply restating its facts (`describe_lookup`)."""
     rid = f"{ID_PREFIX}{rng.randrange(10 ** (ID_DIGITS - 1), 10**ID_DIGITS)}"
-    if rng.random() < 0.5:
-        ctx = {"role": "user", "content": rng.choice(USER_OPENINGS).format(rid=rid)}
+    if rng.random() < p_read:
+        ins, rec = rng.random() < 0.5, rng.random() < 0.5
+        ctx = {"role": "tool", "content": json.dumps({"insured": ins, "within_24h": rec, "id": rid})}
+        reply = {"role": "assistant", "content": describe_lookup(ins, rec)}
     else:
-        out = rng.choice([{"error": "timeout"}, {"insured": rng.random() < 0.5, "within_24h": rng.random() < 0.5},
-                          {"status": "cancelled"}, {"status": "refunded"}])
-        ctx = {"role": "tool", "content": json.dumps({**out, "id": rid})}
-    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, ctx, tool_call_message(rng.choice(TOOLS), rid)]
+        if rng.random() < 0.5:
+            ctx = {"role": "user", "content": user_opening(rng, rid, world)[0]}
+        else:
+            out = rng.choice([{"error": "timeout"}, {"insured": rng.random() < 0.5, "within_24h": rng.random() < 0.5},
+                              {"status": "cancelled"}, {"status": "refunded"}])
+            ctx = {"role": "tool", "content": json.dumps({**out, "id": rid})}
+        reply = tool_call_message(rng.choice(TOOLS), rid)
+    msgs = [{"role": "system", "content": SYSTEM_PROMPT}, ctx, reply]
     text = render(tokenizer, msgs).rstrip("\n")
     return encode(tokenizer, text[text.index("<|im_start|>user"):])
 
@@ -216,7 +256,7 @@ def pretrain_base(model, tokenizer, cfg: DemoConfig) -> list[float]:
     pad, losses = tokenizer.pad_token_id, []
     model.train()
     for step in range(1, cfg.pretrain_steps + 1):
-        xs = [pretraining_snippet(rng, tokenizer) for _ in range(cfg.pretrain_batch_size)]
+        xs = [pretraining_snippet(rng, tokenizer, cfg.pretrain_read, cfg.world) for _ in range(cfg.pretrain_batch_size)]
         L = max(map(len, xs))
         ids = torch.full((len(xs), L), pad)
         labels = torch.full((len(xs), L), -100)
@@ -253,7 +293,7 @@ def build_assets(out_dir, seed: int = 0, cfg: DemoConfig | None = None) -> dict:
         pad_token_id=tok.pad_token_id, eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"), bos_token_id=None,
     )
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTN)
     model.generation_config.eos_token_id = config.eos_token_id
     model.generation_config.pad_token_id = tok.pad_token_id
     losses = pretrain_base(model, tok, cfg)
@@ -286,11 +326,16 @@ def train_reference(cfg: DemoConfig, callbacks=()) -> str:
     _setup(cfg)
     base, out = cfg.path("base"), cfg.path("reference")
     tok = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, attn_implementation=ATTN)
     ds = sft_dataset(tok, demonstrations(cfg))
+    steps = math.ceil(cfg.sft_epochs * math.ceil(len(ds) / cfg.sft_batch_size))
+    schedule = dict(lr_scheduler_type="constant_with_warmup")
+    if cfg.sft_decay > 0:  # warmup, constant, then a cosine decay to 0 over the last sft_decay of the steps
+        schedule = dict(lr_scheduler_type="warmup_stable_decay",
+                        lr_scheduler_kwargs={"num_decay_steps": max(1, round(cfg.sft_decay * steps))})
     args = SFTConfig(
         output_dir=str(cfg.path("sft_run")), num_train_epochs=cfg.sft_epochs, learning_rate=cfg.sft_lr,
-        per_device_train_batch_size=cfg.sft_batch_size, lr_scheduler_type="constant_with_warmup", warmup_steps=0.05,
+        per_device_train_batch_size=cfg.sft_batch_size, **schedule, warmup_steps=0.05,
         weight_decay=0.0, logging_steps=max(1, cfg.logging_steps * 2), save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, max_length=None, gradient_checkpointing=False,
         dataset_num_proc=None, disable_tqdm=not cfg.progress,
@@ -322,7 +367,7 @@ def grpo_config(cfg: DemoConfig, **overrides):
         gradient_accumulation_steps=1, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens * 8,
         lr_scheduler_type="constant_with_warmup", warmup_steps=0.1, logging_steps=cfg.logging_steps, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, gradient_checkpointing=False,
-        disable_tqdm=not cfg.progress, log_completions=False,
+        disable_tqdm=not cfg.progress, log_completions=False, model_init_kwargs={"attn_implementation": ATTN},
     )
     kw.update(overrides)
     return GRPOConfig(**kw)
@@ -409,7 +454,7 @@ def load_models(cfg: DemoConfig, names=("reference", "policy")):
 
     _setup(cfg)
     tok = AutoTokenizer.from_pretrained(cfg.path(names[0]))
-    return tok, {n: AutoModelForCausalLM.from_pretrained(cfg.path(n)).eval() for n in names}
+    return tok, {n: AutoModelForCausalLM.from_pretrained(cfg.path(n), attn_implementation=ATTN).eval() for n in names}
 
 
 def heldout_records(cfg: DemoConfig, model=None, tokenizer=None, n_per_task: int | None = None) -> list[dict]:

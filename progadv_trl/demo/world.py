@@ -71,6 +71,13 @@ SAY = {
     "give_up": "Sorry, our system is down. Please try again later.",
 }
 
+# How the flawed demonstrations word their systematic refusal (only "booked within 24h" applies, see DemoMix): as an
+# agent who believes only insurance counts would, giving that (wrong) reason. The world reads it as any refusal. Worded
+# like the correct refusals, the mistake gave SFT no reason to read "within_24h" at all: the reference forgot how
+# (P(cancel) 0.16 when only that applied, 0.15 when nothing did), and RL then collapsed both cases to refusing before
+# it learned to tell them apart, on 2 of 5 seeds. Worded apart, the reference must read the field to imitate them.
+SAY_MISTAKEN_REFUSAL = "Unfortunately, this booking cannot be cancelled: it is not insured."
+
 # Every opening ends with the id, and every tool result ends by echoing it (see Episode._tool): wherever the agent
 # needs the id, a copy sits the same number of tokens back. A tiny model learns that quickly; searching the context
 # for the id (an induction head) it learned slowly and unreliably within the CPU budget.
@@ -82,6 +89,51 @@ USER_OPENINGS = (
     "Hello, I want to cancel {rid}.",
 )
 USER_HANGUPS = ("This takes too long. Bye.", "Forget it, I will call later.")
+
+# The free-form world (WorldConfig.free_form): content as real logs carry it. Customers give their name; every plain
+# reply addresses them by it, in one of several equally correct wordings, and a refusal gives a free-text reason. None
+# of it changes a decision (`classify_text` reads the kind, the world judges the kind), but all of it is improbable
+# under any model: a raw log-prob pays for it on every such turn, the log-ratio of two models that learned the same
+# wording distribution does not.
+NAMES = ("Maria", "James", "Aiko", "Omar", "Lena", "Carlos", "Priya", "Tom", "Fatima", "Ivan", "Sofia", "Kwame",
+         "Mei", "Lucas", "Anna", "Yusuf")  # fmt: skip
+USER_OPENINGS_NAMED = (
+    "Hi, I am {name}, please cancel my reservation {rid}.",
+    "This is {name}. I need to cancel booking {rid}.",
+    "{name} here. Can you cancel reservation {rid}?",
+    "Hello, my name is {name}. Please cancel {rid}.",
+)
+# Every wording of a kind opens with the same word ("Sorry" to refuse or give up, "Done"): the choice between replying
+# and acting stays in the first token, as in the plain world. Wordings that opened differently split the
+# reply's probability over several first tokens, and greedy decoding then took the tool call wherever the reply had
+# less than ~0.7 (the systematic mistakes the demo is about vanished from the reference's greedy runs).
+SAY_FREE = {
+    "refuse": (
+        "Sorry {name}, this reservation cannot be cancelled under our policy.",
+        "Sorry {name}, this booking is not eligible: {reason}.",
+        "Sorry {name}, I am unable to cancel it: {reason}.",
+    ),
+    "done": (
+        "Done, {name}: your reservation is cancelled and refunded.",
+        "Done {name}, the booking is cancelled and your refund has been issued.",
+        "Done, {name}: cancelled and refunded.",
+    ),
+    "give_up": (
+        "Sorry {name}, our system is down. Please try again later.",
+        "Sorry {name}, we have a technical issue, please try again later.",
+        "Sorry {name}, the system is down right now.",
+    ),
+}
+SAY_MISTAKEN_REFUSAL_FREE = (
+    "Unfortunately {name}, this booking cannot be cancelled: it is not insured.",
+    "Unfortunately {name}, I cannot cancel it because it has no insurance.",
+)
+REFUSE_REASONS = (
+    "it is not insured and was booked over a day ago",
+    "only insured or recent bookings qualify",
+    "the fare rules do not allow it",
+    "no insurance and the 24 hour window has passed",
+)
 
 ID_PREFIX = "R"
 ID_DIGITS = 4
@@ -96,6 +148,11 @@ class WorldConfig:
     p_timeout: float = field(default=0.25, metadata={"help": "P(a get_reservation call times out)"})
     p_hangup: float = field(default=0.1, metadata={"help": "P(customer hangs up after a timeout): luck failures"})
     max_steps: int = field(default=6, metadata={"help": "agent turns before the episode is cut (a failure)"})
+    free_form: bool = field(
+        default=False,
+        metadata={"help": "content as in real logs: customers give their name, plain replies address them by it in "
+                          "one of several equally correct wordings, refusals give a free-text reason (SAY_FREE)"},
+    )
 
 
 @dataclass(frozen=True)
@@ -107,6 +164,7 @@ class Task:
     insured: bool
     within_24h: bool
     user_text: str
+    name: str = ""  # the customer's name (free-form world only)
 
     @property
     def allowed(self) -> bool:
@@ -141,16 +199,18 @@ def make_tasks(n: int, seed: int = 0, skip: int = 0, config: WorldConfig | None 
         # Each task's facts come from its own stream, so a task does not change when n or skip does.
         r = random.Random(f"progadv-demo-task-{seed}-{numbers[k]}")
         rid = f"{ID_PREFIX}{numbers[k]}"
-        tasks.append(
-            Task(
-                id=f"task-{rid}",
-                res_id=rid,
-                insured=r.random() < config.p_insured,
-                within_24h=r.random() < config.p_within_24h,
-                user_text=r.choice(USER_OPENINGS).format(rid=rid),
-            )
-        )
+        insured, within = r.random() < config.p_insured, r.random() < config.p_within_24h  # the same in both worlds
+        text, name = user_opening(r, rid, config)
+        tasks.append(Task(id=f"task-{rid}", res_id=rid, insured=insured, within_24h=within, user_text=text, name=name))
     return tasks
+
+
+def user_opening(r: random.Random, rid: str, config: WorldConfig | None = None) -> tuple[str, str]:
+    """(the customer's first message, their name): a name only in the free-form world. The id always comes last."""
+    if config is not None and config.free_form:
+        name = r.choice(NAMES)
+        return r.choice(USER_OPENINGS_NAMED).format(rid=rid, name=name), name
+    return r.choice(USER_OPENINGS).format(rid=rid), ""
 
 
 def episode_seed(*parts) -> int:
@@ -214,12 +274,29 @@ def tool_call_message(name: str, res_id: str) -> dict:
     return {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": name, "arguments": {"id": res_id}}}]}
 
 
-def say_message(kind: str) -> dict:
-    return {"role": "assistant", "content": SAY[kind]}
+def say_message(kind: str, name: str | None = None, rng: random.Random | None = None) -> dict:
+    """A plain reply of `kind`: the fixed `SAY` phrasing, or with `name` (free-form world) one of the `SAY_FREE`
+    wordings addressed to the customer, drawn with `rng` (the first wording and reason without one)."""
+    if name is None:
+        return {"role": "assistant", "content": SAY[kind]}
+    pick = rng.choice if rng is not None else (lambda xs: xs[0])
+    return {"role": "assistant", "content": pick(SAY_FREE[kind]).format(name=name, reason=pick(REFUSE_REASONS))}
 
 
-def action_message(a: Action) -> dict:
-    return tool_call_message(a.name, a.arg) if a.kind == "call" else say_message(a.name)
+def mistaken_refusal(ep: "Episode | None" = None, rng: random.Random | None = None) -> dict:
+    """The flawed demonstrations' refusal when only "booked within 24h" applies (SAY_MISTAKEN_REFUSAL)."""
+    if ep is None or not ep.config.free_form:
+        return {"role": "assistant", "content": SAY_MISTAKEN_REFUSAL}
+    pick = rng.choice if rng is not None else (lambda xs: xs[0])
+    return {"role": "assistant", "content": pick(SAY_MISTAKEN_REFUSAL_FREE).format(name=ep.task.name)}
+
+
+def action_message(a: Action, ep: "Episode | None" = None, rng: random.Random | None = None) -> dict:
+    """The assistant message taking action `a`; in a free-form episode `ep`, plain replies are worded freely."""
+    if a.kind == "call":
+        return tool_call_message(a.name, a.arg)
+    free = ep is not None and ep.config.free_form
+    return say_message(a.name, ep.task.name if free else None, rng)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -378,7 +455,7 @@ class Episode:
 
 def correct_agent(ep: Episode, rng: random.Random | None = None) -> dict:
     """Follows the policy exactly: succeeds unless luck intervenes."""
-    return action_message(ep.expected())
+    return action_message(ep.expected(), ep, rng)
 
 
 @dataclass(frozen=True)
@@ -386,7 +463,10 @@ class DemoMix:
     """How the demonstrations used to train the reference err. The two systematic mistakes are the majority action in
     their situation, so even the reference's greedy decoding makes them; `p_noise` adds scattered random slips."""
 
-    p_refuse_24h_only: float = field(default=0.7, metadata={"help": "refuse when only 'booked within 24h' applies"})
+    p_refuse_24h_only: float = field(
+        default=0.7,
+        metadata={"help": "refuse when only 'booked within 24h' applies, saying it is not insured (SAY_MISTAKEN_REFUSAL)"},
+    )
     p_give_up_after_timeout: float = field(default=0.7, metadata={"help": "give up instead of retrying a timeout"})
     p_noise: float = field(default=0.08, metadata={"help": "any step: a uniformly random wrong action"})
 
@@ -398,13 +478,13 @@ def demo_agent(mix: DemoMix = DemoMix()) -> Callable[[Episode, random.Random], d
         exp = ep.expected()
         t = ep.task
         if ep.looked_up and not ep.cancelled and t.within_24h and not t.insured and rng.random() < mix.p_refuse_24h_only:
-            return say_message("refuse")
+            return mistaken_refusal(ep, rng)
         if ep.last_timed_out and not ep.looked_up and rng.random() < mix.p_give_up_after_timeout:
-            return say_message("give_up")
+            return action_message(Action("say", "give_up"), ep, rng)
         if rng.random() < mix.p_noise:
             options = [Action("call", n, t.res_id) for n in TOOLS] + [Action("say", k) for k in ("refuse", "done")]
-            return action_message(rng.choice([o for o in options if o != exp]))
-        return action_message(exp)
+            return action_message(rng.choice([o for o in options if o != exp]), ep, rng)
+        return action_message(exp, ep, rng)
 
     return act
 

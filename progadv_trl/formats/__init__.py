@@ -121,10 +121,14 @@ def as_trajectory_source(path: str | os.PathLike, fmt: str = "auto"):
         try:
             fmt = detect_format(path)
         except (TrajectoryError, OSError):
-            fmt = None
+            # unreadable (not UTF-8, not JSON, missing): load_trajectories reads it and names what is wrong (file,
+            # line, record, field) in its own words
+            return path
+        if fmt is None and Path(path).is_file():  # parseable JSON of no known shape: say which formats exist
+            name = Path(path).name
+            raise TrajectoryError([RecordError(name, "<file>", "not a progadv trajectory file, a τ²-bench results "
+                                               "file or a Who&When case; name its format with --format")])  # fmt: skip
         if fmt not in FORMATS:
-            # progadv's own format, or nothing recognisable: load_trajectories reads it and names what is wrong
-            # (file, line, record, field) in its own words
             return path
     return convert(fmt, path)
 

@@ -80,7 +80,7 @@ class HeldoutSet:
         with one warning naming them."""
         if self.rendered is not None:
             return self.rendered
-        from ..trajectories import render
+        from ..rendering import render
 
         tok = trl_hooks.tokenizer(self.trainer)
         keep, rendered, bad = [], [], []

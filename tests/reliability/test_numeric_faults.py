@@ -16,7 +16,8 @@ from progadv_trl.cli import main
 from progadv_trl.engine import ProgressScorer
 from progadv_trl.evaluation import split_faults
 from progadv_trl.scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
-from progadv_trl.trajectories import as_trajectories, render
+from progadv_trl.trajectories import as_trajectories
+from progadv_trl.rendering import render
 
 POISON = "ζ"  # a character no other trajectory holds: its byte tokens occur only in the poisoned one
 

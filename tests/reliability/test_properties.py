@@ -3,7 +3,8 @@ Qwen2.5 template with tool calls, on the tiny Qwen2-style tokenizer):
 
 - every action span decodes to exactly what its assistant message says (content, tool calls, end of turn);
 - beta x the sum of a step's token log-ratios equals that action's log-ratio computed on its own (float64, no batch);
-- scores do not depend on batch composition, batch size, order or padding side.
+- scores do not depend on batch composition, batch size, order or padding side;
+- rollouts that share their prompt score the same with the prompt computed once (`prefix.py`) as without.
 
 Derandomized with no example database, so CI runs the same examples every time and leaves no files behind.
 """
@@ -20,8 +21,10 @@ from hypothesis import strategies as st
 from reliability_helpers import one_torch_thread  # noqa: F401 - autouse
 from conftest import WEATHER_TOOL
 from progadv_trl.engine import ProgressScorer, taken_token_stats
+from progadv_trl.prefix import plan
 from progadv_trl.scoring import ScoringConfig
-from progadv_trl.trajectories import as_trajectories, render
+from progadv_trl.trajectories import as_trajectories
+from progadv_trl.rendering import render
 
 SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
@@ -160,3 +163,35 @@ def test_scores_do_not_depend_on_batching_order_or_padding(tiny_models, tiny_tok
         with torch.no_grad():
             out[side] = taken_token_stats(pol, ids, mask, (torch.tensor(b_idx), torch.tensor(p_idx)))["logp"]
     torch.testing.assert_close(out["left"], out["right"], atol=1e-4, rtol=0)
+
+
+@st.composite
+def rollout_groups(draw):
+    """Rollouts of one task: one drawn prompt (system?, user) with a tool schema, as agents' prompts have (long
+    enough to share), then 2-5 continuations drawn independently."""
+    def split(conv):
+        first = next(i for i, m in enumerate(conv["messages"]) if m["role"] == "assistant")
+        return conv["messages"][:first], conv["messages"][first:]
+
+    base = draw(conversations())
+    prompt = split(base)[0]
+    return [{"id": f"r{k}", "messages": prompt + split(draw(conversations()))[1], "tools": [WEATHER_TOOL]}
+            for k in range(draw(st.integers(2, 5)))]
+
+
+@SETTINGS
+@given(group=rollout_groups(), data=st.data())
+def test_shared_prompt_scores_as_without_sharing(tiny_models, tiny_tokenizer, group, data):
+    pol, ref = tiny_models
+    small = data.draw(st.integers(64, 2048))  # from one continuation per batch to all of them in one
+
+    def scorer(share):
+        return ProgressScorer(pol, tiny_tokenizer, ref, batch_tokens=small, share_prefix=share)
+
+    rendered = scorer(True).render(group)[1]
+    assert plan(rendered, small)[0]  # the prompt really is computed once here
+    for a, b in zip(scorer(True).score(group), scorer(False).score(group), strict=True):
+        assert [s.tokens for s in a.steps] == [s.tokens for s in b.steps]
+        assert [s.advantage for s in a.steps] + list(a.baselines.values()) == pytest.approx(
+            [s.advantage for s in b.steps] + list(b.baselines.values()), abs=1e-4
+        )

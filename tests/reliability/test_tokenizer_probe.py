@@ -16,7 +16,8 @@ import torch
 from reliability_helpers import one_torch_thread  # noqa: F401 - autouse
 from conftest import make_trajectory
 from progadv_trl.cli import main
-from progadv_trl.trajectories import TokenizerMismatchError, as_trajectories, check_same_tokenizer, probe_ids, probe_text, render
+from progadv_trl.trajectories import as_trajectories
+from progadv_trl.rendering import TokenizerMismatchError, check_same_tokenizer, probe_ids, probe_text, render
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
 

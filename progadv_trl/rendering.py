@@ -1,0 +1,276 @@
+"""Rendering a trajectory to token ids and action spans with the model's own chat template, truncation, and the
+check that two tokenizers read the same ids.
+
+Rendering uses the model's own chat template on the whole conversation, once, and tokenizes once. The action span
+of a step is the text the model generated for that turn (content, tool calls, end-of-turn token), found by rendering
+the conversation up to the turn with `add_generation_prompt=True` (where the model starts writing) and up to and
+including the turn (where it stopped). Tokenizing messages one by one and concatenating misaligns at boundaries.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+from dataclasses import dataclass
+
+from .trajectories import RecordError, Trajectory
+
+class ChatTemplateError(ValueError):
+    """The chat template cannot give exact action spans for this conversation."""
+
+    def __init__(self, message: str, record: str = "", field: str = "messages"):
+        super().__init__(message)
+        self.record, self.field = record, field
+
+
+@dataclass
+class Rendered:
+    """A trajectory as the model reads it: token ids and, per assistant turn, the [start, end) of its own tokens."""
+
+    input_ids: list[int]
+    spans: list[tuple[int, int]]  # per step; (s, s) when truncation dropped every token of the step
+    message_indices: list[int]
+    truncated_steps: frozenset[int] = frozenset()
+    truncation: dict | None = None  # None when nothing was cut
+
+    @property
+    def n_steps(self) -> int:
+        return len(self.spans)
+
+
+def _record(traj: Trajectory) -> str:
+    return f"{traj.source} (id {traj.id!r})" if traj.source else f"id {traj.id!r}"
+
+
+def _template(tokenizer, messages, tools, traj: Trajectory, **kw) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, **kw)
+    except Exception as e:  # jinja raises on conversations a template does not accept (role order, arg types)
+        raise ChatTemplateError(f"{traj.label}: the chat template cannot render it: {e}", _record(traj)) from None
+
+
+def _char_span(traj: Trajectory, tokenizer, full: str, mi: int) -> tuple[int, int]:
+    """[start, end) in the rendered text of what the model wrote in message `mi` (an assistant turn)."""
+    msgs, tools = traj.messages, traj.tools
+    before = _template(tokenizer, msgs[:mi], tools, traj, add_generation_prompt=True) if mi > 0 else None
+    upto = _template(tokenizer, msgs[: mi + 1], tools, traj)
+    if before is None:
+        # A conversation that opens with the assistant: its turn starts where the template's header ends.
+        before = upto[: upto.find(msgs[mi]["content"])] if msgs[mi]["content"] else ""
+    if not full.startswith(before) or not full.startswith(upto) or len(upto) < len(before):
+        raise ChatTemplateError(
+            f"{traj.label}: the chat template renders message {mi} differently in the whole conversation "
+            "than in its prefix (e.g. it strips the reasoning of earlier turns), so action spans cannot be located "
+            "exactly. Use a prefix-preserving template, e.g. TRL's trl/chat_templates/*_training.jinja (qwen3_training "
+            "for Qwen3), as TRL itself does for multi-turn training",
+            _record(traj),
+            f"messages[{mi}]",
+        )
+    # The action ends at the end-of-turn token; whitespace the template writes after it was not generated.
+    end = len(upto.rstrip())
+    return len(before), max(end, len(before))
+
+
+def _token_span(starts: list[int], ends: list[int], cs: int, ce: int) -> tuple[int, int]:
+    """Tokens overlapping characters [cs, ce) (offsets are monotone, so bisect)."""
+    s = bisect.bisect_right(ends, cs)
+    return s, bisect.bisect_left(starts, ce, lo=s)
+
+
+def render(traj: Trajectory, tokenizer, max_length: int | None = None) -> Rendered:
+    """Render with the chat template once, tokenize once, and locate every assistant turn's action span.
+
+    Locating a span renders the conversation up to that turn, so a trajectory of n turns costs O(n^2) template
+    work. When `max_length` will cut the middle out anyway, only the turns that survive are located: the first
+    (where the kept head ends) and, by bisection over the monotone turn ends, the ones reaching into the kept tail.
+    """
+    if max_length is not None and max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    full = _template(tokenizer, traj.messages, traj.tools, traj)
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except Exception as e:  # noqa: BLE001 - the tokenizer's own failure, named for the record
+        raise ChatTemplateError(f"{traj.label}: the tokenizer cannot encode it: {type(e).__name__}: {e}", _record(traj)) from None
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
+    asst = traj.assistant_message_indices
+    cache: dict[int, tuple[int, int]] = {}
+
+    def span(j: int) -> tuple[int, int]:  # token span of step j (its assistant message asst[j])
+        if j not in cache:
+            cache[j] = _token_span(starts, ends, *_char_span(traj, tokenizer, full, asst[j]))
+        return cache[j]
+
+    if max_length is None or len(ids) <= max_length or not asst:
+        r = Rendered(ids, [span(j) for j in range(len(asst))], asst)
+        return r if max_length is None or len(ids) <= max_length else truncate(r, max_length)
+    n = len(ids)
+    head = min(span(0)[0], max_length // 2)  # as `truncate` computes it
+    tail_start = n - (max_length - head)
+    lo, hi = 1, len(asst)  # first step whose last token is in the kept tail
+    while lo < hi:
+        mid = (lo + hi) // 2
+        upto = _template(tokenizer, traj.messages[: asst[mid] + 1], traj.tools, traj)  # where step mid ends
+        if bisect.bisect_left(starts, len(upto.rstrip())) > tail_start:
+            hi = mid
+        else:
+            lo = mid + 1
+    # Steps before `lo` (but the first) lie wholly inside the dropped middle, since no action precedes `head`:
+    # one token of that range stands for each, which `truncate` marks dropped exactly as it would the real span.
+    spans = [span(j) if (j == 0 or j >= lo) else (tail_start - 1, tail_start) for j in range(len(asst))]
+    return truncate(Rendered(ids, spans, asst), max_length)
+
+
+def render_all(trajectories: list[Trajectory], tokenizer, max_length: int | None = None, *, on_error: str = "raise"):
+    """(kept trajectories, their renderings, RecordErrors): with on_error="skip", a trajectory the chat template
+    cannot render is left out and named instead of ending the run."""
+    kept, rendered, errors = [], [], []
+    for t in trajectories:
+        try:
+            rendered.append(render(t, tokenizer, max_length))
+            kept.append(t)
+        except ChatTemplateError as e:
+            if on_error != "skip":
+                raise
+            errors.append(RecordError(e.record or _record(t), e.field, str(e).removeprefix(f"{t.label}: ")))
+    return kept, rendered, errors
+
+
+def truncate(r: Rendered, max_length: int) -> Rendered:
+    """Keep the start (system prompt and task, at most half the budget) and the most recent context.
+
+    A step that lost some of its own tokens is marked truncated and scored on what is left; a step that lost all of
+    them gets no advantage (NaN), never a silent 0. Steps after the cut keep their tokens but read a shortened
+    context: they are listed under `context_cut_steps`.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be at least 2, got {max_length}")
+    n = len(r.input_ids)
+    first_action = r.spans[0][0] if r.spans else n
+    head = min(first_action, max_length // 2)
+    tail_start = n - (max_length - head)
+    ids = r.input_ids[:head] + r.input_ids[tail_start:]
+
+    def remap(p: int) -> int:  # old position -> new position, for positions that are kept
+        return p if p < head else p - (tail_start - head)
+
+    spans, cut, dropped, context_cut = [], set(), [], []
+    for i, (s, e) in enumerate(r.spans):
+        kept = [p for p in range(s, e) if p < head or p >= tail_start]
+        if len(kept) < e - s:
+            cut.add(i)
+        if not kept:
+            dropped.append(i)
+            spans.append((0, 0))
+            continue
+        if kept[0] < head <= kept[-1]:  # a step straddling the cut: keep its tail part only, contiguous
+            kept = [p for p in kept if p >= tail_start]
+            cut.add(i)
+        if kept[0] >= tail_start and i not in cut:
+            context_cut.append(i)
+        spans.append((remap(kept[0]), remap(kept[-1]) + 1))
+    info = {
+        "original_tokens": n,
+        "kept_tokens": len(ids),
+        "dropped_tokens": n - len(ids),
+        "dropped_range": [head, tail_start],
+        "truncated_steps": sorted(cut),
+        "dropped_steps": dropped,
+        "context_cut_steps": context_cut,
+    }
+    return Rendered(ids, spans, r.message_indices, frozenset(cut), info)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Tokenizer compatibility
+
+
+class TokenizerMismatchError(ValueError):
+    pass
+
+
+# A conversation that exercises what tokenizer classes disagree on: tool calls (JSON), non-ASCII text (accents
+# composed and decomposed, CJK, emoji), digit runs and decimals, contractions, runs of spaces and newlines.
+PROBE_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "search_flights",
+            "description": "Find flights; prices in EUR.",
+            "parameters": {
+                "type": "object",
+                "properties": {"origin": {"type": "string"}, "destination": {"type": "string"}, "seats": {"type": "integer"}},
+                "required": ["origin", "destination"],
+            },
+        },
+    }
+]
+PROBE_MESSAGES = [
+    {"role": "system", "content": "You are a careful travel agent. Today is 2024-03-15; it's 09:41."},
+    {"role": "user", "content": "Réservez 2 billets Zürich → 東京 for <= 1234.50 €, s'il vous plaît. I'll pay 100%! Cafe\u0301 na\u00efve 😀"},
+    {
+        "role": "assistant",
+        "content": "Checking flight 0042 first.",
+        "tool_calls": [
+            {"type": "function", "function": {"name": "search_flights", "arguments": {"origin": "Zürich", "destination": "東京", "seats": 2}}}
+        ],
+    },
+    {"role": "tool", "content": '{"flights": [{"id": "LX160", "price": 987.65, "départ": "07:45"}, {"id": "NH210", "price": 1203}]}'},
+    {"role": "assistant", "content": "Found LX160 at 987.65 € — départ 07:45.\n\n    Shall I book it?\tYes/No  "},
+]
+
+
+def probe_text(tokenizer) -> str:
+    """The probe conversation rendered with `tokenizer`'s chat template (plain text when it has none or fails)."""
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(PROBE_MESSAGES, tools=PROBE_TOOLS, tokenize=False)
+        except Exception:  # noqa: BLE001 - a template without tool support still gets the plain probe
+            pass
+    return "\n".join(m["content"] for m in PROBE_MESSAGES) + "\n" + json.dumps(PROBE_TOOLS, ensure_ascii=False)
+
+
+def probe_ids(tokenizer, text: str | None = None) -> list[int]:
+    """Token ids of the probe, tokenized as `render` tokenizes (one call, no special tokens added)."""
+    return list(tokenizer(probe_text(tokenizer) if text is None else text, add_special_tokens=False)["input_ids"])
+
+
+def probe_fingerprint(tokenizer) -> str:
+    """sha256 of the probe's ids: two tokenizers with the same fingerprint read the probe identically."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(probe_ids(tokenizer)).encode()).hexdigest()
+
+
+def check_same_tokenizer(a, b, names: tuple[str, str] = ("policy", "reference"), hint: str | None = None) -> None:
+    """Policy and reference must read the same token ids: same vocabulary, the same chat template, and the same ids
+    for the same text. The last catches two classes reading the same files differently (transformers 5 builds
+    Qwen2Tokenizer's normalizer and pre-tokenizer in code, while a directory without config.json loads the
+    tokenizer.json as it is)."""
+    why = "Progress advantage compares the two models token by token, so they must share one tokenizer."
+    va, vb = a.get_vocab(), b.get_vocab()
+    if va != vb:
+        only_a = sorted(set(va) - set(vb))[:5]
+        only_b = sorted(set(vb) - set(va))[:5]
+        moved = [t for t in set(va) & set(vb) if va[t] != vb[t]][:5]
+        raise TokenizerMismatchError(
+            f"the {names[0]} and {names[1]} tokenizers differ: vocabulary sizes {len(va)} vs {len(vb)}; "
+            f"only in {names[0]}: {only_a}; only in {names[1]}: {only_b}; different ids: {moved}. {hint or why}"
+        )
+    ta, tb = getattr(a, "chat_template", None), getattr(b, "chat_template", None)
+    if ta and tb and ta != tb:
+        raise TokenizerMismatchError(
+            f"the {names[0]} and {names[1]} tokenizers have different chat templates, so the same conversation would "
+            f"be rendered to different tokens. "
+            + (hint or f"Save the {names[1]} with the {names[0]}'s chat template, or pass one tokenizer for both.")
+        )
+    text = probe_text(a if ta else b)  # one text: the question is only how each tokenizer splits it
+    ia, ib = probe_ids(a, text), probe_ids(b, text)
+    if ia != ib:
+        i = next((k for k, (x, y) in enumerate(zip(ia, ib)) if x != y), min(len(ia), len(ib)))
+        pa, pb = a.decode(ia[i : i + 3]), b.decode(ib[i : i + 3])
+        raise TokenizerMismatchError(
+            f"the {names[0]} tokenizer ({type(a).__name__}) and the {names[1]} tokenizer ({type(b).__name__}) split "
+            f"the same text into different tokens: {len(ia)} vs {len(ib)} tokens for a probe conversation with tool "
+            f"calls, non-ASCII text and digits, first differing at token {i} ({pa!r} vs {pb!r}). {hint or why}"
+        )

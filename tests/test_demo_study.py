@@ -1,0 +1,149 @@
+"""`progadv study`: the aggregation across seeds (a pure function of the per-seed summaries) and the resume logic,
+with stub runs; one real two-seed study of the fast demo through the command line."""
+
+import json
+import math
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from progadv_trl.demo.study import aggregate, config_diff, run_study, study_markdown
+
+
+def _summary(seed, ref, pol, pa, lp, extra=None, config=None):
+    """A demo summary with two methods on both sets; `pa`, `lp`: AUROC of progress advantage / policy log-prob."""
+    methods = {
+        "progress_advantage": {"auroc": pa, "auroc_ci": [pa - 0.1, pa + 0.1], "n": 256, "best_of_n": 0.8,
+                               "calibration": {"ece": 0.05}, **(extra or {})},
+        "policy_logprob": {"auroc": lp, "auroc_ci": [lp - 0.1, lp + 0.1], "n": 256, "best_of_n": 0.8,
+                           "calibration": {"ece": 0.10}, "auroc_decision_failures": None},
+    }  # fmt: skip
+    ev = {"methods": methods, "random_pick": 0.4, "pass_at_n": 0.9, "cv_reduction": {"chosen": "sum/sum",
+                                                                                       "out_of_fold_auroc": 0.7}}
+    return {
+        "reference_success": ref, "policy_success": pol, "reference_success_sampled": ref - 0.1,
+        "policy_success_sampled": pol - 0.05, "timings": {"total_s": 280.0 + seed},
+        "evaluation": {"policy": ev, "reference": json.loads(json.dumps(ev))},
+        "config": {"seed": seed, "out_dir": f"runs/s/seed_{seed}", "progress": False, "grpo_steps": 80, "beta": 0.1,
+                   "free_form": False, **(config or {})},
+    }  # fmt: skip
+
+
+def test_aggregate_means_spread_wins_and_success():
+    sums = [_summary(0, 0.55, 0.90, 0.90, 0.80), _summary(1, 0.60, 0.80, 0.70, 0.75), _summary(2, 0.58, 0.93, 0.85, 0.85)]
+    st = aggregate(sums)
+    assert st["seeds"] == [0, 1, 2]
+    assert st["config"] == {"beta": 0.1, "free_form": False, "grpo_steps": 80} and st["config_varying"] == {}
+    s = st["success"]
+    assert [r["gain_points"] for r in s["per_seed"]] == [35.0, 20.0, 35.0]
+    assert s["min_gain_points"] == 20.0 and s["all_seeds_clear_bar"] is False  # one seed below 25: not on average
+    assert s["per_seed"][0]["policy_sampled"] == pytest.approx(0.85) and s["per_seed"][2]["total_s"] == 282.0
+
+    on = st["table"]["on-policy"]
+    assert set(st["table"]) == {"on-policy", "off-policy"}
+    pa = on["progress_advantage"]["auroc"]
+    assert pa["mean"] == pytest.approx(0.8166667) and pa["min"] == 0.70 and pa["max"] == 0.90 and pa["n_seeds"] == 3
+    assert pa["std"] == pytest.approx(math.sqrt(((0.9 - 0.81667) ** 2 + (0.7 - 0.81667) ** 2 + (0.85 - 0.81667) ** 2) / 2), rel=1e-4)
+    # wins: PA best on seed 0, the log-prob on seed 1, a tie on seed 2 (0.85 both) counts for both
+    assert (pa["wins"], on["policy_logprob"]["auroc"]["wins"]) == (2, 2)
+    # a tie on every seed: both win every seed
+    assert on["progress_advantage"]["best_of_n"]["wins"] == on["policy_logprob"]["best_of_n"]["wins"] == 3
+    # nested figures are flattened; lower is better for ECE
+    assert on["progress_advantage"]["calibration/ece"]["wins"] == 3 and on["policy_logprob"]["calibration/ece"]["wins"] == 0
+    # counts, CIs and None are not figures; the set's other numbers are reference lines without wins
+    assert "n" not in on["progress_advantage"] and "auroc_ci" not in on["progress_advantage"]
+    assert "auroc_decision_failures" not in on["policy_logprob"]
+    assert on["(set)"]["random_pick"]["mean"] == pytest.approx(0.4) and on["(set)"]["random_pick"]["wins"] is None
+    assert on["(set)"]["cv_reduction/out_of_fold_auroc"]["n_seeds"] == 3
+
+
+def test_aggregate_takes_new_figures_and_reports_differing_config():
+    # A figure the evaluation adds later (e.g. a paired bootstrap against the best baseline) flows through as it is.
+    extra = {"vs_best_baseline": {"auroc_diff": 0.05, "auroc_diff_ci": [0.01, 0.09]}}
+    sums = [_summary(0, 0.5, 0.9, 0.9, 0.8, extra=extra), _summary(3, 0.5, 0.8, 0.9, 0.8, extra=extra, config={"grpo_steps": 60})]
+    st = aggregate(sums)
+    cell = st["table"]["off-policy"]["progress_advantage"]["vs_best_baseline/auroc_diff"]
+    assert cell["n_seeds"] == 2 and cell["mean"] == pytest.approx(0.05) and cell["wins"] == 0  # no other method has it
+    assert st["config_varying"] == {"grpo_steps": [80, 60]} and "grpo_steps" not in st["config"]
+    assert st["success"]["all_seeds_clear_bar"] is True and st["success"]["min_gain_points"] == 30.0
+    md = study_markdown(st, "progadv study --seeds 0 3 --out x")
+    assert "| 3 | 0.500 | 0.800 | 30.0 |" in md and "vs_best_baseline/auroc_diff" in md and "differs between seeds" in md
+    with pytest.raises(ValueError):
+        aggregate([])
+
+
+class _Cfg:
+    def __init__(self, seed, out_dir, steps=80):
+        self.seed, self.out_dir, self.grpo_steps, self.progress = seed, out_dir, steps, False
+
+
+def _stub_run(calls):
+    def run(cfg):
+        calls.append(cfg.seed)
+        s = _summary(cfg.seed, 0.5, 0.9, 0.9, 0.8)
+        s["config"] = {"seed": cfg.seed, "out_dir": cfg.out_dir, "grpo_steps": cfg.grpo_steps, "progress": False}
+        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+        (Path(cfg.out_dir) / "summary.json").write_text(json.dumps(s))
+        return s
+
+    return run
+
+
+@pytest.fixture()
+def stub_asdict(monkeypatch):
+    import progadv_trl.demo.study as study
+
+    monkeypatch.setattr("dataclasses.asdict", lambda c: dict(vars(c)))
+    return study
+
+
+def test_run_study_resumes_finished_seeds_and_refuses_other_configs(tmp_path, stub_asdict):
+    calls = []
+    out = tmp_path / "study"
+    run_study([0, 1], out, lambda s, d: _Cfg(s, d), runner=_stub_run(calls))
+    assert calls == [0, 1]
+    st = json.loads((out / "study.json").read_text())
+    assert st["seeds"] == [0, 1] and (out / "study.md").is_file()
+    # a rerun with one more seed runs only the new one (progress bars on or off: the same configuration)
+    st = run_study([0, 1, 2], out, lambda s, d: _Cfg(s, d), runner=_stub_run(calls))
+    assert calls == [0, 1, 2] and st["seeds"] == [0, 1, 2] and st["run_s"].keys() == {2}
+    # another configuration: refused before anything runs
+    with pytest.raises(ValueError, match="grpo_steps"):
+        run_study([3, 0], out, lambda s, d: _Cfg(s, d, steps=60), runner=_stub_run(calls))
+    assert calls == [0, 1, 2]
+
+
+def test_config_diff():
+    a = {"seed": 0, "out_dir": "a", "progress": True, "beta": 0.1}
+    assert config_diff(a, {**a, "out_dir": "b", "progress": False}) == []
+    assert config_diff(a, {**a, "beta": 0.2, "free_form": True}) == ["beta", "free_form"]
+
+
+def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
+    from progadv_trl.cli import main
+    from progadv_trl.demo.pipeline import DemoConfig
+
+    out = tmp_path / "st"
+    assert main(["study", "--seeds", "0", "1", "--out", str(out), "--fast", "--no-progress"]) == 0
+    st = json.loads((out / "study.json").read_text())
+    assert st["seeds"] == [0, 1] and len(st["success"]["per_seed"]) == 2
+    for regime in ("on-policy", "off-policy"):
+        assert st["table"][regime]["progress_advantage"]["best_of_n"]["n_seeds"] == 2  # AUROC: none without successes
+    for s in (0, 1):
+        cfg = json.loads((out / f"seed_{s}" / "summary.json").read_text())["config"]
+        assert cfg == json.loads(json.dumps(asdict(DemoConfig.fast(seed=s, out_dir=str(out / f"seed_{s}")))))
+    before = (out / "seed_1" / "summary.json").stat().st_mtime_ns
+    assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress"]) == 0
+    assert (out / "seed_1" / "summary.json").stat().st_mtime_ns == before  # resumed, not rerun
+    assert "not run again" in capsys.readouterr().err
+    # --reevaluate: the finished seed's evaluation is computed again (same models and rollouts), nothing retrained
+    s1 = json.loads((out / "seed_1" / "summary.json").read_text())
+    trained = (out / "seed_1" / "policy" / "model.safetensors").stat().st_mtime_ns
+    stale = {**s1, "evaluation": {}}
+    (out / "seed_1" / "summary.json").write_text(json.dumps(stale))
+    assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress", "--reevaluate"]) == 0
+    again = json.loads((out / "seed_1" / "summary.json").read_text())
+    assert again["evaluation"] == s1["evaluation"] and again["policy_success"] == s1["policy_success"]
+    assert (out / "seed_1" / "policy" / "model.safetensors").stat().st_mtime_ns == trained
+    assert "evaluating its saved rollouts again" in capsys.readouterr().err
