@@ -17,9 +17,9 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   passes: both decoders over the distinct tokens (a group's shared prompt once, its KV cache reused for each
   continuation, batch 1, no padding) plus the output layer and its log-sum-exp at action positions only. The floor
   computes the same log-probs (checked against the engine to 1e-4), so it is a scorer, not a lower-bound guess.
-- engine_flops_over_floor: the engine's predicted FLOPs (padded batches, a shared prompt once per rollout unless it
-  shares prefixes) / the floor's: 1 / this is the floor efficiency the FLOPs allow. speedup_predicted_from_flops:
-  the naive scorer's FLOPs / the engine's (null once the engine shares prefixes: its FLOPs then depend on how).
+- engine_flops_over_floor: the engine's FLOPs over its own work units (padded batches; shared-prefix groups: the
+  prefix once, each continuation batch padded to its longest suffix) / the floor's: 1 / this is the floor efficiency
+  the FLOPs allow. speedup_predicted_from_flops: the naive scorer's FLOPs / the engine's.
 - baseline_extra_cost_ratio: engine time with the full-vocabulary baselines (self-certainty, DeepConf) / without.
 - prefix_sharing_speedup: engine time with share_prefix=False / True (null when the engine has no share_prefix).
 - logits_peak_memory_ratio: elements of the largest logits tensor the engine builds (seen by a hook on the output
@@ -33,6 +33,7 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   step). capture_noise_pct: the same figure between two runs WITHOUT the callback (the noise floor).
   capture_flush_pct: the callback's flush at each logging step, timed alone, as a share of the step.
   heldout_eval_s: one held-out evaluation of the callback (its own `eval_progadv/heldout/seconds`).
+- *_cputime: the same ratios from this process's CPU seconds (all threads) instead of wall seconds.
 - two_process_speedup: scoring time in one process (all cores as threads) / under torchrun with 2 processes (the
   cores split between them), timed inside the processes from after loading to the gathered result.
 """
@@ -75,9 +76,11 @@ TARGETS = {
 }
 ROWS = [
     "n_trajectories", "n_tokens", "n_distinct_tokens", "n_action_tokens", "scoring_speedup_vs_naive",
-    "speedup_bound_vs_naive", "speedup_fraction_of_bound", "speedup_predicted_from_flops", "floor_efficiency",
-    "engine_flops_over_floor", "baseline_extra_cost_ratio", "prefix_sharing_speedup", "logits_peak_memory_ratio",
-    "lora_peak_memory_ratio", "capture_overhead_pct", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
+    "scoring_speedup_vs_naive_cputime", "speedup_bound_vs_naive", "speedup_fraction_of_bound",
+    "speedup_predicted_from_flops", "floor_efficiency", "floor_efficiency_cputime", "engine_flops_over_floor",
+    "baseline_extra_cost_ratio", "baseline_extra_cost_ratio_cputime", "prefix_sharing_speedup",
+    "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio", "capture_overhead_pct",
+    "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
     "two_process_speedup", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
 ]  # fmt: skip
 
@@ -91,9 +94,9 @@ CPU_TIMES: dict[str, list[float]] = {}  # label -> this process's CPU seconds (a
 
 
 def _timed(fn, device, label: str | None = None):
-    """(wall seconds, result); with a label, the process's CPU seconds go to CPU_TIMES[label] (the JSON's
-    `*_cputime` ratios: when they track the wall-clock ones, timings varied because the shared host ran slower, not
-    because this process waited for a core)."""
+    """(wall seconds, result); with a label, the process's CPU seconds go to CPU_TIMES[label] (the `*_cputime`
+    ratios). On a shared machine a process that waits for a core loses wall time, not CPU time: where the two
+    ratios disagree, the CPU one is the steadier; where they agree, the host itself ran slower or faster."""
     _sync(device)
     t, c = time.perf_counter(), time.process_time()
     out = fn()
@@ -296,7 +299,9 @@ def _check_float32(ctx, trajs, rendered, groups, dev) -> dict:
     return out
 
 
-def flops_of(ctx, rendered, groups, batches, share_in_engine: bool) -> dict:
+def flops_of(ctx, rendered, groups, units) -> dict:
+    """FLOPs of both models: the naive scorer, the floor, and the engine over its own work `units` (padded batches,
+    and shared-prefix groups: the prefix once, each continuation batch padded to its longest suffix)."""
     cfg = ctx["cfg"]
     f = lambda tokens, pairs, rows: 2 * W.forward_flops(cfg, tokens, pairs, rows)  # noqa: E731 - both models
     naive = sum(f(len(r.input_ids), W.causal_pairs(0, len(r.input_ids)), len(r.input_ids)) for r in rendered)
@@ -310,13 +315,17 @@ def flops_of(ctx, rendered, groups, batches, share_in_engine: bool) -> dict:
             T = len(rendered[i].input_ids)
             floor += f(T - P, W.causal_pairs(P, T), 0)
             distinct += T - P
-    if share_in_engine:
-        engine = float("nan")  # depends on how the engine batches shared prefixes
-    else:
-        engine = f(0, 0, n_action)
-        for b in batches:
-            T = max(len(rendered[i].input_ids) for i in b)
-            engine += f(len(b) * T, len(b) * W.causal_pairs(0, T), 0)
+    engine = f(0, 0, n_action)
+    for u in units:
+        if hasattr(u, "batches"):  # a shared-prefix group
+            P = u.prefix_len
+            engine += f(P, W.causal_pairs(0, P), 0)
+            for b in u.batches:
+                T = max(len(rendered[i].input_ids) for i in b)
+                engine += f(len(b) * (T - P), len(b) * W.causal_pairs(P, T), 0)
+        else:
+            T = max(len(rendered[i].input_ids) for i in u)
+            engine += f(len(u) * T, len(u) * W.causal_pairs(0, T), 0)
     return {"naive": naive, "floor": floor, "engine": engine, "distinct": distinct, "n_action": n_action}
 
 
@@ -331,7 +340,9 @@ def bench_scoring(ctx, args) -> dict:
     tj, rendered = off.render(trajs)
     groups = _groups(tj, rendered)
     batches = off._batches(rendered)
-    fl = flops_of(ctx, rendered, groups, batches, share)
+    from progadv_trl import distributed
+
+    fl = flops_of(ctx, rendered, groups, distributed.units(off, rendered))
 
     # Logits buffers: a hook on each output layer records the largest [rows, V] the engine builds.
     seen = {"max": 0}
