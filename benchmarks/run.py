@@ -334,9 +334,10 @@ def bench_scoring(ctx, args) -> dict:
 
     pol, ref, tok, trajs, dev = ctx["pol"], ctx["ref"], ctx["tok"], ctx["trajs"], args.device
     share = _supports_share_prefix()
-    off = _scorer(pol, tok, ref, baselines=False)
-    on = _scorer(pol, tok, ref, baselines=True)
-    noshare = _scorer(pol, tok, ref, baselines=False, share=False) if share else None
+    bt = args.batch_tokens
+    off = _scorer(pol, tok, ref, baselines=False, batch_tokens=bt)
+    on = _scorer(pol, tok, ref, baselines=True, batch_tokens=bt)
+    noshare = _scorer(pol, tok, ref, baselines=False, share=False, batch_tokens=bt) if share else None
     tj, rendered = off.render(trajs)
     groups = _groups(tj, rendered)
     batches = off._batches(rendered)
@@ -426,7 +427,7 @@ def bench_scoring(ctx, args) -> dict:
         "engine_noshare_s": best["noshare"] if share else None, "naive_s": naive_t, "floor_s": floor_t,
         "floor_prefix_batch1_s": best["floor"], "floor_engine_batches_s": best["floor_batched"],
         "output_share": W.output_share(ctx["cfg"]), "output_share_at_mean_context": W.output_share(ctx["cfg"], int(mean_ctx)),
-        "mean_action_context": mean_ctx, "timing_rounds": rounds, "flops_naive": fl["naive"], "flops_floor": fl["floor"],
+        "mean_action_context": mean_ctx, "timing_rounds": rounds, "batch_tokens": bt, "flops_naive": fl["naive"], "flops_floor": fl["floor"],
     }  # fmt: skip
 
 
@@ -700,6 +701,7 @@ def main(argv=None) -> int:
     p.add_argument("--capture-steps", type=int, default=7)
     p.add_argument("--capture-repeat", type=int, default=2)
     p.add_argument("--heldout-n", type=int, default=4)
+    p.add_argument("--batch-tokens", type=int, default=16384, help="the engine's batch_tokens (its default: 16384)")
     p.add_argument("--engine-batches-floor", action="store_true",
                    help="also time bare decoder passes over the engine's padded batches when prompts are shared")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture")

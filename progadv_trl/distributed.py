@@ -4,12 +4,13 @@ Every rank loads and validates the same inputs and renders every trajectory (so 
 or reported, identically everywhere, before any collective). The engine's own work units - padded batches (longest
 first, so a batch holds trajectories of similar length) and shared-prefix groups (`prefix.py`) - are then dealt to
 the ranks greedily by the tokens they run, heaviest first (LPT: each unit to the least-loaded rank), so the ranks
-finish together. Each rank runs exactly the units one process would have run, one engine call per unit: that is
-what makes the output byte-identical to a single process's (a trajectory padded to another length, batched with
-other rows or over another prefix may come out different in the last bits: reductions are blocked by shape). Each
-rank's per-token statistics are gathered to the main process in input
-order (`gather_object`, over gloo: the objects live in CPU memory), which alone finishes the scores, writes and
-prints; the other ranks return None.
+finish together; a group heavier than a rank's share is cut into its continuation batches, and each rank that gets
+some of them runs the group's prefix once. Every batch a rank runs is one the single-process plan runs - the same
+rows in the same order, padded to the same length, over the same prefix - which is what makes the output
+byte-identical to a single process's (a trajectory padded to another length, batched with other rows or over
+another prefix may come out different in the last bits: reductions are blocked by shape). Each rank's per-token
+statistics are gathered to the main process in input order (`gather_object`, over gloo: the objects live in CPU
+memory), which alone finishes the scores, writes and prints; the other ranks return None.
 
 Errors: every rank joins every collective. Failures before sharding (a bad record, a chat template that cannot
 render a trajectory) happen identically on every rank. A failure inside a rank's shard (say, out of memory on one
@@ -101,14 +102,28 @@ def map_sharded(fn: Callable, units: Sequence, costs: Sequence[float]) -> list |
     failed locally; then a failure anywhere is raised on the main process (and on the rank where it happened)."""
     if not active():
         return [fn(u) for u in units]
+    mine = shard(costs, world_size())[rank()]
+    gathered = gather_results(lambda: [(i, fn(units[i])) for i in mine])
+    if gathered is None:
+        return None
+    out: list = [None] * len(units)
+    for part in gathered:
+        for i, res in part:
+            out[i] = res
+    return out
+
+
+def gather_results(local: Callable[[], list]) -> list[list] | None:
+    """Run `local()` on this rank and gather every rank's list to the main process (a list per rank there, None
+    elsewhere). Every rank joins the gather, whatever failed locally; a failure anywhere is raised on the main
+    process (a note names the rank) and on the rank where it happened."""
     import torch.distributed as dist
 
     init()
-    mine = shard(costs, world_size())[rank()]
-    payload: dict = {"rank": rank(), "ok": True, "results": []}
+    payload: dict = {"rank": rank(), "ok": True}
     error: BaseException | None = None
     try:
-        payload["results"] = [(i, fn(units[i])) for i in mine]
+        payload["results"] = local()
     except BaseException as e:  # noqa: BLE001 - this rank still joins the gather below
         error = e
         payload = {"rank": rank(), "ok": False, "error": _picklable(e)}
@@ -126,11 +141,7 @@ def map_sharded(fn: Callable, units: Sequence, costs: Sequence[float]) -> list |
             e.add_note(f"(raised on rank {failed[0]['rank']} of {world_size()})")
             raise e
         raise RankError(f"rank {failed[0]['rank']} failed: {e}")
-    out: list = [None] * len(units)
-    for p in gathered:
-        for i, res in p["results"]:
-            out[i] = res
-    return out
+    return [p["results"] for p in gathered]
 
 
 def _picklable(e: BaseException):
@@ -193,38 +204,70 @@ def _run_unit(scorer, rendered, unit) -> list:
     return list(zip(members, stats))
 
 
+def pieces(work: list, rendered, n_ranks: int) -> list[tuple[int, object]]:
+    """(unit index, piece) to deal: every unit whole, except a shared-prefix group heavier than a rank's fair share,
+    which is cut into its continuation batches (each rank that gets some runs the prefix once for them: the same
+    numbers, the prefix run is the same)."""
+    import dataclasses
+
+    fair = sum(_cost(u, rendered) for u in work) / max(1, n_ranks)
+    out = []
+    for k, u in enumerate(work):
+        if n_ranks > 1 and hasattr(u, "batches") and len(u.batches) > 1 and _cost(u, rendered) > fair:
+            out.extend((k, dataclasses.replace(u, batches=[b])) for b in u.batches)
+        else:
+            out.append((k, u))
+    return out
+
+
+def merge_pieces(mine: list[tuple[int, object]]) -> list:
+    """One rank's pieces as units to run: the pieces of one cut group back together (its batches in plan order)."""
+    import dataclasses
+
+    merged: dict[int, object] = {}
+    for k, piece in mine:
+        if k in merged and hasattr(piece, "batches"):
+            merged[k] = dataclasses.replace(merged[k], batches=merged[k].batches + piece.batches)
+        else:
+            merged[k] = piece
+    return [merged[k] for k in sorted(merged)]
+
+
 def token_stats(scorer, rendered, progress: bool = False) -> list | None:
     """`scorer.token_stats(rendered)`, its work units (padded batches, shared-prefix groups) spread over the ranks;
     the full list on the main process (input order), None elsewhere."""
     if not active():
         return scorer.token_stats(rendered, progress=progress)
-    work = units(scorer, rendered)
-    costs = [_cost(u, rendered) for u in work]
+    work = pieces(units(scorer, rendered), rendered, world_size())
+    assigned = [work[i] for i in shard([_cost(p, rendered) for _, p in work], world_size())[rank()]]
+    todo = merge_pieces(assigned)
     bar = None
     if progress and is_main():
         from tqdm.auto import tqdm
 
-        mine = shard(costs, world_size())[rank()]
-        bar = tqdm(total=len(mine), desc=f"scoring (rank 0 of {world_size()})", unit="batch", disable=None)
+        bar = tqdm(total=len(todo), desc=f"scoring (rank 0 of {world_size()})", unit="batch", disable=None)
 
-    def run(unit):
-        res = _run_unit(scorer, rendered, unit) if hasattr(scorer, "_units") else list(
-            zip(unit, scorer.token_stats([rendered[i] for i in unit]))
-        )  # fmt: skip
-        if bar is not None:
-            bar.update(1)
-        return res
+    def local() -> list:
+        out = []
+        for unit in todo:
+            if hasattr(scorer, "_units"):
+                out.extend(_run_unit(scorer, rendered, unit))
+            else:
+                out.extend(zip(unit, scorer.token_stats([rendered[i] for i in unit])))
+            if bar is not None:
+                bar.update(1)
+        return out
 
     try:
-        per_unit = map_sharded(run, work, costs)
+        gathered = gather_results(local)
     finally:
         if bar is not None:
             bar.close()
-    if per_unit is None:
+    if gathered is None:
         return None
     out: list = [None] * len(rendered)
-    for pairs in per_unit:
-        for i, st in pairs:
+    for part in gathered:
+        for i, st in part:
             out[i] = st
     return out
 

@@ -139,3 +139,17 @@ def test_each_unit_run_alone_gives_the_plan_s_numbers(tiny_models, tiny_tokenize
         for k in ("policy_logp", "reference_logp", "policy_mean_logp", "policy_topk_logp", "step"):
             assert np.array_equal(getattr(st, k), getattr(pieces[i], k)), (i, k)
     assert "_units" not in vars(scorer)  # the scorer is left as it was
+    # Dealt to 2, 4, 8 ranks (groups heavier than a rank's share cut into their continuation batches, a rank's
+    # pieces of one group run over the prefix once): every trajectory once, the same bits.
+    for n in (2, 4, 8):
+        work = distributed.pieces(units, rendered, n)
+        assert n < 8 or len(work) > len(units)  # at 8 ranks some group is cut
+        got = {}
+        for part in distributed.shard([distributed._cost(p, rendered) for _, p in work], n):
+            for unit in distributed.merge_pieces([work[i] for i in part]):
+                for i, st in distributed._run_unit(scorer, rendered, unit):
+                    assert i not in got
+                    got[i] = st
+        assert sorted(got) == list(range(len(rendered)))
+        for i, st in enumerate(whole):
+            assert np.array_equal(st.policy_logp, got[i].policy_logp) and np.array_equal(st.reference_logp, got[i].reference_logp)
