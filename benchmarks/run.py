@@ -547,7 +547,8 @@ def bench_memory(ctx, args) -> dict:
 
 def bench_two_process(ctx, args) -> dict:
     pol_dir, ref_dir = _save_models(ctx)
-    trajs = ctx["trajs"][: args.dist_n] if args.dist_n else ctx["trajs"]
+    n = args.dist_n if args.dist_n is not None else (0 if ctx["shape"] == "tiny" else 4)
+    trajs = ctx["trajs"][:n] if n else ctx["trajs"]
     path = _write_trajs(ctx["root"] / f"dist_{ctx['shape']}.jsonl", trajs)
     spec = {"kind": "dist", "policy": str(pol_dir), "reference": str(ref_dir), "trajectories": str(path),
             "device": args.device, "dtype": args.dtype, "batch_tokens": args.dist_batch_tokens[ctx["shape"]]}  # fmt: skip
@@ -695,7 +696,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed rounds of naive, engine, floor on the tiny shape (best of)")
     p.add_argument("--repeat-large", type=int, default=2, help="the same on the realistic and qwen2.5-1.5b shapes")
     p.add_argument("--memory-n", type=int, default=3, help="trajectories scored in each memory subprocess")
-    p.add_argument("--dist-n", type=int, default=4, help="trajectories in the two-process comparison (0: all)")
+    p.add_argument("--dist-n", type=int, default=None,
+                   help="trajectories in the two-process comparison (0: all; default: all tiny ones, 4 realistic)")
     p.add_argument("--dist-repeat", type=int, default=2, help="interleaved rounds of the two-process comparison")
     p.add_argument("--nproc", type=int, default=2, help="processes in the multi-process run")
     p.add_argument("--capture-steps", type=int, default=7)
@@ -723,7 +725,8 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # tiny: 32 short trajectories in 4096-token batches; realistic: 4 rollouts, one a batch (2 a process)
+    # tiny: 32 short trajectories in 4096-token batches (5 batches); realistic: 4 rollouts of one group, one a
+    # continuation batch (the group is cut: 2 a process, the prompt run on each)
     args.dist_batch_tokens = {"tiny": 4096, "realistic": 2048, "qwen2.5-1.5b": 16384}
     skip = set(filter(None, args.skip.split(",")))
     t0 = time.perf_counter()
