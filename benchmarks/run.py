@@ -114,7 +114,7 @@ def _supports_share_prefix() -> bool:
     return "share_prefix" in inspect.signature(ProgressScorer.__init__).parameters
 
 
-def _scorer(pol, tok, ref, *, baselines: bool, share: bool | None = None, batch_tokens: int = 16384):
+def _scorer(pol, tok, ref, *, baselines: bool, share: bool | None = None, batch_tokens: int | None = None):
     from progadv_trl.engine import ProgressScorer
     from progadv_trl.scoring import ScoringConfig
 
@@ -703,7 +703,8 @@ def main(argv=None) -> int:
     p.add_argument("--capture-steps", type=int, default=7)
     p.add_argument("--capture-repeat", type=int, default=2)
     p.add_argument("--heldout-n", type=int, default=4)
-    p.add_argument("--batch-tokens", type=int, default=16384, help="the engine's batch_tokens (its default: 16384)")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="the engine's batch_tokens (default: the engine's own, one trajectory a pass on a CPU)")
     p.add_argument("--engine-batches-floor", action="store_true",
                    help="also time bare decoder passes over the engine's padded batches when prompts are shared")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture")
