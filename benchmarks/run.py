@@ -5,7 +5,7 @@
 
 Shapes and trajectories: `benchmarks/workload.py` ("realistic": a random Qwen2-style decoder whose output layer has
 Qwen2.5-1.5B's share of a token's forward FLOPs, 15 %, vocabulary 32768, one group of 8 agent rollouts sharing a
-1.3k-token prompt with tool schemas, 1.4-2.6k tokens each; "tiny": the earlier shape and corpus).
+1.2k-token prompt with tool schemas, 1.3-2.0k tokens each; "tiny": the earlier shape and corpus).
 
 Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
 - scoring_speedup_vs_naive: naive time / engine time (baselines off). Naive is the paper's public code's way: one
@@ -17,9 +17,9 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   passes: both decoders over the distinct tokens (a group's shared prompt once, its KV cache reused for each
   continuation, batch 1, no padding) plus the output layer and its log-sum-exp at action positions only. The floor
   computes the same log-probs (checked against the engine to 1e-4), so it is a scorer, not a lower-bound guess.
-- engine_flops_over_floor: the engine's predicted FLOPs (padded batches, a shared prompt once per rollout unless it
-  shares prefixes) / the floor's: 1 / this is the floor efficiency the FLOPs allow. speedup_predicted_from_flops:
-  the naive scorer's FLOPs / the engine's (null once the engine shares prefixes: its FLOPs then depend on how).
+- engine_flops_over_floor: the engine's FLOPs over its own work units (padded batches; shared-prefix groups: the
+  prefix once, each continuation batch padded to its longest suffix) / the floor's: 1 / this is the floor efficiency
+  the FLOPs allow. speedup_predicted_from_flops: the naive scorer's FLOPs / the engine's.
 - baseline_extra_cost_ratio: engine time with the full-vocabulary baselines (self-certainty, DeepConf) / without.
 - prefix_sharing_speedup: engine time with share_prefix=False / True (null when the engine has no share_prefix).
 - logits_peak_memory_ratio: elements of the largest logits tensor the engine builds (seen by a hook on the output
@@ -29,8 +29,11 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   (getrusage ru_maxrss) minus its RSS before the model is built (tracemalloc does not see torch's allocator);
   on a GPU torch.cuda.max_memory_allocated minus the allocation before.
 - capture_overhead_pct: 100 x (median GRPO step time with the callback capturing training rollouts / without - 1),
-  same seed, runs interleaved, the first step of each run left out. heldout_eval_s: one held-out evaluation of the
-  callback (its own `eval_progadv/heldout/seconds`).
+  same seed, runs interleaved, the first step of each run left out (logging every step: the callback flushes every
+  step). capture_noise_pct: the same figure between two runs WITHOUT the callback (the noise floor).
+  capture_flush_pct: the callback's flush at each logging step, timed alone, as a share of the step.
+  heldout_eval_s: one held-out evaluation of the callback (its own `eval_progadv/heldout/seconds`).
+- *_cputime: the same ratios from this process's CPU seconds (all threads) instead of wall seconds.
 - two_process_speedup: scoring time in one process (all cores as threads) / under torchrun with 2 processes (the
   cores split between them), timed inside the processes from after loading to the gathered result.
 """
@@ -76,8 +79,8 @@ ROWS = [
     "scoring_speedup_vs_naive_cputime", "speedup_bound_vs_naive", "speedup_fraction_of_bound",
     "speedup_predicted_from_flops", "floor_efficiency", "floor_efficiency_cputime", "engine_flops_over_floor",
     "baseline_extra_cost_ratio", "baseline_extra_cost_ratio_cputime", "prefix_sharing_speedup",
-    "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio",
-    "capture_overhead_pct", "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
+    "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio", "capture_overhead_pct",
+    "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
     "two_process_speedup", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
 ]  # fmt: skip
 
@@ -91,8 +94,9 @@ CPU_TIMES: dict[str, list[float]] = {}  # label -> this process's CPU seconds (a
 
 
 def _timed(fn, device, label: str | None = None):
-    """(wall seconds, result); with a label, the process's CPU seconds go to CPU_TIMES[label]. On a shared machine
-    the CPU seconds are the steadier figure: other processes stretch wall time, not the work this one does."""
+    """(wall seconds, result); with a label, the process's CPU seconds go to CPU_TIMES[label] (the `*_cputime`
+    ratios). On a shared machine a process that waits for a core loses wall time, not CPU time: where the two
+    ratios disagree, the CPU one is the steadier; where they agree, the host itself ran slower or faster."""
     _sync(device)
     t, c = time.perf_counter(), time.process_time()
     out = fn()
@@ -110,7 +114,7 @@ def _supports_share_prefix() -> bool:
     return "share_prefix" in inspect.signature(ProgressScorer.__init__).parameters
 
 
-def _scorer(pol, tok, ref, *, baselines: bool, share: bool | None = None, batch_tokens: int = 16384):
+def _scorer(pol, tok, ref, *, baselines: bool, share: bool | None = None, batch_tokens: int | None = None):
     from progadv_trl.engine import ProgressScorer
     from progadv_trl.scoring import ScoringConfig
 
@@ -295,7 +299,9 @@ def _check_float32(ctx, trajs, rendered, groups, dev) -> dict:
     return out
 
 
-def flops_of(ctx, rendered, groups, batches, share_in_engine: bool) -> dict:
+def flops_of(ctx, rendered, groups, units) -> dict:
+    """FLOPs of both models: the naive scorer, the floor, and the engine over its own work `units` (padded batches,
+    and shared-prefix groups: the prefix once, each continuation batch padded to its longest suffix)."""
     cfg = ctx["cfg"]
     f = lambda tokens, pairs, rows: 2 * W.forward_flops(cfg, tokens, pairs, rows)  # noqa: E731 - both models
     naive = sum(f(len(r.input_ids), W.causal_pairs(0, len(r.input_ids)), len(r.input_ids)) for r in rendered)
@@ -309,13 +315,17 @@ def flops_of(ctx, rendered, groups, batches, share_in_engine: bool) -> dict:
             T = len(rendered[i].input_ids)
             floor += f(T - P, W.causal_pairs(P, T), 0)
             distinct += T - P
-    if share_in_engine:
-        engine = float("nan")  # depends on how the engine batches shared prefixes
-    else:
-        engine = f(0, 0, n_action)
-        for b in batches:
-            T = max(len(rendered[i].input_ids) for i in b)
-            engine += f(len(b) * T, len(b) * W.causal_pairs(0, T), 0)
+    engine = f(0, 0, n_action)
+    for u in units:
+        if hasattr(u, "batches"):  # a shared-prefix group
+            P = u.prefix_len
+            engine += f(P, W.causal_pairs(0, P), 0)
+            for b in u.batches:
+                T = max(len(rendered[i].input_ids) for i in b)
+                engine += f(len(b) * (T - P), len(b) * W.causal_pairs(P, T), 0)
+        else:
+            T = max(len(rendered[i].input_ids) for i in u)
+            engine += f(len(u) * T, len(u) * W.causal_pairs(0, T), 0)
     return {"naive": naive, "floor": floor, "engine": engine, "distinct": distinct, "n_action": n_action}
 
 
@@ -324,13 +334,16 @@ def bench_scoring(ctx, args) -> dict:
 
     pol, ref, tok, trajs, dev = ctx["pol"], ctx["ref"], ctx["tok"], ctx["trajs"], args.device
     share = _supports_share_prefix()
-    off = _scorer(pol, tok, ref, baselines=False)
-    on = _scorer(pol, tok, ref, baselines=True)
-    noshare = _scorer(pol, tok, ref, baselines=False, share=False) if share else None
+    bt = args.batch_tokens
+    off = _scorer(pol, tok, ref, baselines=False, batch_tokens=bt)
+    on = _scorer(pol, tok, ref, baselines=True, batch_tokens=bt)
+    noshare = _scorer(pol, tok, ref, baselines=False, share=False, batch_tokens=bt) if share else None
     tj, rendered = off.render(trajs)
     groups = _groups(tj, rendered)
     batches = off._batches(rendered)
-    fl = flops_of(ctx, rendered, groups, batches, share)
+    from progadv_trl import distributed
+
+    fl = flops_of(ctx, rendered, groups, distributed.units(off, rendered))
 
     # Logits buffers: a hook on each output layer records the largest [rows, V] the engine builds.
     seen = {"max": 0}
@@ -414,7 +427,7 @@ def bench_scoring(ctx, args) -> dict:
         "engine_noshare_s": best["noshare"] if share else None, "naive_s": naive_t, "floor_s": floor_t,
         "floor_prefix_batch1_s": best["floor"], "floor_engine_batches_s": best["floor_batched"],
         "output_share": W.output_share(ctx["cfg"]), "output_share_at_mean_context": W.output_share(ctx["cfg"], int(mean_ctx)),
-        "mean_action_context": mean_ctx, "timing_rounds": rounds, "flops_naive": fl["naive"], "flops_floor": fl["floor"],
+        "mean_action_context": mean_ctx, "timing_rounds": rounds, "batch_tokens": bt, "flops_naive": fl["naive"], "flops_floor": fl["floor"],
     }  # fmt: skip
 
 
@@ -534,7 +547,8 @@ def bench_memory(ctx, args) -> dict:
 
 def bench_two_process(ctx, args) -> dict:
     pol_dir, ref_dir = _save_models(ctx)
-    trajs = ctx["trajs"][: args.dist_n] if args.dist_n else ctx["trajs"]
+    n = args.dist_n if args.dist_n is not None else (0 if ctx["shape"] == "tiny" else 4)
+    trajs = ctx["trajs"][:n] if n else ctx["trajs"]
     path = _write_trajs(ctx["root"] / f"dist_{ctx['shape']}.jsonl", trajs)
     spec = {"kind": "dist", "policy": str(pol_dir), "reference": str(ref_dir), "trajectories": str(path),
             "device": args.device, "dtype": args.dtype, "batch_tokens": args.dist_batch_tokens[ctx["shape"]]}  # fmt: skip
@@ -647,7 +661,7 @@ def _fmt(v) -> str:
     if isinstance(v, int):
         return str(v)
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return f"{v:.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3f}"
     return str(v)
 
 
@@ -682,19 +696,26 @@ def main(argv=None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="timed rounds of naive, engine, floor on the tiny shape (best of)")
     p.add_argument("--repeat-large", type=int, default=2, help="the same on the realistic and qwen2.5-1.5b shapes")
     p.add_argument("--memory-n", type=int, default=3, help="trajectories scored in each memory subprocess")
-    p.add_argument("--dist-n", type=int, default=4, help="trajectories in the two-process comparison (0: all)")
+    p.add_argument("--dist-n", type=int, default=None,
+                   help="trajectories in the two-process comparison (0: all; default: all tiny ones, 4 realistic)")
     p.add_argument("--dist-repeat", type=int, default=2, help="interleaved rounds of the two-process comparison")
     p.add_argument("--nproc", type=int, default=2, help="processes in the multi-process run")
     p.add_argument("--capture-steps", type=int, default=7)
     p.add_argument("--capture-repeat", type=int, default=2)
     p.add_argument("--heldout-n", type=int, default=4)
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="the engine's batch_tokens (default: the engine's own, one trajectory a pass on a CPU)")
     p.add_argument("--engine-batches-floor", action="store_true",
                    help="also time bare decoder passes over the engine's padded batches when prompts are shared")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture")
+    p.add_argument("--table", default=None, metavar="JSON", help="print the table of a saved run and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())))
+        return 0
     if args.worker:
         res = worker(json.loads(Path(args.worker).read_text()))
         from progadv_trl import distributed
@@ -705,7 +726,8 @@ def main(argv=None) -> int:
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
-    # tiny: 32 short trajectories in 4096-token batches; realistic: 4 rollouts, one a batch (2 a process)
+    # tiny: 32 short trajectories in 4096-token batches (5 batches); realistic: 4 rollouts of one group, one a
+    # continuation batch (the group is cut: 2 a process, the prompt run on each)
     args.dist_batch_tokens = {"tiny": 4096, "realistic": 2048, "qwen2.5-1.5b": 16384}
     skip = set(filter(None, args.skip.split(",")))
     t0 = time.perf_counter()

@@ -55,12 +55,13 @@ class ScoringArguments:
                                                                "help": "how a trajectory's steps are reduced"})  # fmt: skip
     temperature: float | None = field(default=None, metadata={"help": "divide logits by this (the theory holds at 1.0)"})
     max_length: int | None = field(default=None, metadata={"help": "truncate longer trajectories (start + most recent kept)"})
-    batch_tokens: int = field(default=16384, metadata={"help": "padded tokens per forward pass"})
+    batch_tokens: int | None = field(default=None, metadata={
+        "help": "padded tokens per forward pass (default: one trajectory at a time on a CPU, 16384 on a GPU)"})
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"argument --max-length: must be at least 2, got {self.max_length}")
-        if self.batch_tokens < 1:
+        if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError(f"argument --batch-tokens: must be at least 1, got {self.batch_tokens}")
 
     def overrides(self) -> dict:

@@ -1,19 +1,22 @@
 """Scoring across processes: `torchrun --nproc_per_node K -m progadv_trl.cli score|evaluate ...`.
 
 Every rank loads and validates the same inputs and renders every trajectory (so a bad record is found, and skipped
-or reported, identically everywhere, before any collective). The engine's own padded batches (longest first, so a
-batch holds trajectories of similar length) are then dealt to the ranks greedily by padded tokens, heaviest first
-(LPT: each batch to the least-loaded rank), so the ranks finish together. Each rank runs exactly the batches a single
-process would have run, one engine call per batch: that is what makes the output byte-identical to a single
-process's (a trajectory padded to another length, or batched with other rows, may come out different in the last
-bits: reductions are blocked by shape). Each rank's per-token statistics are gathered to the main process in input
-order (`gather_object`, over gloo: the objects live in CPU memory), which alone finishes the scores, writes and
-prints; the other ranks return None.
+or reported, identically everywhere, before any collective). The engine's own work units - padded batches (longest
+first, so a batch holds trajectories of similar length) and shared-prefix groups (`prefix.py`) - are then dealt to
+the ranks greedily by the tokens they run, heaviest first (LPT: each unit to the least-loaded rank), so the ranks
+finish together; a group heavier than a rank's share is cut into its continuation batches, and each rank that gets
+some of them runs the group's prefix once. Every batch a rank runs is one the single-process plan runs - the same
+rows in the same order, padded to the same length, over the same prefix - which is what makes the output
+byte-identical to a single process's (a trajectory padded to another length, batched with other rows or over
+another prefix may come out different in the last bits: reductions are blocked by shape). Each rank's per-token
+statistics are gathered to the main process in input order (`gather_object`, over gloo: the objects live in CPU
+memory), which alone finishes the scores, writes and prints; the other ranks return None.
 
 Errors: every rank joins every collective. Failures before sharding (a bad record, a chat template that cannot
 render a trajectory) happen identically on every rank. A failure inside a rank's shard (say, out of memory on one
 GPU) is caught and sent to the main process with the gather, which raises it (a note names the rank; `RankError`
-when it cannot be pickled); the failing rank raises it too. No rank is left waiting in a collective that another never joins.
+when it cannot be pickled); the failing rank raises it too. No rank is left waiting in a collective that another
+never joins.
 
 Processes: only when WORLD_SIZE > 1 (torchrun, `accelerate launch` with several processes) is a process group
 initialised; otherwise every function here is the single-process code path, unchanged. `--device cuda` means
@@ -99,14 +102,28 @@ def map_sharded(fn: Callable, units: Sequence, costs: Sequence[float]) -> list |
     failed locally; then a failure anywhere is raised on the main process (and on the rank where it happened)."""
     if not active():
         return [fn(u) for u in units]
+    mine = shard(costs, world_size())[rank()]
+    gathered = gather_results(lambda: [(i, fn(units[i])) for i in mine])
+    if gathered is None:
+        return None
+    out: list = [None] * len(units)
+    for part in gathered:
+        for i, res in part:
+            out[i] = res
+    return out
+
+
+def gather_results(local: Callable[[], list]) -> list[list] | None:
+    """Run `local()` on this rank and gather every rank's list to the main process (a list per rank there, None
+    elsewhere). Every rank joins the gather, whatever failed locally; a failure anywhere is raised on the main
+    process (a note names the rank) and on the rank where it happened."""
     import torch.distributed as dist
 
     init()
-    mine = shard(costs, world_size())[rank()]
-    payload: dict = {"rank": rank(), "ok": True, "results": []}
+    payload: dict = {"rank": rank(), "ok": True}
     error: BaseException | None = None
     try:
-        payload["results"] = [(i, fn(units[i])) for i in mine]
+        payload["results"] = local()
     except BaseException as e:  # noqa: BLE001 - this rank still joins the gather below
         error = e
         payload = {"rank": rank(), "ok": False, "error": _picklable(e)}
@@ -124,11 +141,7 @@ def map_sharded(fn: Callable, units: Sequence, costs: Sequence[float]) -> list |
             e.add_note(f"(raised on rank {failed[0]['rank']} of {world_size()})")
             raise e
         raise RankError(f"rank {failed[0]['rank']} failed: {e}")
-    out: list = [None] * len(units)
-    for p in gathered:
-        for i, res in p["results"]:
-            out[i] = res
-    return out
+    return [p["results"] for p in gathered]
 
 
 def _picklable(e: BaseException):
@@ -146,37 +159,115 @@ def _picklable(e: BaseException):
 # The scorer's paths (`ProgressScorer.score` / `score_many`, sharded)
 
 
+def units(scorer, rendered) -> list:
+    """The engine's own work units for `rendered`: padded batches (lists of indices) and, with `share_prefix`,
+    `prefix.SharedGroup`s (a shared prompt and its continuation batches)."""
+    if hasattr(scorer, "_units"):
+        return scorer._units(rendered, scorer.reference.model_for(scorer.policy))
+    return scorer._batches(rendered)
+
+
+def _members(unit) -> list[int]:
+    return list(unit.members) if hasattr(unit, "members") else list(unit)
+
+
+def _cost(unit, rendered) -> float:
+    """Tokens the unit runs through each model, padding included (a shared prefix once)."""
+    if hasattr(unit, "batches"):
+        P = unit.prefix_len
+        return P + sum(len(b) * (max(len(rendered[i].input_ids) for i in b) - P) for b in unit.batches)
+    return len(unit) * max(len(rendered[i].input_ids) for i in unit)
+
+
+def _run_unit(scorer, rendered, unit) -> list:
+    """`scorer.token_stats` over exactly this unit, as the single-process plan runs it: the same rows in the same
+    order, padded to the same length, over the same shared prefix. (Planning a subset again could group or batch it
+    otherwise, and a different batch shape changes the last bits.)"""
+    members = sorted(_members(unit))
+    local = {i: k for k, i in enumerate(members)}
+    if hasattr(unit, "batches"):
+        import dataclasses
+
+        mine = dataclasses.replace(unit, batches=[[local[i] for i in b] for b in unit.batches])
+    else:
+        mine = [local[i] for i in unit]
+    had = "_units" in vars(scorer)
+    saved = vars(scorer).get("_units")
+    scorer._units = lambda _rendered, _ref_model: [mine]
+    try:
+        stats = scorer.token_stats([rendered[i] for i in members])
+    finally:
+        if had:
+            scorer._units = saved
+        else:
+            del scorer._units
+    return list(zip(members, stats))
+
+
+def pieces(work: list, rendered, n_ranks: int) -> list[tuple[int, object]]:
+    """(unit index, piece) to deal: every unit whole, except a shared-prefix group heavier than a rank's fair share,
+    which is cut into its continuation batches (each rank that gets some runs the prefix once for them: the same
+    numbers, the prefix run is the same)."""
+    import dataclasses
+
+    fair = sum(_cost(u, rendered) for u in work) / max(1, n_ranks)
+    out = []
+    for k, u in enumerate(work):
+        if n_ranks > 1 and hasattr(u, "batches") and len(u.batches) > 1 and _cost(u, rendered) > fair:
+            out.extend((k, dataclasses.replace(u, batches=[b])) for b in u.batches)
+        else:
+            out.append((k, u))
+    return out
+
+
+def merge_pieces(mine: list[tuple[int, object]]) -> list:
+    """One rank's pieces as units to run: the pieces of one cut group back together (its batches in plan order)."""
+    import dataclasses
+
+    merged: dict[int, object] = {}
+    for k, piece in mine:
+        if k in merged and hasattr(piece, "batches"):
+            merged[k] = dataclasses.replace(merged[k], batches=merged[k].batches + piece.batches)
+        else:
+            merged[k] = piece
+    return [merged[k] for k in sorted(merged)]
+
+
 def token_stats(scorer, rendered, progress: bool = False) -> list | None:
-    """`scorer.token_stats(rendered)`, its batches spread over the ranks; the full list on the main process (input
-    order), None elsewhere."""
+    """`scorer.token_stats(rendered)`, its work units (padded batches, shared-prefix groups) spread over the ranks;
+    the full list on the main process (input order), None elsewhere."""
     if not active():
         return scorer.token_stats(rendered, progress=progress)
-    batches = scorer._batches(rendered)
-    costs = [len(b) * max(len(rendered[i].input_ids) for i in b) for b in batches]  # padded tokens
+    work = pieces(units(scorer, rendered), rendered, world_size())
+    assigned = [work[i] for i in shard([_cost(p, rendered) for _, p in work], world_size())[rank()]]
+    todo = merge_pieces(assigned)
     bar = None
     if progress and is_main():
         from tqdm.auto import tqdm
 
-        mine = shard(costs, world_size())[rank()]
-        bar = tqdm(total=len(mine), desc=f"scoring (rank 0 of {world_size()})", unit="batch", disable=None)
+        bar = tqdm(total=len(todo), desc=f"scoring (rank 0 of {world_size()})", unit="batch", disable=None)
 
-    def run(batch):
-        # One engine call per batch of the single-process plan: the same rows, padded to the same length.
-        res = scorer.token_stats([rendered[i] for i in batch])
-        if bar is not None:
-            bar.update(1)
-        return res
+    def local() -> list:
+        out = []
+        for unit in todo:
+            if hasattr(scorer, "_units"):
+                out.extend(_run_unit(scorer, rendered, unit))
+            else:
+                out.extend(zip(unit, scorer.token_stats([rendered[i] for i in unit])))
+            if bar is not None:
+                bar.update(1)
+        return out
 
     try:
-        per_batch = map_sharded(run, batches, costs)
+        gathered = gather_results(local)
     finally:
         if bar is not None:
             bar.close()
-    if per_batch is None:
+    if gathered is None:
         return None
     out: list = [None] * len(rendered)
-    for batch, stats in zip(batches, per_batch):
-        for i, st in zip(batch, stats):
+    for part in gathered:
+        for i, st in part:
             out[i] = st
     return out
 

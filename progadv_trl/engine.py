@@ -23,6 +23,8 @@ from .trajectories import Trajectory, as_trajectories
 from .rendering import Rendered, check_same_tokenizer, render_all
 
 # Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
+# Padded tokens per forward pass on an accelerator when batch_tokens is None (a CPU takes one trajectory at a time).
+GPU_BATCH_TOKENS = 16384
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -125,7 +127,8 @@ class ProgressScorer:
         config: `ScoringConfig` (beta, reductions, temperature, baseline knobs).
         max_length: truncate longer trajectories (start kept, most recent context kept; see `rendering.truncate`).
         reference_tokenizer: when given, checked against `tokenizer` (vocabulary and chat template).
-        batch_tokens: padded tokens per forward pass; lower it to save memory.
+        batch_tokens: padded tokens per forward pass; lower it to save memory. None (the default): one trajectory per
+            forward pass on a CPU, 16384 padded tokens elsewhere (see `batch_budget`).
         compute_baselines: also compute self-certainty and DeepConf (full-vocabulary statistics of the policy).
         share_prefix: run each model once over the prompt that a group of trajectories shares (GRPO groups, best-of-N,
             retries) and reuse its KV cache for their continuations (`prefix.py`); the same numbers as without.
@@ -140,7 +143,7 @@ class ProgressScorer:
         config: ScoringConfig | None = None,
         max_length: int | None = None,
         reference_tokenizer=None,
-        batch_tokens: int = 16384,
+        batch_tokens: int | None = None,
         chunk_size: int = 1024,
         compute_baselines: bool = True,
         share_prefix: bool = True,
@@ -187,14 +190,24 @@ class ProgressScorer:
             skipped.extend(errors)
         return trajs, rendered
 
+    def batch_budget(self) -> int:
+        """Padded tokens per forward pass: `batch_tokens`, or by device when it is None. On a CPU one long sequence
+        already keeps the cores busy, so batching buys nothing and padding a batch to its longest member is pure
+        extra work (1.7x the floor's FLOPs on a realistic group of 8; benchmarks/README.md): one trajectory per
+        forward pass. An accelerator needs batches to fill it."""
+        if self.batch_tokens is not None:
+            return self.batch_tokens
+        return 1 if _device(self.policy).type == "cpu" else GPU_BATCH_TOKENS
+
     def _batches(self, rendered: list[Rendered], indices=None) -> list[list[int]]:
         """Indices (all, or `indices`) grouped into padded batches of at most `batch_tokens`, longest first (less
         padding)."""
         order = sorted(range(len(rendered)) if indices is None else indices, key=lambda i: -len(rendered[i].input_ids))
+        budget = self.batch_budget()
         batches, cur, cur_max = [], [], 0
         for i in order:
             L = len(rendered[i].input_ids)
-            if cur and max(cur_max, L) * (len(cur) + 1) > self.batch_tokens:
+            if cur and max(cur_max, L) * (len(cur) + 1) > budget:
                 batches.append(cur)
                 cur, cur_max = [], 0
             cur.append(i)
@@ -206,7 +219,7 @@ class ProgressScorer:
     def _units(self, rendered: list[Rendered], ref_model) -> list:
         """Plain padded batches and `SharedGroup`s (models whose cache a continuation cannot extend: batches only)."""
         if self.share_prefix and all(full_attention(_plain_model(m).config) for m in (self.policy, ref_model)):
-            groups, rest = plan(rendered, self.batch_tokens)
+            groups, rest = plan(rendered, self.batch_budget())
             return groups + self._batches(rendered, rest)
         return self._batches(rendered)
 

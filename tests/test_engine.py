@@ -105,6 +105,16 @@ def test_batching_does_not_change_scores(tiny_models, tiny_tokenizer, trajectori
         np.testing.assert_allclose(a.advantages, b.advantages, atol=1e-4)
 
 
+def test_batch_budget_by_device(tiny_models, tiny_tokenizer, trajectories):
+    pol, ref = tiny_models
+    cpu = ProgressScorer(pol, tiny_tokenizer, ref, share_prefix=False)
+    assert cpu.batch_budget() == 1  # a CPU: one trajectory a forward pass, no padding
+    _, rendered = cpu.render(trajectories)
+    assert all(len(b) == 1 for b in cpu._batches(rendered)) and len(cpu._batches(rendered)) == len(rendered)
+    wide = ProgressScorer(pol, tiny_tokenizer, ref, batch_tokens=10**6, share_prefix=False)
+    assert wide.batch_budget() == 10**6 and len(wide._batches(rendered)) == 1
+
+
 def test_reductions_and_token_ratios(tiny_models, tiny_tokenizer, trajectories):
     pol, ref = tiny_models
     base = ProgressScorer(pol, tiny_tokenizer, ref).score(trajectories[:3], with_token_ratios=True)
@@ -239,7 +249,7 @@ def _shared_vs_plain(pol, ref, tokenizer, trajs, **kw):
         np.testing.assert_allclose([x.baselines[k] for k in x.baselines], [y.baselines[k] for k in x.baselines], atol=1e-4)
     assert max(abs(s.advantage) for sc in a for s in sc.steps if not math.isnan(s.advantage)) > 0.01  # not 0 == 0
     rendered = shared.render(trajs)[1]
-    return rendered, plan(rendered, shared.batch_tokens)
+    return rendered, plan(rendered, shared.batch_budget())
 
 
 @pytest.mark.parametrize("policy", ["full", "lora", "full_forward"])

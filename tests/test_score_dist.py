@@ -41,13 +41,23 @@ def _single(argv: list[str]) -> int:
         torch.set_num_threads(n)
 
 
+def _records() -> list[dict]:
+    """16 trajectories of 420-980 tokens: 3 groups of 4 rollouts that share their prompt (the engine scores each over
+    its shared prefix, `prefix.py`) and 4 alone (padded batches); --batch-tokens 2048 makes units of both kinds."""
+    recs = []
+    for i in range(16):
+        ok = i % 3 != 0
+        g = i // 4 if i < 12 else None
+        rec = make_trajectory(i, n_turns=1 + (i * 5) % 9, success=ok, failure_step=None if ok else 0, group=f"g{i // 4}")
+        if g is not None:
+            rec["messages"][1]["content"] = f"Weather in city {g}?"  # the group's shared prompt
+        recs.append(rec)
+    return recs
+
+
 @pytest.fixture(scope="module")
 def src(tmp_path_factory):
-    # 12 trajectories of 420-980 tokens; --batch-tokens 2048 packs them 2-4 to a padded batch: 5 batches to deal
-    recs = []
-    for i in range(12):
-        ok = i % 3 != 0
-        recs.append(make_trajectory(i, n_turns=1 + (i * 5) % 9, success=ok, failure_step=None if ok else 0, group=f"g{i // 4}"))
+    recs = _records()
     path = tmp_path_factory.mktemp("dist_src") / "t.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in recs))
     return path
@@ -63,7 +73,7 @@ def test_score_two_processes_is_byte_identical(tiny_dir, src, tmp_path):
     proc = _torchrun(["-m", "progadv_trl.cli", "score", *_models(tiny_dir), str(src), "-o", str(two / "s.jsonl")])
     assert (two / "s.jsonl").read_bytes() == (one / "s.jsonl").read_bytes()
     assert sorted(p.name for p in two.iterdir()) == ["s.jsonl"]  # one file, no temporary left by another rank
-    assert proc.stderr.count("progadv: scored 12 trajectories") == 1  # only the main process reports
+    assert proc.stderr.count("progadv: scored 16 trajectories") == 1  # only the main process reports
 
 
 def test_evaluate_two_processes_gives_the_same_metrics(tiny_dir, src, tmp_path, capsys):
@@ -108,3 +118,38 @@ def test_single_process_paths_are_the_plain_ones(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert distributed.device("cuda") == "cuda:3" and distributed.device("cuda:1") == "cuda:1"
     assert distributed.device(None) is None and distributed.device("cpu") == "cpu"
+
+
+def test_each_unit_run_alone_gives_the_plan_s_numbers(tiny_models, tiny_tokenizer):
+    """What the ranks do, in one process: every work unit of the plan (shared-prefix groups and padded batches) run
+    alone reproduces the single call's statistics bit for bit."""
+    import numpy as np
+
+    from progadv_trl.engine import ProgressScorer
+
+    pol, ref = tiny_models
+    scorer = ProgressScorer(pol, tiny_tokenizer, ref, batch_tokens=2048)
+    _, rendered = scorer.render(_records())
+    units = distributed.units(scorer, rendered)
+    assert any(hasattr(u, "batches") for u in units) and any(isinstance(u, list) for u in units)
+    whole = scorer.token_stats(rendered)
+    pieces = dict(pair for u in units for pair in distributed._run_unit(scorer, rendered, u))
+    assert sorted(pieces) == list(range(len(rendered)))
+    for i, st in enumerate(whole):
+        for k in ("policy_logp", "reference_logp", "policy_mean_logp", "policy_topk_logp", "step"):
+            assert np.array_equal(getattr(st, k), getattr(pieces[i], k)), (i, k)
+    assert "_units" not in vars(scorer)  # the scorer is left as it was
+    # Dealt to 2, 4, 8 ranks (groups heavier than a rank's share cut into their continuation batches, a rank's
+    # pieces of one group run over the prefix once): every trajectory once, the same bits.
+    for n in (2, 4, 8):
+        work = distributed.pieces(units, rendered, n)
+        assert n < 8 or len(work) > len(units)  # at 8 ranks some group is cut
+        got = {}
+        for part in distributed.shard([distributed._cost(p, rendered) for _, p in work], n):
+            for unit in distributed.merge_pieces([work[i] for i in part]):
+                for i, st in distributed._run_unit(scorer, rendered, unit):
+                    assert i not in got
+                    got[i] = st
+        assert sorted(got) == list(range(len(rendered)))
+        for i, st in enumerate(whole):
+            assert np.array_equal(st.policy_logp, got[i].policy_logp) and np.array_equal(st.reference_logp, got[i].reference_logp)
