@@ -124,7 +124,7 @@ class ProgressCritic:
         """
         scorer = self._scorer_with(overrides, max_length)
         scores = scorer.score(trajectories, with_token_ratios=with_token_ratios, progress=progress)
-        self._check_variant(scores, scorer.config.variant)
+        self._check_variant(scores, getattr(getattr(scorer, "config", None), "variant", "progress_advantage"))
         return scores
 
     def best_of_n(

@@ -55,6 +55,10 @@ def test_evaluate_and_fair_comparison_have_a_row_per_variant():
             assert row["verdict"] in ("beats", "ties", "loses", "undetermined")
         assert f["difference"] == f["family"]["progress_advantage"]["difference"]
     json.dumps(m, allow_nan=False)
+    from progadv_trl.evaluation import format_markdown, format_table
+
+    md, txt = format_markdown(m), format_table(m)
+    assert RUNTIME in md and "out of the reference's support" in md and "PA - best baseline" in txt
 
 
 def test_fair_comparison_without_variants_is_unchanged():
@@ -168,3 +172,63 @@ def _one():
     from progadv_trl.demo.tiny import make_trajectory
 
     return make_trajectory(0, n_turns=3, success=False)
+
+
+def test_cli_score_and_evaluate_report_support_and_the_chosen_variant(tiny_dir, tmp_path, capsys):
+    from progadv_trl.cli import main
+    from progadv_trl.demo.tiny import make_trajectory
+
+    recs = []
+    for i in range(24):
+        ok = i % 3 != 0
+        recs.append(make_trajectory(i, n_turns=1 + i % 3, success=ok, failure_step=None if ok else 0, group=f"g{i // 4}"))
+    src = tmp_path / "t.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    models = ["--policy", str(tiny_dir["policy"]), "--reference", str(tiny_dir["reference"])]
+    # a flag before the positional never swallows it
+    assert main(["score", *models, "--support", str(src), "-o", str(tmp_path / "s.jsonl"), "--support-threshold", "-6"]) == 0
+    assert "out of the reference's support" in capsys.readouterr().err
+    line = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])
+    assert list(line["variants"]) == list(VARIANTS) and 0 <= line["support"]["out_of_support"] <= 1
+    assert set(line["support"]["steps"][0]) == {"ref_mean_logp", "ref_min_logp", "kl", "out_of_support"}
+    out = tmp_path / "eval"
+    assert main(["evaluate", *models, "--choose-variant", str(src), "-o", str(out), "--n-boot", "20", "--folds", "3"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    sel = m["variant_selection"]
+    assert sel["chosen"] in ("progress_advantage", *VARIANTS) and len(sel["per_fold"]) == 3
+    assert sel["candidates"] == ["progress_advantage", *VARIANTS] and "fold_of" not in sel
+    assert m["out_of_support"]["n_steps"] > 0 and set(m["methods"]) >= set(VARIANTS)
+    assert list(m["fair"]["auroc"]["family"]) == ["progress_advantage", *VARIANTS]
+
+
+def test_heldout_figures_use_the_variant_and_report_out_of_support():
+    from progadv_trl.training.figures import label_figures, step_figures
+    from progadv_trl.training.heldout import PREFIX
+
+    scores = _with_variants(_world(n_groups=6))
+    v = "progress_advantage_clipped"
+    plain = step_figures(scores, PREFIX, 4, by="step")
+    figs = step_figures(scores, PREFIX, 4, by="step", method=v)
+    assert figs[f"{PREFIX}out_of_support"] == pytest.approx(
+        np.mean([st["out_of_support"] for ts in scores for st in ts.support["steps"]]))
+    assert PREFIX == "eval_progadv/heldout/"  # the progadv/heldout/out_of_support, under our eval_ prefix
+    assert figs[f"{PREFIX}score_mean"] == pytest.approx(np.mean([ts.variants[v] for ts in scores]))
+    assert figs[f"{PREFIX}score_mean"] != plain[f"{PREFIX}score_mean"]
+    labels = label_figures(scores, PREFIX, success_threshold=None, attribution_rule="min_step", seed=0)
+    assert f"{PREFIX}auroc/{v}" in labels and f"{PREFIX}auroc/{RUNTIME}" in labels
+
+
+def test_demo_headline_has_a_row_per_variant_with_its_difference():
+    from progadv_trl.demo.main import headline
+
+    scores = _with_variants(_world(n_groups=12))
+    for ts in scores:
+        ts.metadata = {"failure_kind": "decision"} if not ts.success else None
+    m = evaluate(scores, n_boot=20, variant_selection=choose_variant(scores, k=3))
+    h = headline(json.loads(json.dumps(m)))
+    for v in ("progress_advantage", *VARIANTS, RUNTIME):
+        row = h["methods"][v]
+        assert row["fair_auroc_minus_best_baseline"] == pytest.approx(m["fair"]["auroc"]["family"][v]["difference"])
+        assert "fair_best_of_n_minus_best_baseline" in row
+    assert "fair_auroc_minus_best_baseline" not in h["methods"]["policy_logprob"]
+    assert h["cv_variant"]["chosen"] and h["out_of_support"] == m["out_of_support"]["share"]
