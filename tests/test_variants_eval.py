@@ -232,3 +232,24 @@ def test_demo_headline_has_a_row_per_variant_with_its_difference():
         assert "fair_best_of_n_minus_best_baseline" in row
     assert "fair_auroc_minus_best_baseline" not in h["methods"]["policy_logprob"]
     assert h["cv_variant"]["chosen"] and h["out_of_support"] == m["out_of_support"]["share"]
+
+
+def test_demo_stage6_evaluates_every_variant_without_changing_the_critic(tiny_models, tiny_tokenizer, tmp_path):
+    """What `progadv demo` stage 6 and `reevaluate` run on each rollout set, on the tiny models."""
+    from progadv_trl.critic import ProgressCritic
+    from progadv_trl.demo.main import evaluate_set, headline
+    from progadv_trl.demo.pipeline import DemoConfig
+    from progadv_trl.demo.tiny import make_trajectory
+    from progadv_trl.engine import ProgressScorer
+
+    recs = [make_trajectory(i, n_turns=1 + i % 3, success=i % 3 != 0, failure_step=None if i % 3 else 0,
+                            group=f"g{i // 4}") for i in range(20)]  # fmt: skip
+    src = tmp_path / "rollouts.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    pol, ref = tiny_models
+    critic = ProgressCritic(ProgressScorer(pol, tiny_tokenizer, ref))
+    m = evaluate_set(critic, str(src), tmp_path / "policy", DemoConfig(out_dir=str(tmp_path), n_boot=20))
+    assert not critic.config.support  # the bundle's critic is untouched: support is for this evaluation only
+    assert set(m["methods"]) >= set(VARIANTS) and m["variant_selection"]["chosen"]
+    h = headline(m)
+    assert set(h["methods"]) >= set(VARIANTS) and h["out_of_support"] is not None
