@@ -252,7 +252,8 @@ def _reduction_info(scorer, critic) -> dict:
     if critic is not None:
         choice = critic.manifest.get("scoring", {}).get("reduction_choice")
         how = (choice.get("how") if isinstance(choice, dict) else choice) or "the bundle's scoring rule"
-    return {"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction, "chosen_by": how}
+    return {"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction, "chosen_by": how,
+            "variant": c.variant}
 
 
 # ----------------------------------------------------------------------------------------------------------------
