@@ -140,3 +140,17 @@ def test_variants_json_round_trip():
     assert back.out_of_support == 0.5 and math.isnan(back.support["steps"][1]["kl"])
     assert back.support["steps"][0]["out_of_support"] is True
     assert method_names(back.variants)[-2:] == ("progress_advantage_clipped", "progress_advantage_merged_linear_a0.5")
+
+
+def test_a_numeric_fault_takes_the_variants_too():
+    from progadv_trl.scoring import TokenStats, score_from_token_stats
+
+    st = TokenStats(step=np.array([0, 0, 1]), policy_logp=np.array([-1.0, np.nan, -2.0]),
+                    reference_logp=np.array([-1.5, -1.0, -12.0]), kl_policy_ref=np.array([0.1, 0.2, 0.3]),
+                    kl_ref_policy=np.array([0.1, 0.2, 0.3]))  # fmt: skip
+    ts = score_from_token_stats(st, 2, ScoringConfig(support=True))
+    assert ts.error and list(ts.variants) == list(VARIANTS)
+    assert all(math.isnan(v) for v in ts.variants.values())
+    assert all(math.isnan(x) for v in ts.step_variants.values() for x in v)
+    # the support report stays: it reads only the reference, which is sound here (step 1 is out of support)
+    assert [s["out_of_support"] for s in ts.support["steps"]] == [False, True] and ts.out_of_support == 0.5
