@@ -193,7 +193,8 @@ def run_evaluation(
     and the choice is stored under `reduction_selection` - the evaluated scores stay those of the scorer's own
     config. choose_variant: None, or a metric in SELECTION_METRICS: score with the support statistics (turned on
     for this run when the scorer's config lacks them) and choose a member of the progress-advantage family by the
-    same k-fold protocol (`choose_variant`), stored under `variant_selection`. k: folds for that choice and for the attribution threshold. reduction_info: what `metrics["reduction"]`
+    same k-fold protocol (`choose_variant`), stored under `variant_selection`. k: folds for that choice and for
+    the attribution threshold. reduction_info: what `metrics["reduction"]`
     says about how the scorer's reductions were chosen. Writes metrics.md, the plots and, last, metrics.json.
     """
     from .. import distributed  # several processes (torchrun): each scores a shard, the main process evaluates

@@ -233,6 +233,8 @@ def choose_variant(
     scored on it, so `out_of_fold` is never computed on the data that made the choice; `chosen` (picked on all
     the data) is the one to use on new data. Score with `ScoringConfig(support=True)` so the variants are there."""
     cands = variant_candidates(scores)
-    res = choose_reduction(cands, metric, k, seed, validation=validation, folds=folds, success_threshold=success_threshold)
+    res = choose_reduction(
+        cands, metric, k, seed, validation=validation, folds=folds, success_threshold=success_threshold
+    )
     res["what"] = "progress-advantage variant (progress_advantage or a progress_advantage_... variant)"
     return res
