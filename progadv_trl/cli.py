@@ -65,9 +65,10 @@ class ScoringArguments:
                                                                             "below this (default log(1e-4), not tuned)"})  # fmt: skip
     clip: float | None = field(default=None, metadata={"help": "progress_advantage_clipped: clip token log-ratios to "
                                                                "[-clip, clip] (default 5)"})  # fmt: skip
-    variant: str | None = field(default=None, metadata={"help": f"the progress-advantage variant a critic uses "
-                                                                f"(progress_advantage or one of {', '.join(VARIANTS)}); "
-                                                                f"with export: recorded in the bundle"})  # fmt: skip
+    variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", *VARIANTS),
+                                                        "help": "the progress-advantage variant a critic uses "
+                                                                "(best-of-N, success prediction, attribution); with "
+                                                                "export: recorded in the bundle"})  # fmt: skip
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
