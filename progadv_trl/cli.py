@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from transformers.hf_argparser import HfArgumentParser
 
 from . import __version__
-from .config import PAPER_TOKEN_REDUCTIONS, SELECTION_METRICS, STEP_REDUCTIONS, TOKEN_REDUCTIONS
+from .config import PAPER_TOKEN_REDUCTIONS, SELECTION_METRICS, STEP_REDUCTIONS, TOKEN_REDUCTIONS, VARIANTS
 from .formats import FORMATS
 from .utils import atomic_write_text
 
@@ -57,17 +57,36 @@ class ScoringArguments:
     max_length: int | None = field(default=None, metadata={"help": "truncate longer trajectories (start + most recent kept)"})
     batch_tokens: int | None = field(default=None, metadata={
         "help": "padded tokens per forward pass (default: one trajectory at a time on a CPU, 16384 on a GPU)"})
+    support: bool = field(default=False, metadata={"help": "support diagnostics (per step: reference mean/min token "
+                                                           "log-prob, KL(pi||ref), out-of-support flag) and the "
+                                                           "progress-advantage variants; keeps one batch's policy "
+                                                           "log-softmax rows (action tokens x vocabulary floats)"})  # fmt: skip
+    support_threshold: float | None = field(default=None, metadata={"help": "a step is out of support when its least "
+                                                                            "likely token's reference log-prob is "
+                                                                            "below this (default log(1e-4), not tuned)"})  # fmt: skip
+    clip: float | None = field(default=None, metadata={"help": "progress_advantage_clipped: clip token log-ratios to "
+                                                               "[-clip, clip] (default 5)"})  # fmt: skip
+    variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", *VARIANTS),
+                                                        "help": "the progress-advantage variant a critic uses "
+                                                                "(best-of-N, success prediction, attribution); with "
+                                                                "export: recorded in the bundle"})  # fmt: skip
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"argument --max-length: must be at least 2, got {self.max_length}")
         if self.batch_tokens is not None and self.batch_tokens < 1:
             raise ValueError(f"argument --batch-tokens: must be at least 1, got {self.batch_tokens}")
+        from .config import ScoringConfig
+
+        ScoringConfig(**self.overrides())  # a bad --variant, --clip, ... is a usage error here, not a traceback later
 
     def overrides(self) -> dict:
         """The ScoringConfig fields given on the command line."""
-        keys = ("beta", "token_reduction", "step_reduction", "temperature")
-        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        keys = ("beta", "token_reduction", "step_reduction", "temperature", "support_threshold", "clip", "variant")
+        over = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
+        if self.support:
+            over["support"] = True
+        return over
 
 
 @dataclass
@@ -104,6 +123,12 @@ class EvaluateArguments:
         default=None,
         metadata={"choices": SELECTION_METRICS,
                   "help": "also choose the token/step reduction by k-fold CV on this metric; its held-out figure is reported"},
+    )  # fmt: skip
+    choose_variant: bool = field(
+        default=False,
+        metadata={"help": "score with the support statistics and choose a progress-advantage variant by k-fold CV "
+                          "(on the --choose-reduction metric, default auroc); metrics.json's variant_selection holds "
+                          "the choice and its out-of-fold figure"},
     )  # fmt: skip
 
 
@@ -229,7 +254,8 @@ def _reduction_info(scorer, critic) -> dict:
     if critic is not None:
         choice = critic.manifest.get("scoring", {}).get("reduction_choice")
         how = (choice.get("how") if isinstance(choice, dict) else choice) or "the bundle's scoring rule"
-    return {"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction, "chosen_by": how}
+    return {"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction, "chosen_by": how,
+            "variant": c.variant}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -251,6 +277,12 @@ def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArgument
         return 0
     atomic_write_text(args.output, "".join(json.dumps(s.to_dict()) + "\n" for s in scores))
     print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
+    from .evaluation.labels import out_of_support_share
+
+    oos = out_of_support_share(scores)
+    if oos is not None and oos["share"] is not None:
+        print(f"progadv: {oos['share']:.1%} of {oos['n_steps']} steps out of the reference's support (a token with "
+              f"reference log-prob < {oos['threshold']:.3g}); per trajectory: the `support` field", file=sys.stderr)
     _report_skipped_and_faults(skipped, scores)
     return 0
 
@@ -267,6 +299,7 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
     # on its own data; the evaluated scores stay the scorer's own reductions.
     metrics = run_evaluation(
         scorer, trajs, args.output, choose_reduction=args.choose_reduction, k=args.folds, n_boot=args.n_boot,
+        choose_variant=(args.choose_reduction or "auroc") if args.choose_variant else None,
         seed=args.seed, calibration=args.calibration, reduction_info=_reduction_info(scorer, critic),
         progress=len(trajs) > 1, skipped=skipped if inputs.on_error == "skip" else None,
         on_scored=lambda scores: _report_skipped_and_faults(skipped, scores),

@@ -5,6 +5,7 @@ Every other module takes method, reduction and rule names from here; `scoring.py
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 # Token reductions turn a step's per-token log-ratios into its advantage. "sum" is the exact A_t (times beta).
@@ -24,10 +25,39 @@ METHODS = (
     "deepconf_bottom10",
 )
 BASELINES = METHODS[1:]
+# Variants of progress advantage (scoring.variant_scores), computed when the support statistics are (ScoringConfig
+# .support). Each goes through the same token reduction, beta and step reduction as progress_advantage. Other
+# members of the family may be added at run time by filling `TrajectoryScore.variants[name]` with a name that
+# starts with "progress_advantage_" (e.g. a merged reference): evaluation enumerates what the scores carry.
+VARIANTS = (
+    "progress_advantage_centred_policy",  # log-ratio - KL(pi_theta || pi_ref)(s): on-policy centring
+    "progress_advantage_centred_reference",  # log-ratio + KL(pi_ref || pi_theta)(s): the reference's rollouts
+    "progress_advantage_clipped",  # log-ratio clipped to [-clip, clip]
+    "progress_advantage_in_support",  # tokens with reference log-prob < support_threshold left out
+)
+FAMILY_PREFIX = "progress_advantage_"
 # Failure attribution: which step of a failed run is named as the mistake (evaluation/attribution.py).
 ATTRIBUTION_RULES = ("min_cumsum", "min_step", "threshold")
 # What a cross-validated choice (of a reduction, a rule) optimises (evaluation/reductions.py).
 SELECTION_METRICS = ("auroc", "spearman", "best_of_n")
+
+
+def in_family(method: str) -> bool:
+    """progress_advantage or one of its variants (named "progress_advantage_..."), as opposed to a baseline."""
+    return method == "progress_advantage" or method.startswith(FAMILY_PREFIX)
+
+
+def method_names(variant_names=()) -> tuple[str, ...]:
+    """METHODS, then the given variant names in a stable order: the known VARIANTS first (in their order), then any
+    other (run-time) names sorted. What evaluation enumerates."""
+    given = {v for v in variant_names if in_family(v) and v != "progress_advantage"}
+    return METHODS + tuple(v for v in VARIANTS if v in given) + tuple(sorted(given - set(VARIANTS)))
+
+
+# Default out-of-support threshold on a token's reference log-prob: log(1e-4). Not tuned on a validation split
+# (the demo could not be run where this was written): a token the reference gives less than 1 in 10 000 is one it
+# would almost never produce, whatever the vocabulary size.
+SUPPORT_THRESHOLD = math.log(1e-4)
 
 
 @dataclass
@@ -43,6 +73,28 @@ class ScoringConfig:
     topk: int = field(default=20, metadata={"help": "DeepConf token confidence: minus the mean log-prob of the top k."})
     deepconf_window: int = field(default=32, metadata={"help": "DeepConf group confidence: sliding window in tokens."})
     deepconf_tail_tokens: int = field(default=64, metadata={"help": "DeepConf tail confidence: the last N action tokens."})
+    support: bool = field(
+        default=False,
+        metadata={"help": "Support diagnostics and the variants: full-vocabulary KL(pi||ref) and KL(ref||pi) at every "
+                          "action token. Costs one reference pass's worth of output-layer work more and keeps the "
+                          "policy's log-softmax rows (action tokens x vocabulary float32) of one batch in memory."},
+    )  # fmt: skip
+    support_threshold: float = field(
+        default=SUPPORT_THRESHOLD,
+        metadata={"help": "A step is out of the reference's support when its least likely token has reference "
+                          "log-prob below this (also what progress_advantage_in_support leaves out). Default log(1e-4) "
+                          "= -9.21, a principled choice, NOT tuned on a validation split."},
+    )  # fmt: skip
+    clip: float = field(
+        default=5.0,
+        metadata={"help": "progress_advantage_clipped: token log-ratios clipped to [-clip, clip]. 5 nats (a token "
+                          "~150x likelier under one model) is a round default, not tuned."},
+    )  # fmt: skip
+    variant: str = field(
+        default="progress_advantage",
+        metadata={"help": f"The member of the progress-advantage family a critic uses by default (best-of-N, success "
+                          f"prediction, attribution): progress_advantage or one of {VARIANTS}."},
+    )  # fmt: skip
 
     def __post_init__(self):
         if self.token_reduction not in TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS:
@@ -51,6 +103,22 @@ class ScoringConfig:
             raise ValueError(f"step_reduction must be one of {STEP_REDUCTIONS}, got {self.step_reduction!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not self.clip > 0:
+            raise ValueError(f"clip must be > 0, got {self.clip}")
+        if not in_family(self.variant):
+            raise ValueError(f"variant must be progress_advantage or a name starting with {FAMILY_PREFIX!r} (e.g. one "
+                             f"of {VARIANTS}), got {self.variant!r}")  # fmt: skip
+
+    @property
+    def wants_support(self) -> bool:
+        """Whether scoring computes the support statistics: asked for, or needed by the configured variant."""
+        return bool(self.support) or self.variant in VARIANTS
+
+    def variant_params(self) -> dict:
+        """The variant's name and the parameters it depends on (what a bundle manifest records)."""
+        return {"name": self.variant, "params": {"clip": self.clip, "support_threshold": self.support_threshold,
+                                                 "beta": self.beta, "token_reduction": self.token_reduction,
+                                                 "step_reduction": self.step_reduction}}  # fmt: skip
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -6,6 +6,10 @@
     p = critic.predict_success(trajectories)      # calibrated P(success), when the bundle holds a calibration
     step = critic.attribute_failure(trajectory)   # the assistant turn (0-based) most likely to have broken the run
 
+The bundle's variant (`critic.variant`, from the manifest's `scoring.variant`; plain progress_advantage for bundles
+from before variants) is what best_of_n, predict_success and attribute_failure use; `critic.score` returns the whole
+TrajectoryScore, whose `method_score(critic.variant)` / `method_steps(critic.variant)` are that variant's figures.
+
 Scoring goes through `engine.ProgressScorer`, the same code `progadv score` and the training callback use.
 """
 
@@ -16,7 +20,6 @@ import dataclasses
 import os
 
 from .bundle import BundleError, load_bundle, scoring_config_from_manifest
-from .config import METHODS
 from .engine import ProgressScorer
 from .scoring import TrajectoryScore
 
@@ -75,6 +78,18 @@ class ProgressCritic:
         return self.scorer.tokenizer
 
     @property
+    def variant(self) -> str:
+        """The member of the progress-advantage family this critic uses (ScoringConfig.variant)."""
+        return self.config.variant
+
+    def _check_variant(self, scores: list[TrajectoryScore], variant: str) -> None:
+        if variant != "progress_advantage" and scores and not any(variant in ts.variants for ts in scores):
+            raise BundleError(
+                f"the bundle's variant {variant!r} is not among the variants this version computes "
+                f"({sorted(scores[0].variants) or 'none'}); score with variant='progress_advantage' or a known one"
+            )
+
+    @property
     def calibration(self) -> dict | None:
         return self.manifest.get("calibration") or None
 
@@ -107,24 +122,25 @@ class ProgressCritic:
 
         overrides: any ScoringConfig field for this call (beta=..., step_reduction=...); max_length=... too.
         """
-        return self._scorer_with(overrides, max_length).score(
-            trajectories, with_token_ratios=with_token_ratios, progress=progress
-        )
+        scorer = self._scorer_with(overrides, max_length)
+        scores = scorer.score(trajectories, with_token_ratios=with_token_ratios, progress=progress)
+        self._check_variant(scores, getattr(getattr(scorer, "config", None), "variant", "progress_advantage"))
+        return scores
 
     def best_of_n(
-        self, trajectories, *, method: str = "progress_advantage", seed: int = 0, **overrides
+        self, trajectories, *, method: str | None = None, seed: int = 0, **overrides
     ) -> dict[str, TrajectoryScore]:
         """{group: the highest-scoring trajectory of the group}. Trajectories without a `group` form one group, "".
 
         The selection rule is `evaluation.pick_best`, the one metrics.json's `selected` uses: a NaN score (every
         step cut by truncation) ranks below every number; ties are broken at random, seeded by (`seed`, group
-        name), so a group's pick does not depend on the other groups. `method` may be any of METHODS (a baseline,
-        for comparison).
+        name), so a group's pick does not depend on the other groups. `method`: default the bundle's variant; any
+        of METHODS (a baseline, for comparison) or a variant.
         """
-        from .evaluation import select_best
+        from .evaluation import check_method, select_best
 
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        method = method or overrides.get("variant") or self.variant
+        check_method(method)
         return select_best(self.score(trajectories, **overrides), method, seed)
 
     def predict_success(self, trajectories) -> list[float]:
@@ -143,7 +159,7 @@ class ProgressCritic:
             )
         from .evaluation import Calibrator
 
-        method = cal.get("method", "progress_advantage")
+        method = cal.get("method", self.variant)
         cfg = cal.get("scoring")  # optional: the ScoringConfig the calibration was fitted under
         if cfg and any(getattr(self.config, k, v) != v for k, v in cfg.items()):
             raise BundleError(
@@ -156,7 +172,8 @@ class ProgressCritic:
     def attribute_failure(self, trajectory, *, rule: str | None = None, threshold: float | None = None) -> int:
         """The assistant turn (0-based, what `failure_step` indexes) most likely to have broken a failed run.
 
-        Default rule and threshold: the bundle's (`scoring.attribution` in the manifest), else min_cumsum.
+        Default rule and threshold: the bundle's (`scoring.attribution` in the manifest), else min_cumsum. The steps
+        are the bundle's variant's.
         """
         from .evaluation import attribute_failure
 
@@ -167,7 +184,7 @@ class ProgressCritic:
         if len(items) != 1:
             raise ValueError("attribute_failure takes one trajectory; call it once per trajectory")
         (ts,) = self.score(items)
-        return attribute_failure(ts.advantages, rule, threshold)
+        return attribute_failure(ts.method_steps(self.variant), rule, threshold)
 
     def __repr__(self) -> str:
         pol = (self.manifest.get("policy") or {}).get("kind", "?")

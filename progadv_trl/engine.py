@@ -100,8 +100,11 @@ def taken_token_stats(
     topk: int = 0,
     with_vocab_stats: bool = False,
     chunk_size: int = 1024,
+    keep_logprobs: bool = False,
+    other_logprobs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Token statistics for the tokens at (batch_idx, pos_idx) of a right-padded batch, predicted from pos - 1."""
+    """Token statistics for the tokens at (batch_idx, pos_idx) of a right-padded batch, predicted from pos - 1
+    (`keep_logprobs` / `other_logprobs`: the support diagnostics, see `scoring.token_logprob_stats`)."""
     from .scoring import token_logprob_stats
 
     dev = _device(model)
@@ -112,8 +115,9 @@ def taken_token_stats(
     states, head = _states_fn(model)
     h = states(input_ids, attention_mask, position_ids)[b_idx, p_idx - 1]
     return token_logprob_stats(
-        h, head, targets, temperature=temperature, topk=topk, chunk_size=chunk_size, with_vocab_stats=with_vocab_stats
-    )
+        h, head, targets, temperature=temperature, topk=topk, chunk_size=chunk_size, with_vocab_stats=with_vocab_stats,
+        keep_logprobs=keep_logprobs, other_logprobs=other_logprobs,
+    )  # fmt: skip
 
 
 class ProgressScorer:
@@ -124,7 +128,12 @@ class ProgressScorer:
             TRL's "ref" adapter when it has one; see `reference.resolve`).
         tokenizer: the tokenizer both models read (its chat template renders the trajectories).
         reference: a `reference.Reference`, a separate reference model, or None (a PEFT policy).
-        config: `ScoringConfig` (beta, reductions, temperature, baseline knobs).
+        config: `ScoringConfig` (beta, reductions, temperature, baseline knobs). With `config.support` (or a
+            variant that needs it) every action token also gets KL(pi||ref) and KL(ref||pi) over the whole
+            vocabulary, and the scores get the variants and the support report. Cost: the policy's log-softmax rows
+            at one unit's action tokens are kept for the reference pass (action tokens x vocabulary x 4 bytes, e.g.
+            4096 tokens x 152k vocabulary = 2.5 GB; lower batch_tokens to bound it), and two more vocabulary-wide
+            products per token.
         max_length: truncate longer trajectories (start kept, most recent context kept; see `rendering.truncate`).
         reference_tokenizer: when given, checked against `tokenizer` (vocabulary and chat template).
         batch_tokens: padded tokens per forward pass; lower it to save memory. None (the default): one trajectory per
@@ -259,13 +268,19 @@ class ProgressScorer:
                         pad_id=self.pad_id, **kw, **extra,
                     )  # fmt: skip
 
-                pol = run(self.policy, topk=cfg.topk, with_vocab_stats=self.compute_baselines)
+                support = cfg.wants_support
+                pol = run(self.policy, topk=cfg.topk, with_vocab_stats=self.compute_baselines, keep_logprobs=support)
+                # support: the policy's rows wait for the reference pass, which computes both KLs chunk by chunk
+                other = pol.pop("logprobs", None)
                 with self.reference.active(self.policy):  # the prefix cache too: computed under the same adapters
-                    ref = run(ref_model)
+                    ref = run(ref_model, other_logprobs=other)
+                del other  # N_action x V float32: released before the next unit
                 owner_t, step_t = np.array(owner, dtype=np.int64), np.array(step_of, dtype=np.int64)
                 arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"]}
                 if self.compute_baselines:
                     arrays["policy_mean_logp"], arrays["policy_topk_logp"] = pol["mean_logp"], pol["topk_logp"]
+                if support:
+                    arrays["kl_policy_ref"], arrays["kl_ref_policy"] = ref["kl_other_self"], ref["kl_self_other"]
                 arrays = {k: v.double().cpu().numpy() for k, v in arrays.items()}
                 for i in members:
                     sel = owner_t == i

@@ -104,10 +104,12 @@ def shared_token_stats(
     group: SharedGroup,
     index: tuple[torch.Tensor, torch.Tensor],
     pad_id: int = 0,
+    other_logprobs: torch.Tensor | None = None,
     **kw,
 ) -> dict[str, torch.Tensor]:
     """`taken_token_stats` for one group: `states(ids, mask, position_ids, past_key_values)` runs the model (hidden
-    states or logits, `head` turns them into logits). `index` = (row in `group.members`, position), rows ascending."""
+    states or logits, `head` turns them into logits). `index` = (row in `group.members`, position), rows ascending.
+    `other_logprobs` (support diagnostics: the other model's rows, in `index` order) is sliced per batch."""
     from transformers import DynamicCache
 
     P = group.prefix_len
@@ -146,6 +148,7 @@ def shared_token_stats(
         in_pre = q < P
         h[in_pre], h[~in_pre] = pre[q[in_pre]], suf[r[~in_pre], q[~in_pre] - P]
         # per batch, as the plain path does: with a full-forward model these states are logits
-        out.append(token_logprob_stats(h, head, targets.to(device), **kw))
+        other = None if other_logprobs is None else other_logprobs[sel.to(other_logprobs.device)]
+        out.append(token_logprob_stats(h, head, targets.to(device), other_logprobs=other, **kw))
         row0 += len(batch)
     return {k: torch.cat([o[k] for o in out]) for k in out[0]}

@@ -20,6 +20,7 @@ from .config import (  # noqa: F401 - re-exported: the names used to live here
     PAPER_TOKEN_REDUCTIONS,
     STEP_REDUCTIONS,
     TOKEN_REDUCTIONS,
+    VARIANTS,
     ScoringConfig,
 )
 
@@ -37,6 +38,8 @@ def token_logprob_stats(
     topk: int = 0,
     chunk_size: int = 1024,
     with_vocab_stats: bool = False,
+    keep_logprobs: bool = False,
+    other_logprobs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
     """Log-prob of each target token (and optional whole-vocabulary statistics) from final hidden states.
 
@@ -44,10 +47,20 @@ def token_logprob_stats(
     `chunk_size` rows at a time and the softmax is taken in float32, so peak memory is chunk_size x vocab floats.
     Returns float32 tensors of shape [N]: "logp"; with `with_vocab_stats` also "mean_logp" (mean over the
     vocabulary of log p, for self-certainty) and "topk_logp" (mean of the top-k log-probs, for DeepConf).
+
+    Support diagnostics need two models' distributions at the same positions, so they take two passes:
+    `keep_logprobs` returns this model's whole log-softmax rows as "logprobs" ([N, V] float32: the caller holds
+    N x V x 4 bytes until the second pass), and `other_logprobs` (those rows of the other model, same positions)
+    makes this pass return "kl_other_self" = KL(other || this) and "kl_self_other" = KL(this || other) per row,
+    computed chunk by chunk.
     """
     out = {"logp": []}
     if with_vocab_stats:
         out["mean_logp"], out["topk_logp"] = [], []
+    if keep_logprobs:
+        out["logprobs"] = []
+    if other_logprobs is not None:
+        out["kl_other_self"], out["kl_self_other"] = [], []
     for start in range(0, hidden.shape[0], chunk_size):
         logits = lm_head(hidden[start : start + chunk_size]).float()
         if temperature != 1.0:
@@ -59,7 +72,21 @@ def token_logprob_stats(
             out["mean_logp"].append(logits.mean(-1) - lse)
             k = min(max(topk, 1), logits.shape[-1])
             out["topk_logp"].append(logits.topk(k, dim=-1).values.mean(-1) - lse)
+        if keep_logprobs or other_logprobs is not None:
+            lp = logits - lse[:, None]
+            if keep_logprobs:
+                out["logprobs"].append(lp)
+            if other_logprobs is not None:
+                o = other_logprobs[start : start + chunk_size].to(lp.device)
+                out["kl_other_self"].append(_kl_rows(o, lp))
+                out["kl_self_other"].append(_kl_rows(lp, o))
     return {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in out.items()}
+
+
+def _kl_rows(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
+    """KL(p || q) per row from log-probs; a token p gives no mass adds nothing (0 log 0 = 0, even against -inf)."""
+    p = logp.exp()
+    return torch.where(p > 0, p * (logp - logq), torch.zeros_like(p)).sum(-1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,6 +103,9 @@ class TokenStats:
     policy_mean_logp: np.ndarray | None = None  # mean over the vocabulary of log p (self-certainty)
     policy_topk_logp: np.ndarray | None = None  # mean of the top-k log p (DeepConf)
     vocab_size: int | None = None
+    # Support diagnostics (ScoringConfig.support): full-vocabulary KLs of the two next-token distributions.
+    kl_policy_ref: np.ndarray | None = None  # KL(pi_theta || pi_ref) at the state before each action token
+    kl_ref_policy: np.ndarray | None = None  # KL(pi_ref || pi_theta) there
 
     @property
     def log_ratio(self) -> np.ndarray:
@@ -169,6 +199,61 @@ def baseline_scores(stats: TokenStats, n_steps: int, config: ScoringConfig) -> d
     return res
 
 
+def variant_token_values(stats: TokenStats, config: ScoringConfig) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """{variant: (per-token values, mask of the tokens kept)} for the VARIANTS; {} without support statistics.
+
+    centred_policy subtracts KL(pi_theta||pi_ref)(s), the policy's expected log-ratio in the state: on the policy's
+    own rollouts it measures the action taken against what the policy would do there. centred_reference adds
+    KL(pi_ref||pi_theta)(s), minus the reference's expected log-ratio: the same centring for the reference's
+    rollouts. clipped bounds each token's log-ratio to [-clip, clip]; in_support leaves out tokens whose reference
+    log-prob is below support_threshold (where the log-ratio is dominated by the reference's tail).
+    """
+    if stats.kl_policy_ref is None or stats.kl_ref_policy is None:
+        return {}
+    lr = stats.log_ratio
+    every = np.ones(lr.shape, dtype=bool)
+    return {
+        "progress_advantage_centred_policy": (lr - stats.kl_policy_ref, every),
+        "progress_advantage_centred_reference": (lr + stats.kl_ref_policy, every),
+        "progress_advantage_clipped": (np.clip(lr, -config.clip, config.clip), every),
+        "progress_advantage_in_support": (lr, stats.reference_logp >= config.support_threshold),
+    }
+
+
+def variant_scores(stats: TokenStats, n_steps: int, config: ScoringConfig) -> dict[str, dict]:
+    """{variant: {"score", "steps"}}: each variant's token values through the token reduction, beta and the step
+    reduction of progress_advantage. A paper_* token reduction reduces the variant's per-token values with its plain
+    counterpart (the variants are per-token quantities; there is no per-model split of them). A step with no token
+    kept (in_support) is NaN and left out of the step reduction, as a step cut by truncation is."""
+    how = config.token_reduction.removeprefix("paper_")
+    out = {}
+    for name, (vals, keep) in variant_token_values(stats, config).items():
+        steps = config.beta * _per_step(vals[keep], stats.step[keep], n_steps, how)
+        out[name] = {"score": reduce_steps(steps, config.step_reduction), "steps": steps}
+    return out
+
+
+def support_report(stats: TokenStats, n_steps: int, threshold: float) -> dict | None:
+    """Per step: the reference's mean and minimum token log-prob, the mean per-token KL(pi_theta||pi_ref), and
+    whether the step is out of the reference's support (min below `threshold`; None for a step with no tokens);
+    `out_of_support`: the share of flagged steps among the steps with tokens. None without support statistics."""
+    if stats.kl_policy_ref is None:
+        return None
+    mean = _per_step(stats.reference_logp, stats.step, n_steps, "mean")
+    low = _per_step(stats.reference_logp, stats.step, n_steps, "min")
+    kl = _per_step(stats.kl_policy_ref, stats.step, n_steps, "mean")
+    flags = [None if math.isnan(m) else bool(m < threshold) for m in low]
+    scored = [f for f in flags if f is not None]
+    return {
+        "threshold": threshold,
+        "out_of_support": float(np.mean(scored)) if scored else float("nan"),
+        "steps": [
+            {"ref_mean_logp": float(a), "ref_min_logp": float(b), "kl": float(c), "out_of_support": f}
+            for a, b, c, f in zip(mean, low, kl, flags)
+        ],
+    }
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Result types (the `progadv score` JSON line is `TrajectoryScore.to_dict()`).
 
@@ -208,18 +293,36 @@ class TrajectoryScore:
     # Set when the trajectory could not be scored (e.g. "non-finite logits in policy ..."): then the score, every
     # step advantage and every baseline are NaN, so no metric or logged figure can average them in.
     error: str | None = None
+    # Members of the progress-advantage family other than the plain score ("progress_advantage_..."): trajectory
+    # score and per-step values, like the baselines. Filled by score_from_token_stats when the support statistics
+    # are there; other code may add its own (a merged reference) and evaluation picks them up by name.
+    variants: dict[str, float] = field(default_factory=dict)
+    step_variants: dict[str, list[float]] = field(default_factory=dict)
+    # Support diagnostics (`support_report`): {"threshold", "out_of_support" (share of flagged steps), "steps": [...]}.
+    support: dict | None = None
+
+    @property
+    def out_of_support(self) -> float:
+        """Share of this trajectory's steps out of the reference's support; NaN without support statistics."""
+        v = (self.support or {}).get("out_of_support")
+        return float("nan") if v is None else float(v)
 
     @property
     def advantages(self) -> np.ndarray:
         return np.array([s.advantage for s in self.steps], dtype=np.float64)
 
     def method_score(self, method: str) -> float:
-        return self.score if method == "progress_advantage" else self.baselines.get(method, float("nan"))
+        if method == "progress_advantage":
+            return self.score
+        if method in self.variants:
+            return self.variants[method]
+        return self.baselines.get(method, float("nan"))
 
     def method_steps(self, method: str) -> np.ndarray:
         if method == "progress_advantage":
             return self.advantages
-        return np.asarray(self.step_baselines.get(method, [np.nan] * len(self.steps)), dtype=np.float64)
+        per_step = self.step_variants if method in self.step_variants else self.step_baselines
+        return np.asarray(per_step.get(method, [np.nan] * len(self.steps)), dtype=np.float64)
 
     def to_dict(self) -> dict:
         d = {
@@ -229,6 +332,16 @@ class TrajectoryScore:
             "baselines": {k: _json_float(v) for k, v in self.baselines.items()},
             "step_baselines": {k: [_json_float(x) for x in v] for k, v in self.step_baselines.items()},
         }
+        if self.variants or self.step_variants:
+            d["variants"] = {k: _json_float(v) for k, v in self.variants.items()}
+            d["step_variants"] = {k: [_json_float(x) for x in v] for k, v in self.step_variants.items()}
+        if self.support is not None:
+            d["support"] = {
+                "threshold": _json_float(self.support["threshold"]),
+                "out_of_support": _json_float(self.support["out_of_support"]),
+                "steps": [{k: (_json_float(v) if isinstance(v, float) else v) for k, v in st.items()}
+                          for st in self.support["steps"]],
+            }  # fmt: skip
         for key in ("group", "success", "failure_step", "truncation", "metadata", "error"):
             val = getattr(self, key)
             if val is not None:
@@ -263,7 +376,22 @@ class TrajectoryScore:
             token_log_ratios=d.get("token_log_ratios"),
             metadata=d.get("metadata"),
             error=d.get("error"),
+            variants={k: (nan if v is None else v) for k, v in (d.get("variants") or {}).items()},
+            step_variants={k: [nan if x is None else x for x in v] for k, v in (d.get("step_variants") or {}).items()},
+            support=_support_from_json(d.get("support")),
         )
+
+
+def _support_from_json(sup: dict | None) -> dict | None:
+    if sup is None:
+        return None
+    nan = float("nan")
+    num = ("ref_mean_logp", "ref_min_logp", "kl")
+    return {
+        "threshold": nan if sup.get("threshold") is None else sup["threshold"],
+        "out_of_support": nan if sup.get("out_of_support") is None else sup["out_of_support"],
+        "steps": [{k: (nan if k in num and v is None else v) for k, v in st.items()} for st in sup.get("steps", [])],
+    }
 
 
 def _json_float(x):
@@ -304,6 +432,7 @@ def score_from_token_stats(
         for i in range(n_steps)
     ]
     base = baseline_scores(stats, n_steps, config)
+    var = variant_scores(stats, n_steps, config)
     ratios = None
     if with_token_ratios:
         lr = stats.log_ratio
@@ -315,6 +444,9 @@ def score_from_token_stats(
         baselines={k: v["score"] for k, v in base.items()},
         step_baselines={k: v["steps"].tolist() for k, v in base.items()},
         token_log_ratios=ratios,
+        variants={k: v["score"] for k, v in var.items()},
+        step_variants={k: v["steps"].tolist() for k, v in var.items()},
+        support=support_report(stats, n_steps, config.support_threshold),
     )
     fault = numeric_fault(stats)
     if fault:
@@ -326,4 +458,6 @@ def score_from_token_stats(
             st.advantage = nan
         res.baselines = {k: nan for k in res.baselines}
         res.step_baselines = {k: [nan] * len(v) for k, v in res.step_baselines.items()}
+        res.variants = {k: nan for k in res.variants}
+        res.step_variants = {k: [nan] * len(v) for k, v in res.step_variants.items()}
     return res

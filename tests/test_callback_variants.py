@@ -330,3 +330,36 @@ def test_resume_restores_history(tiny_dir, tmp_path):
     assert calls == [4]  # no new baseline: steps 0 and 2 come back from the checkpoint
     assert [(h["kind"], h["step"]) for h in cb2.history] == first
     assert cb2.history[:2] == cb.history[:2]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A configured progress-advantage variant (issue 12)
+
+
+def test_heldout_scoring_uses_the_configured_variant_and_the_bundle_records_it(tiny_dir, tmp_path):
+    from progadv_trl.callback import ProgressAdvantageCallback
+    from progadv_trl.critic import ProgressCritic
+    from progadv_trl.scoring import ScoringConfig
+
+    d = tiny_dir["reference"]
+    t = _grpo(str(d), tmp_path, _tok(d), learning_rate=5e-2)
+    v = "progress_advantage_centred_policy"
+    cfg = ScoringConfig(beta=0.5, variant=v, support_threshold=-6.0)
+    cb = ProgressAdvantageCallback(t, heldout=heldout_records(4), scoring_config=cfg)
+    t.add_callback(cb)
+    t.train()
+    held = _held(t.state.log_history)
+    assert [e["eval_progadv/heldout/global_step"] for e in held] == [0, 2] and cb.errors == 0
+    for e in held:
+        assert 0.0 <= e["eval_progadv/heldout/out_of_support"] <= 1.0  # the issue's progadv/heldout/out_of_support
+    last = cb.last_heldout
+    assert all(v in ts.variants and ts.support for ts in last)
+    # the step figures are the variant's: centred on-policy, their mean is the variant's, not the plain score's
+    means = [ts.variants[v] for ts in last]
+    assert held[-1]["eval_progadv/heldout/score_mean"] == pytest.approx(sum(means) / len(means))
+    bundle = Path(tmp_path) / "progadv_bundle"
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["scoring"]["variant"]["name"] == v and manifest["scoring"]["variant"]["params"]["support_threshold"] == -6.0
+    critic = ProgressCritic.from_pretrained(bundle)
+    assert critic.variant == v
+    assert critic.score(heldout_records(1))[0].method_score(v) == pytest.approx(last[0].variants[v], abs=1e-4)

@@ -63,6 +63,8 @@ def model_card(manifest: dict) -> str:
         ),
         f"- scoring defaults: beta={sc['beta']}, token reduction `{sc['token_reduction']}`, step reduction "
         f"`{sc['step_reduction']}`, temperature {sc['temperature']}, max_length {manifest.get('max_length')}",
+        f"- variant: `{sc.get('variant', 'progress_advantage')}` (clip {sc.get('clip')}, support threshold "
+        f"{sc.get('support_threshold')})",
         f"- training: beta={tr.get('beta')}, sampling temperature={tr.get('temperature')}, "
         f"trainer {prov.get('trainer_class')}, step {prov.get('global_step')}, seed {prov.get('seed')}",
         f"- success calibration: {'yes' if manifest.get('calibration') else 'no'}",

@@ -130,12 +130,13 @@ def export_bundle(
         reference: the reference model; None for a PeftModel policy or with `reference_identity`. A PeftModel policy
             with a separate reference is stored with the adapter merged into full weights.
         tokenizer: the tokenizer both models read.
-        scoring_config: the scoring defaults users get (default: ScoringConfig with training's beta).
+        scoring_config: the scoring defaults users get (default: ScoringConfig with training's beta), its
+            `variant` (with clip and support_threshold) recorded as the manifest's `scoring.variant`.
         max_length: the truncation length users get by default.
         training: {"beta", "temperature", "trainer_class", "global_step", "seed", ...} of the run.
         heldout_metrics: metrics at export time (with n and intervals), any JSON-able dict.
         calibration: `evaluation.Calibrator.to_dict()`, for `ProgressCritic.predict_success`; it may add "method"
-            (the METHODS name whose score it calibrates; default progress_advantage).
+            (the METHODS or variant name whose score it calibrates; default: the bundle's variant).
         heldout_fingerprint: e.g. `fingerprint_trajectories(heldout)`.
         reduction_choice: how the token/step reductions were chosen, e.g. {"how": "cross-validation", ...}.
         reference_identity: {"repo_id", "revision", "path"?}: record the reference by identity (no weights stored);

@@ -102,6 +102,8 @@ def _manifest_tail(scoring_config, max_length, training, heldout_metrics, calibr
             "step_reduction": scoring_config.step_reduction,
             "reduction_choice": choice or {"how": "default (sum over tokens: the exact A_t; sum over steps)"},
             "attribution": {"rule": "min_cumsum", "threshold": 0.0, **(attribution or {})},
+            # the member of the progress-advantage family the critic uses, and what it depends on
+            "variant": scoring_config.variant_params(),
         },
         "training": {"beta": beta, "temperature": temperature},
         "max_length": max_length,
@@ -113,8 +115,15 @@ def _manifest_tail(scoring_config, max_length, training, heldout_metrics, calibr
 
 
 def scoring_config_from_manifest(manifest: dict, **overrides) -> ScoringConfig:
-    """The bundle's ScoringConfig (fields this version does not know are reported and ignored), with overrides."""
-    stored = dict(((manifest.get("scoring") or {}).get("config")) or {})
+    """The bundle's ScoringConfig (fields this version does not know are reported and ignored), with overrides.
+    A bundle from before variants has no `variant`: it loads as plain progress_advantage (the config's default)."""
+    scoring = manifest.get("scoring") or {}
+    stored = dict(scoring.get("config") or {})
+    variant = scoring.get("variant")
+    if isinstance(variant, dict) and variant.get("name") and "variant" not in stored:
+        # a manifest that records the variant beside the config only: its name and parameters win over defaults
+        params = {k: v for k, v in (variant.get("params") or {}).items() if k in ("clip", "support_threshold")}
+        stored.update(params, variant=variant["name"])
     known = {f.name for f in dataclasses.fields(ScoringConfig)}
     extra = sorted(set(stored) - known)
     if extra:

@@ -159,8 +159,13 @@ def reevaluate(out_dir) -> dict:
 
 
 def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
-    """Score `rollouts` with the critic (every reduction from one forward pass), choose a reduction by 5-fold CV on
-    AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) and write the report."""
+    """Score `rollouts` with the critic (every reduction from one forward pass), choose a reduction and a variant by
+    5-fold CV on AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) beside every
+    variant (the support statistics are computed here, in evaluation only: training and rollouts never see them)
+    and write the report."""
+    import copy
+    import dataclasses
+
     from ..evaluation import run_evaluation
     from ..trajectories import load_trajectories
 
@@ -168,8 +173,11 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
     if loaded.errors:
         _say(f"{rollouts}: {loaded.summary()}")
     c = critic.config
+    scorer = copy.copy(critic.scorer)  # shares the models; support statistics for this evaluation only
+    scorer.config = dataclasses.replace(c, support=True)
     return run_evaluation(
-        critic.scorer, loaded.trajectories, out_dir, choose_reduction="auroc", k=5, n_boot=cfg.n_boot, seed=cfg.seed,
+        scorer, loaded.trajectories, out_dir, choose_reduction="auroc", choose_variant="auroc", k=5, n_boot=cfg.n_boot,
+        seed=cfg.seed,
         reduction_info={"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction,
                         "chosen_by": "the theory's default (beta * sum over tokens, sum over steps), not tuned; the "
                                      "CV choice below is reported for comparison"},
@@ -202,9 +210,16 @@ def headline(metrics: dict) -> dict:
             r = ((f or {}).get("methods") or {}).get(m)
             if r:
                 rows[m][f"fair_{app}"], rows[m][f"fair_{app}_rule"] = r["value"], r["rule"]
+            d = ((f or {}).get("family") or {}).get(m)
+            if d:  # a progress-advantage family member minus the best baseline: one study row per variant
+                rows[m][f"fair_{app}_minus_best_baseline"] = d["difference"]
+                rows[m][f"fair_{app}_minus_best_baseline_ci"] = d["difference_ci"]
     ref = metrics.get("best_of_n_reference") or {}
     sel = metrics.get("reduction_selection") or {}
+    vsel = metrics.get("variant_selection") or {}
     return {
+        "out_of_support": (metrics.get("out_of_support") or {}).get("share"),
+        "cv_variant": {"chosen": vsel.get("chosen"), "out_of_fold_auroc": vsel.get("out_of_fold")},
         "methods": rows,
         "random_pick": ref.get("random_pick"),
         "pass_at_n": ref.get("pass_at_n"),
@@ -301,6 +316,11 @@ def format_summary(summary: dict) -> str:
         cv = h["cv_reduction"]
         if cv.get("chosen"):
             lines.append(f"(5-fold CV would pick the reduction {cv['chosen']}: out-of-fold AUROC {format_cell(cv['out_of_fold_auroc'])})")
+        cvv = h.get("cv_variant") or {}
+        if cvv.get("chosen"):
+            lines.append(f"(5-fold CV would pick the variant {cvv['chosen']}: out-of-fold AUROC "
+                         f"{format_cell(cvv['out_of_fold_auroc'])}; steps out of the reference's support: "
+                         f"{format_cell(h.get('out_of_support'))})")  # fmt: skip
     if summary.get("study_comparison"):
         lines += [""] + summary["study_comparison"]
     t = summary["timings"]

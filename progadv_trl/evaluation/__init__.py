@@ -20,11 +20,27 @@ Importing this package does not import torch.
 from ..config import ATTRIBUTION_RULES, SELECTION_METRICS
 from .attribution import attribute_failure, attribution_chance, failure_attribution
 from .calibration import Calibrator, calibration_report, expected_calibration_error
-from .labels import failure_kind, is_success, labelled_arrays, method_available, split_faults, success_value
+from .labels import (
+    available_methods,
+    check_method,
+    failure_kind,
+    is_success,
+    labelled_arrays,
+    method_available,
+    split_faults,
+    success_value,
+)
 from .pipeline import EvaluationError, evaluate, run_evaluation
 from .plots import new_figure, plot_best_of_n, plot_roc, plot_traces
 from .prediction import success_prediction
-from .reductions import candidate_reductions, choose_reduction, reduction_grid, selection_metric
+from .reductions import (
+    candidate_reductions,
+    choose_reduction,
+    choose_variant,
+    reduction_grid,
+    selection_metric,
+    variant_candidates,
+)
 from .report import METRICS_JSON, METRICS_MD, REPORT_FILES, report_paths, write_report
 from .selection import best_of_n, best_of_n_table, labelled_groups, pick_best, select_best, top_indices
 from .stats import (
@@ -44,6 +60,7 @@ __all__ = [
     "EvaluationError",
     "split_faults",
     "ATTRIBUTION_RULES", "CONFIDENCE", "METRICS_JSON", "METRICS_MD", "REPORT_FILES", "SELECTION_METRICS",
+    "available_methods", "check_method", "choose_variant", "variant_candidates",
     "Calibrator", "assign_folds", "attribute_failure", "attribution_chance", "auroc", "auroc_stat", "best_of_n",
     "best_of_n_table", "bootstrap_ci", "calibration_report", "candidate_reductions", "choose_reduction", "evaluate",
     "expected_calibration_error", "failure_attribution", "failure_kind", "fold_ids", "format_cell",

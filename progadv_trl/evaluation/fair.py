@@ -16,6 +16,9 @@ case's hit) are pooled; for AUROC each fold's chosen scores are turned into with
 scores of different rules are comparable across folds. `rule` is the choice on all the data (what to use on new
 data); `per_fold` lists the choices.
 
+The progress-advantage family (progress_advantage and every variant on the scores, `config.in_family`) is never a
+baseline: each member is compared, with its own CV-chosen rule, against the same best baseline (`family`).
+
 The paired bootstrap resamples the same items for progress advantage and for the baseline with the best
 out-of-fold figure (choosing that baseline on the same data favours the baseline, never progress advantage), and
 gives the 95 % percentile interval of the difference. The verdict is "beats" or "loses" only when the interval
@@ -31,9 +34,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as sps
 
-from ..config import METHODS, STEP_REDUCTIONS
+from ..config import STEP_REDUCTIONS, in_family
 from .attribution import _best_threshold, _valid_label, attribute_failure
-from .labels import is_success, method_available
+from .labels import available_methods, is_success, method_available
 from .selection import labelled_groups, pick_best
 from .stats import CONFIDENCE, auroc, auroc_stat, fold_ids
 
@@ -172,7 +175,7 @@ def verdict(ci) -> str:
 def fair_comparison(
     scores: Sequence[TrajectoryScore],
     *,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     k: int = 5,
     seed: int = 0,
     n_boot: int = 1000,
@@ -180,9 +183,11 @@ def fair_comparison(
     applications: Sequence[str] = APPLICATIONS,
 ) -> dict:
     """{application: {"methods": {method: {"value", "rule", "per_fold", "n"}}, "best_baseline", "difference",
-    "difference_ci", "verdict"}} for AUROC, best-of-N and failure attribution (see the module docstring)."""
+    "difference_ci", "verdict", "family"}} for AUROC, best-of-N and failure attribution (see the module docstring).
+    `family`: {member: {"difference", "difference_ci", "verdict"}}, each progress-advantage family member minus the
+    best baseline; the top-level difference is progress_advantage's. Default methods: `available_methods`."""
     scores = list(scores)
-    methods = [m for m in methods if method_available(scores, m)]
+    methods = [m for m in (available_methods(scores) if methods is None else methods) if method_available(scores, m)]
     out: dict = {"k": k, "n_boot": n_boot, "protocol": "per-method rule chosen by k-fold CV; paired bootstrap vs the "
                  "baseline with the best out-of-fold figure"}  # fmt: skip
     labelled = [ts for ts in scores if is_success(ts, success_threshold) is not None]
@@ -255,13 +260,16 @@ def fair_comparison(
 
 def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=None) -> dict:
     entry = {"methods": res}
-    if "progress_advantage" not in res:
+    family = [m for m in res if in_family(m)]
+    best = _argbest({m: r["value"] for m, r in res.items() if not in_family(m)})
+    if best is None or not family:
         return entry
-    baselines = {m: r["value"] for m, r in res.items() if m != "progress_advantage"}
-    best = _argbest(baselines)
-    if best is None:
-        return entry
-    d = res["progress_advantage"]["value"] - res[best]["value"]
-    ci = _paired_interval(diff("progress_advantage", best), n, n_boot, seed, strata)
-    entry.update(best_baseline=best, difference=d, difference_ci=ci, verdict=verdict(ci))
+    per = {}
+    for m in family:  # the same best baseline for every member: one comparison each, same items, same resamples
+        ci = _paired_interval(diff(m, best), n, n_boot, seed, strata)
+        per[m] = {"difference": res[m]["value"] - res[best]["value"], "difference_ci": ci, "verdict": verdict(ci)}
+    entry["best_baseline"] = best
+    if "progress_advantage" in per:
+        entry.update(per["progress_advantage"])
+    entry["family"] = per
     return entry

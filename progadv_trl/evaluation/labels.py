@@ -39,6 +39,36 @@ def is_success(ts: TrajectoryScore, threshold: float | None = None) -> bool | No
     return v > (0.0 if threshold is None else threshold)
 
 
+def available_methods(scores: Sequence[TrajectoryScore]) -> tuple[str, ...]:
+    """The methods evaluation enumerates: METHODS, then every variant some score carries (`config.method_names`:
+    known variants in their order, run-time ones sorted), so a variant added by filling `ts.variants` is evaluated
+    without registering it anywhere."""
+    from ..config import method_names
+
+    return method_names({v for ts in scores for v in ts.variants})
+
+
+def check_method(method: str, scores: Sequence[TrajectoryScore] = ()) -> None:
+    """A method name is one of METHODS or a progress-advantage variant; anything else names the known ones."""
+    from ..config import METHODS, in_family
+
+    if method not in METHODS and not in_family(method):
+        known = available_methods(scores)
+        raise ValueError(f"method must be one of {known} (or a progress_advantage_... variant), got {method!r}")
+
+
+def out_of_support_share(scores: Sequence[TrajectoryScore]) -> dict | None:
+    """Share of scored steps flagged out of the reference's support, over a set; None without support statistics."""
+    flags = [st["out_of_support"] for ts in scores if ts.support for st in ts.support["steps"]]
+    flags = [f for f in flags if f is not None]
+    if not any(ts.support for ts in scores):
+        return None
+    thr = next(ts.support["threshold"] for ts in scores if ts.support)
+    return {"share": float(np.mean(flags)) if flags else None, "n_steps": len(flags), "threshold": thr,
+            "trajectories_with_a_flagged_step": sum(any(st["out_of_support"] for st in ts.support["steps"])
+                                                    for ts in scores if ts.support)}  # fmt: skip
+
+
 def method_available(scores: Sequence[TrajectoryScore], method: str) -> bool:
     """A method is evaluated only if some trajectory has a finite score for it (a baseline not computed is all NaN)."""
     return any(math.isfinite(ts.method_score(method)) for ts in scores)

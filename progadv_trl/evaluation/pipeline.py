@@ -19,14 +19,15 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
-from ..config import ATTRIBUTION_RULES, METHODS
+from ..config import ATTRIBUTION_RULES
 from ..utils import json_safe
 from .attribution import attribution_chance, failure_attribution
 from .calibration import calibration_report
 from .fair import fair_comparison
-from .labels import failure_kind, is_success, split_faults, success_value
+from .labels import available_methods, failure_kind, is_success, out_of_support_share, split_faults, success_value
 from .prediction import success_prediction
 from .reductions import choose_reduction as _choose_reduction
+from .reductions import choose_variant as _choose_variant
 from .reductions import reduction_grid
 from .report import write_report
 from .selection import REFERENCE_KEYS, best_of_n_table
@@ -45,7 +46,7 @@ def evaluate(
     *,
     n_boot: int = 1000,
     seed: int = 0,
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     calibration_split: float | None = 0.5,
     calibration: str = "platt",
     success_threshold: float | None = None,
@@ -53,6 +54,7 @@ def evaluate(
     k: int = 5,
     reduction: Mapping | None = None,
     reduction_selection: Mapping | None = None,
+    variant_selection: Mapping | None = None,
 ) -> dict:
     """Every application metric for every available method: the content of `metrics.json` (JSON-safe, no NaN).
 
@@ -67,11 +69,15 @@ def evaluate(
     {"decision", "luck"}, `success_prediction_by_failure_kind` (successes plus only that kind of failure). Top
     level: the best-of-N reference points, attribution chance, the counts, and `reduction` (how the scores were
     reduced and how that was chosen: pass it; the default says "as scored"). `reduction_selection` (a
-    `choose_reduction` result) is stored without its per-trajectory `fold_of`.
+    `choose_reduction` result) is stored without its per-trajectory `fold_of`, and so is `variant_selection` (a
+    `choose_variant` result). `methods` (default `available_methods`: METHODS and every variant on the scores);
+    `out_of_support` is the share of steps flagged out of the reference's support (None without the support
+    statistics, `ScoringConfig.support`).
     """
     scores, faulted = split_faults(list(scores))  # a numeric fault is no score: out of every metric, counted
     for ts in scores:
         success_value(ts)  # raise early, naming the record, on a malformed label
+    methods = available_methods(scores) if methods is None else tuple(methods)
     labelled = [ts for ts in scores if is_success(ts, success_threshold) is not None]
     kinds = {failure_kind(ts) for ts in labelled if is_success(ts, success_threshold) is False}
     kinds = sorted(kd for kd in kinds if kd in ("decision", "luck"))
@@ -92,9 +98,12 @@ def evaluate(
         "attribution_chance": attribution_chance(scores, success_threshold=success_threshold),
         "methods": {},
         "skipped_methods": bon["skipped"],
+        "out_of_support": out_of_support_share(scores),
     }
     if reduction_selection is not None:
         res["reduction_selection"] = {k_: v for k_, v in reduction_selection.items() if k_ != "fold_of"}
+    if variant_selection is not None:
+        res["variant_selection"] = {k_: v for k_, v in variant_selection.items() if k_ != "fold_of"}
     for m, b in bon["methods"].items():
         b = {k_: v for k_, v in b.items() if k_ not in REFERENCE_KEYS}  # `selected` stays: it is per method
         entry = {
@@ -155,6 +164,7 @@ def run_evaluation(
     out_dir: str | os.PathLike,
     *,
     choose_reduction: str | None = None,
+    choose_variant: str | None = None,
     k: int = 5,
     n_boot: int = 1000,
     seed: int = 0,
@@ -181,13 +191,22 @@ def run_evaluation(
     config. choose_reduction: None, or a metric in SELECTION_METRICS: then every token x step reduction is scored
     from one set of forward passes (`score_many` over `reduction_grid`), one is chosen by k-fold CV on that metric
     and the choice is stored under `reduction_selection` - the evaluated scores stay those of the scorer's own
-    config. k: folds for that choice and for the attribution threshold. reduction_info: what `metrics["reduction"]`
+    config. choose_variant: None, or a metric in SELECTION_METRICS: score with the support statistics (turned on
+    for this run when the scorer's config lacks them) and choose a member of the progress-advantage family by the
+    same k-fold protocol (`choose_variant`), stored under `variant_selection`. k: folds for that choice and for
+    the attribution threshold. reduction_info: what `metrics["reduction"]`
     says about how the scorer's reductions were chosen. Writes metrics.md, the plots and, last, metrics.json.
     """
     from .. import distributed  # several processes (torchrun): each scores a shard, the main process evaluates
 
     scorer = getattr(scorer, "scorer", scorer)
-    selection = None
+    if choose_variant and not scorer.config.wants_support:
+        import copy
+        import dataclasses
+
+        scorer = copy.copy(scorer)  # shares the models; only this run's config gains the support statistics
+        scorer.config = dataclasses.replace(scorer.config, support=True)
+    selection = variant_choice = None
     if choose_reduction:
         c = scorer.config
         many = distributed.score_many(scorer, trajectories, reduction_grid(c), progress=progress, skipped=skipped)
@@ -206,9 +225,11 @@ def run_evaluation(
     scores, faulted = split_faults(scores)
     if not scores:
         raise EvaluationError("no trajectory could be scored (every one has a numeric fault)")
+    if choose_variant:
+        variant_choice = _choose_variant(scores, metric=choose_variant, k=k, seed=seed)
     metrics = evaluate(
         scores, n_boot=n_boot, seed=seed, calibration=calibration, k=k, reduction=reduction_info,
-        reduction_selection=selection,
+        reduction_selection=selection, variant_selection=variant_choice,
     )  # fmt: skip
     metrics["excluded"] = {"skipped": [str(e) for e in skipped or ()], "numeric_faults": {s.id: s.error for s in faulted}}
     write_report(metrics, scores, out_dir, title=title)

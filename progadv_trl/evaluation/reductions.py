@@ -3,7 +3,7 @@
 `reduction_grid` names every token x step reduction as a `ScoringConfig` (for `ProgressScorer.score_many`, one
 set of forward passes); `candidate_reductions` rescores stored token log-ratios without the models;
 `choose_reduction` picks one by k-fold cross-validation (or a labelled validation split) and reports the held-out
-figure of the *choice*.
+figure of the *choice*. `choose_variant` picks a member of the progress-advantage family by the same protocol.
 """
 
 from __future__ import annotations
@@ -191,3 +191,50 @@ def choose_reduction(
         fold_of=fold_of,
     )
     return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Choosing a member of the progress-advantage family (progress_advantage or a variant): the same protocol
+
+
+def variant_candidates(scores: Sequence[TrajectoryScore]) -> dict[str, list[TrajectoryScore]]:
+    """{member: copies of the scores whose progress_advantage (score and step advantages) is that member's}, for
+    every member of the progress-advantage family the scores carry (progress_advantage first, then the variants
+    in `available_methods` order), so `choose_reduction` can choose among them unchanged."""
+    from ..config import in_family
+    from .labels import available_methods, method_available
+
+    out = {}
+    for m in available_methods(scores):
+        if not in_family(m) or not method_available(scores, m):
+            continue
+        out[m] = [
+            dataclasses.replace(
+                ts, score=ts.method_score(m),
+                steps=[dataclasses.replace(st, advantage=float(a)) for st, a in zip(ts.steps, ts.method_steps(m))],
+            )
+            for ts in scores
+        ]  # fmt: skip
+    return out
+
+
+def choose_variant(
+    scores: Sequence[TrajectoryScore],
+    metric: str = "auroc",
+    k: int = 5,
+    seed: int = 0,
+    *,
+    validation: Sequence[str] | None = None,
+    folds: Mapping[str, int] | None = None,
+    success_threshold: float | None = None,
+) -> dict:
+    """Choose one member of the progress-advantage family by k-fold cross-validation (or a validation split) on
+    `metric`, exactly as `choose_reduction` chooses a reduction: each fold's choice is made on the other folds and
+    scored on it, so `out_of_fold` is never computed on the data that made the choice; `chosen` (picked on all
+    the data) is the one to use on new data. Score with `ScoringConfig(support=True)` so the variants are there."""
+    cands = variant_candidates(scores)
+    res = choose_reduction(
+        cands, metric, k, seed, validation=validation, folds=folds, success_threshold=success_threshold
+    )
+    res["what"] = "progress-advantage variant (progress_advantage or a progress_advantage_... variant)"
+    return res

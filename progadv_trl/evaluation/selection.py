@@ -16,8 +16,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import METHODS
-from .labels import is_success, method_available
+from .labels import available_methods, check_method, is_success, method_available
 from .stats import bootstrap_ci, mean_stat, ratio_stat
 
 if TYPE_CHECKING:
@@ -54,8 +53,7 @@ def select_best(
 ) -> dict[str, TrajectoryScore]:
     """{group: the kept trajectory} over every trajectory given, labelled or not. Trajectories without a `group`
     form one group, ""; a group of one keeps its only member. `ProgressCritic.best_of_n` returns this."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_method(method, scores)
     by: dict[str, list[TrajectoryScore]] = {}
     for ts in scores:
         by.setdefault("" if ts.group is None else str(ts.group), []).append(ts)
@@ -137,7 +135,7 @@ def best_of_n(
 
 def best_of_n_table(
     scores: Sequence[TrajectoryScore],
-    methods: Sequence[str] = METHODS,
+    methods: Sequence[str] | None = None,
     seed: int = 0,
     *,
     n_boot: int = 1000,
@@ -145,8 +143,9 @@ def best_of_n_table(
 ) -> dict:
     """{"methods": {method: best_of_n(...)}, "reference": {random_pick, pass_at_n, mean_at_n, ...}}.
 
-    Methods with no finite score anywhere are listed under "skipped".
+    Methods with no finite score anywhere are listed under "skipped". Default methods: `available_methods`.
     """
+    methods = available_methods(scores) if methods is None else methods
     res, skipped = {}, []
     for m in methods:
         if not method_available(scores, m):

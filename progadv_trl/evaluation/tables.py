@@ -72,7 +72,8 @@ FAIR_TITLES = {"auroc": "AUROC", "best_of_n": "best-of-N success", "attribution"
 
 def fair_rows(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
     """The fair comparison: per application and method, the out-of-fold figure with the rule CV gave it, and
-    progress advantage minus the best baseline with its paired 95 % interval and verdict."""
+    each member of the progress-advantage family (progress advantage and its variants) minus the best baseline,
+    with its paired 95 % interval and verdict, on that member's row."""
     header = ["application", "method (rule chosen by CV)", "out-of-fold", "n", "PA - best baseline [95% CI]", "verdict"]
     rows = []
     sections = [("", metrics.get("fair") or {})]
@@ -82,13 +83,15 @@ def fair_rows(metrics: Mapping) -> tuple[list[str], list[list[str]]]:
             e = fair.get(app)
             if not e:
                 continue
-            d = e.get("difference")
-            cmp = "-" if d is None else f"{d:+.3f}" + (" [{:+.3f}, {:+.3f}]".format(*e["difference_ci"]) if e.get("difference_ci") else "")
+            family = e.get("family") or {}
             first = True
             for m, r in e["methods"].items():
                 tag = " *" if m == e.get("best_baseline") else ""
+                c = family.get(m) or {}
+                d, ci = c.get("difference"), c.get("difference_ci")
+                cmp = "" if d is None else f"{d:+.3f}" + (" [{:+.3f}, {:+.3f}]".format(*ci) if ci else "")
                 rows.append([title + suffix if first else "", f"{m}{tag} ({r['rule']})", format_cell(r["value"]),
-                             str(r["n"]), cmp if first else "", e.get("verdict", "-") if first else ""])  # fmt: skip
+                             str(r["n"]), cmp, c.get("verdict", "")])  # fmt: skip
                 first = False
     return header, rows
 
@@ -128,6 +131,15 @@ def _reduction_section(metrics: Mapping) -> list[str]:
         if sel.get("in_sample"):
             md += ["", markdown_table(["candidate", "in-sample (optimistic)"],
                                       [[k, format_cell(v)] for k, v in sel["in_sample"].items()])]  # fmt: skip
+    var = metrics.get("variant_selection")
+    if var:
+        md += ["", f"Variant choice ({var.get('how')}): chosen **{var.get('chosen')}**; held-out {var.get('metric')} = "
+               f"{format_cell(var.get('out_of_fold', var.get('held_out')))} (n={var.get('n')}); per fold: "
+               + ", ".join(f"{f['chosen']} {format_cell(f['held_out'])}" for f in var.get("per_fold") or [])]  # fmt: skip
+    oos = metrics.get("out_of_support")
+    if oos:
+        md += ["", f"Steps out of the reference's support (a token with reference log-prob < {oos['threshold']:.3g}): "
+               f"{format_cell(oos['share'])} of {oos['n_steps']}."]  # fmt: skip
     return md
 
 

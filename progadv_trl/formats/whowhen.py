@@ -179,7 +179,7 @@ def whowhen_attribution(
     if methods is None:
         methods = []
         for ts, *_ in cases:
-            for m in ["progress_advantage", *ts.step_baselines]:
+            for m in ["progress_advantage", *ts.step_variants, *ts.step_baselines]:
                 if m not in methods and any(math.isfinite(float(v)) for v in ts.method_steps(m)):
                     methods.append(m)
     res: dict = {}

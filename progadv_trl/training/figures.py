@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import trl_hooks
-from ..config import METHODS, ScoringConfig
+from ..config import ScoringConfig
 from ..scoring import TokenStats, TrajectoryScore, score_from_token_stats
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -70,13 +70,21 @@ def _finite(x) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
-def step_figures(scores: list[TrajectoryScore], prefix: str, max_steps: int, by: str = "turn") -> dict:
-    """Mean / quantiles / fraction positive of the step advantages, trajectory score mean, mean by step index."""
+def step_figures(
+    scores: list[TrajectoryScore], prefix: str, max_steps: int, by: str = "turn", method: str = "progress_advantage"
+) -> dict:
+    """Mean / quantiles / fraction positive of the step advantages, trajectory score mean, mean by step index, of
+    `method` (the configured member of the progress-advantage family: a variant for the held-out set when one is
+    configured); `out_of_support`: the share of steps flagged out of the reference's support, when computed."""
     out = {f"{prefix}rollouts": len(scores)}
     if not scores:
         return out
-    adv = _finite(np.concatenate([s.advantages for s in scores]) if scores else [])
-    traj = _finite([s.score for s in scores])
+    adv = _finite(np.concatenate([s.method_steps(method) for s in scores]) if scores else [])
+    traj = _finite([s.method_score(method) for s in scores])
+    flags = [st["out_of_support"] for s in scores if s.support for st in s.support["steps"]]
+    flags = [f for f in flags if f is not None]
+    if flags:
+        out[f"{prefix}out_of_support"] = float(np.mean(flags))
     out[f"{prefix}steps_per_rollout"] = float(np.mean([len(s.steps) for s in scores]))
     if adv.size:
         out[f"{prefix}step_advantage_mean"] = float(adv.mean())
@@ -87,7 +95,7 @@ def step_figures(scores: list[TrajectoryScore], prefix: str, max_steps: int, by:
         out[f"{prefix}score_mean"] = float(traj.mean())
     if any(len(s.steps) > 1 for s in scores) or by == "step":
         for i in range(max_steps):
-            v = _finite([s.steps[i].advantage for s in scores if len(s.steps) > i])
+            v = _finite([s.method_steps(method)[i] for s in scores if len(s.steps) > i])
             if v.size:
                 out[f"{prefix}step_advantage_by_{by}/{i}"] = float(v.mean())
     return out
@@ -103,7 +111,7 @@ def label_figures(scores: list[TrajectoryScore], prefix: str, *, success_thresho
     if not labelled:
         return out
     out[f"{prefix}success_rate"] = float(np.mean([ev.is_success(s, success_threshold) for s in labelled]))
-    methods = [m for m in METHODS if ev.method_available(labelled, m)]
+    methods = [m for m in ev.available_methods(labelled) if ev.method_available(labelled, m)]
     for m in methods:
         sp = ev.success_prediction(labelled, m, n_boot=0, seed=seed, success_threshold=success_threshold)
         if sp["auroc"] is not None:

@@ -147,7 +147,9 @@ class HeldoutSet:
         scores = [s for _, s in sorted((pair for p in gathered for pair in p["scores"]), key=lambda x: x[0])]
         step = self.trainer.state.global_step
         try:
-            figs = step_figures(scores, PREFIX, self.max_logged_steps, by="step")
+            # the configured variant's step figures (support statistics are computed when it needs them), and
+            # PREFIX + "out_of_support" when they are (the issue's `progadv/heldout/out_of_support`, under our prefix)
+            figs = step_figures(scores, PREFIX, self.max_logged_steps, by="step", method=self.config.variant)
             figs.update(label_figures(scores, PREFIX, **self.figure_kwargs))
         except Exception as e:  # noqa: BLE001
             self.on_error("held-out figures", e)

@@ -104,14 +104,14 @@ def calibration(scores, config, success_threshold, *, step: int) -> dict | None:
     the manifest says what it was fitted on."""
     from ..evaluation import Calibrator, is_success
 
-    pairs = [(s.score, is_success(s, success_threshold)) for s in scores]
+    pairs = [(s.method_score(config.variant), is_success(s, success_threshold)) for s in scores]  # the critic's variant
     pairs = [(x, y) for x, y in pairs if y is not None and math.isfinite(x)]
     ys = [y for _, y in pairs]
     if not ys or all(ys) or not any(ys):
         return None
     cal = Calibrator("platt").fit([x for x, _ in pairs], ys).to_dict()
     cal.update(
-        method="progress_advantage",
+        method=config.variant,
         scoring={"beta": config.beta, "token_reduction": config.token_reduction, "step_reduction": config.step_reduction},
         fitted_on=f"the callback's held-out set at step {step} (n={len(pairs)})",
     )
