@@ -102,6 +102,7 @@ class MergedReference(Reference):
     # adapter_disabled ties/dare -> target is None and the adapter's delta is read from `_layers`.
     _slots: list = field(default_factory=list, repr=False)
     _layers: list = field(default_factory=list, repr=False)  # adapter_disabled: the LoraLayers of the adapter
+    _adapter: str | None = field(default=None, repr=False)  # adapter_disabled: the adapter pi_alpha scales
 
     def __post_init__(self):
         super().__post_init__()
@@ -141,11 +142,12 @@ class MergedReference(Reference):
             raise ValueError(f"the policy has parameters the reference lacks: {sorted(theirs)[:5]}")
 
     def _bind_lora(self, policy) -> None:
+        from peft import PeftType
         from peft.tuners.lora import LoraLayer
 
-        adapter = active_adapter(policy)
+        adapter = self._adapter = active_adapter(policy)
         cfg = policy.peft_config[adapter]
-        if str(getattr(cfg, "peft_type", "")).split(".")[-1].upper() != "LORA":
+        if cfg.peft_type != PeftType.LORA:
             raise ValueError(f"a merged reference on an adapter needs LoRA; adapter {adapter!r} is {cfg.peft_type}")
         # What scaling cannot reach: DoRA normalises W + s*BA (not linear in s); modules_to_save / trainable tokens
         # are full copies that the adapter-disabled reference does not use but a scaled adapter still would.
@@ -179,7 +181,6 @@ class MergedReference(Reference):
         self.alpha = alpha
         if not self._slots:
             return self  # LoRA linear: the scale is applied in `active`
-        adapter = active_adapter(self._policy) if self.kind == ADAPTER_DISABLED else None
         with _seeded(self.seed) if self.merge.startswith("dare") else contextlib.nullcontext():
             for i, (_, orig, target, work) in enumerate(self._slots):
                 cdt = _compute_dtype(orig.dtype)
@@ -189,7 +190,7 @@ class MergedReference(Reference):
                 if target is not None:
                     tau = target.to(orig.device, cdt) - orig.to(cdt)
                 else:  # the LoRA layer's s * B @ A, in its base weight's layout
-                    tau = self._layers[i].get_delta_weight(adapter).to(orig.device, cdt)
+                    tau = self._layers[i].get_delta_weight(self._adapter).to(orig.device, cdt)
                     if tau.shape != orig.shape:
                         raise ValueError(f"LoRA delta {tuple(tau.shape)} does not match its base weight {tuple(orig.shape)}")
                 work.copy_(orig.to(cdt) + alpha * merged_direction(tau, self.merge, self.density))
@@ -267,7 +268,7 @@ def alpha_sweep(
     and a separate reference model's weights are bitwise what they were. Each alpha costs one policy and one
     reference pass; `score_kwargs` go to `score` (with_token_ratios, skipped, progress).
     """
-    from .engine import ProgressScorer
+    from .engine import ProgressScorer  # here, so engine.py may one day build a merged reference without a cycle
 
     check_merge(merge, density)
     alphas = [float(a) for a in alphas]

@@ -132,6 +132,10 @@ def test_lora_ties_prunes_the_task_vector(tiny_dir, tiny_tokenizer, trajectories
     np.testing.assert_allclose(_advantages(swept[alpha]), steps, atol=1e-4, rtol=0)
     linear = alpha_sweep(scorer, trajectories, [alpha])[alpha]
     assert np.abs(_advantages(linear) - _advantages(swept[alpha])).max() > 1e-3
+    # the policy pass saw the base weights untouched and the adapter on
+    np.testing.assert_allclose(
+        [s.baselines["policy_logprob"] for s in swept[alpha]], [s.baselines["policy_logprob"] for s in linear], atol=1e-6
+    )
 
 
 def test_reference_restored_bitwise(tiny_dir, tiny_tokenizer, trajectories):
@@ -190,6 +194,13 @@ def test_refusals(tiny_dir, tiny_tokenizer, trajectories):
     peft_model = _lora(tiny_dir)
     with pytest.raises(ValueError, match="both adapters"):
         merged_reference(peft_model, Reference(NAMED_ADAPTER, adapter="default"), alpha=0.5)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    saved = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir["reference"]), cfg)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        merged_reference(saved, alpha=0.5)
     with pytest.raises(ValueError, match="another policy"):
         with merged_reference(pol, ref, alpha=0.5).active(peft_model):
             pass
