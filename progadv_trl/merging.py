@@ -118,8 +118,8 @@ class MergedReference(Reference):
         else:
             raise ValueError(
                 f"a merged reference needs a separate reference model or a LoRA policy on its base; got "
-                f"{self.describe()}: pi_alpha would need both adapters active at once; merge the 'ref' adapter into the "
-                "base first (then the base is pi_ref)"
+                f"{self.base.describe()}: pi_alpha would need both adapters active at once; merge that adapter into "
+                "the base first (then the base, adapter disabled, is pi_ref)"
             )
 
     def _bind_separate(self, policy) -> None:
@@ -266,7 +266,8 @@ def alpha_sweep(
     `scorer_or_pair`: a `ProgressScorer`, or (policy_path, reference_path) for `ProgressScorer.from_pretrained`
     (reference_path None for a LoRA adapter directory). The scorer's own reference is back in place afterwards,
     and a separate reference model's weights are bitwise what they were. Each alpha costs one policy and one
-    reference pass; `score_kwargs` go to `score` (with_token_ratios, skipped, progress).
+    reference pass; `score_kwargs` go to `score` (with_token_ratios, skipped, progress). `density` (the fraction of
+    each tensor's task-vector entries kept) and `seed` (DARE's mask) matter only to ties and DARE.
     """
     from .engine import ProgressScorer  # here, so engine.py may one day build a merged reference without a cycle
 
