@@ -1,0 +1,206 @@
+"""The merged reference pi_alpha: its end points, a LoRA policy against an explicit float64 interpolation, the
+reference restored bitwise, seeded TIES/DARE, and the refusals."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from progadv_trl.engine import ProgressScorer
+from progadv_trl.merging import MERGES, alpha_sweep, merged_reference
+from progadv_trl.reference import NAMED_ADAPTER, Reference
+from progadv_trl.scoring import ScoringConfig
+
+
+def _pair(tiny_dir):
+    """A fresh full-weight (policy, reference): these tests rewrite the reference, so not the session's models."""
+    from transformers import AutoModelForCausalLM
+
+    pol = AutoModelForCausalLM.from_pretrained(tiny_dir["policy"]).eval()
+    ref = AutoModelForCausalLM.from_pretrained(tiny_dir["reference"]).eval()
+    return pol, ref
+
+
+def _lora(tiny_dir):
+    """A LoRA policy on the tiny reference, with B non-zero so the adapter moves the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_dir["reference"])
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    return model.eval()
+
+
+def _advantages(scores):
+    return np.concatenate([s.advantages for s in scores])
+
+
+def _naive_steps(policy, reference, tokenizer, traj):
+    """Per step, sum of log pi - log ref over the step's own tokens: full logits, float64, one trajectory at a time.
+    Spans from tokenizing each turn's rendered prefix (not the engine's offset mapping)."""
+    msgs, tools = traj["messages"], traj.get("tools")
+    ids = tokenizer(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False), add_special_tokens=False).input_ids
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        lp = torch.log_softmax(policy(x).logits[0].double(), -1)
+        lr = torch.log_softmax(reference(x).logits[0].double(), -1)
+    out = []
+    for mi, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(msgs[:mi], tools=tools, tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(msgs[: mi + 1], tools=tools, tokenize=False).rstrip()
+        s = len(tokenizer(before, add_special_tokens=False).input_ids)
+        e = len(tokenizer(upto, add_special_tokens=False).input_ids)
+        tgt = x[0, s:e, None]
+        out.append(float((lp[s - 1 : e - 1].gather(-1, tgt) - lr[s - 1 : e - 1].gather(-1, tgt)).sum()))
+    return out
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+@pytest.mark.parametrize("merge", ["linear", "ties"])
+def test_alpha_zero_is_plain_and_alpha_one_is_zero(tiny_dir, tiny_tokenizer, trajectories, kind, merge):
+    pol, ref = _pair(tiny_dir) if kind == "full" else (_lora(tiny_dir), None)
+    scorer = ProgressScorer(pol, tiny_tokenizer, ref, config=ScoringConfig(beta=0.5), batch_tokens=1500)
+    plain = scorer.score(trajectories)
+    swept = alpha_sweep(scorer, trajectories, [0.0, 1.0], merge, density=0.5)
+    assert np.abs(_advantages(plain)).max() > 0.01  # so "equal" and "zero" below are not 0 == 0
+    np.testing.assert_allclose(_advantages(swept[0.0]), _advantages(plain), atol=1e-6, rtol=0)
+    np.testing.assert_allclose([s.score for s in swept[0.0]], [s.score for s in plain], atol=1e-6, rtol=0)
+    if merge == "linear":  # pi_1 is the policy
+        np.testing.assert_allclose(_advantages(swept[1.0]), 0.0, atol=1e-5)
+    else:  # ties at alpha 1 keeps half the task vector: not the policy
+        assert np.abs(_advantages(swept[1.0])).max() > 1e-3
+    assert scorer.reference.kind == ("separate" if kind == "full" else "adapter_disabled")
+    assert type(scorer.reference) is Reference  # the scorer's own reference is back
+    np.testing.assert_allclose(_advantages(scorer.score(trajectories)), _advantages(plain), atol=0, rtol=0)
+
+
+def test_lora_scaled_adapter_is_the_weight_interpolation(tiny_dir, tiny_tokenizer, trajectories):
+    """adapter * alpha == base + alpha * (merged - base), the latter built explicitly in float64 and scored apart."""
+    peft_model = _lora(tiny_dir)
+    scorer = ProgressScorer(peft_model, tiny_tokenizer)
+    alphas = [0.3, 0.7]
+    swept = alpha_sweep(scorer, trajectories, alphas)
+    from transformers import AutoModelForCausalLM
+
+    merged64 = copy.deepcopy(peft_model).merge_and_unload().double().eval()
+    merged_sd = merged64.state_dict()
+    plain_steps = _advantages(scorer.score(trajectories))
+    for a in alphas:
+        interp = AutoModelForCausalLM.from_pretrained(tiny_dir["reference"]).double().eval()  # the base, float64
+        with torch.no_grad():
+            for n, p in interp.named_parameters():
+                p.copy_(p + a * (merged_sd[n] - p))
+        steps = [st for tr in trajectories for st in _naive_steps(merged64, interp, tiny_tokenizer, tr)]
+        np.testing.assert_allclose(_advantages(swept[a]), steps, atol=1e-4, rtol=0)
+    # the interpolation moved the scores (else the comparison above could pass with the plain reference)
+    assert np.abs(_advantages(swept[0.7]) - plain_steps).max() > 0.01
+    # the policy pass saw the unscaled adapter: its baselines are the plain scorer's
+    plain = scorer.score(trajectories)
+    np.testing.assert_allclose(
+        [s.baselines["policy_logprob"] for s in swept[0.3]], [s.baselines["policy_logprob"] for s in plain], atol=1e-6
+    )
+
+
+def test_lora_ties_prunes_the_task_vector(tiny_dir, tiny_tokenizer, trajectories):
+    """ties on a LoRA policy: base + alpha * (top-density |s B A| of each layer), built by hand in float64."""
+    peft_model = _lora(tiny_dir)
+    scorer = ProgressScorer(peft_model, tiny_tokenizer)
+    density, alpha = 0.3, 0.8
+    swept = alpha_sweep(scorer, trajectories, [alpha], "ties", density=density)
+    from peft.tuners.lora import LoraLayer
+    from transformers import AutoModelForCausalLM
+
+    merged64 = copy.deepcopy(peft_model).merge_and_unload().double().eval()
+    interp = AutoModelForCausalLM.from_pretrained(tiny_dir["reference"]).double().eval()  # the base, float64
+    modules = dict(interp.named_modules())
+    with torch.no_grad():
+        for name, m in peft_model.get_base_model().named_modules():
+            if isinstance(m, LoraLayer):
+                d = m.get_delta_weight("default").double()
+                k = int(density * d.numel())
+                keep = d.abs() >= d.abs().flatten().sort(descending=True).values[k - 1]
+                modules[name].weight += alpha * d * keep
+    steps = [st for tr in trajectories for st in _naive_steps(merged64, interp, tiny_tokenizer, tr)]
+    np.testing.assert_allclose(_advantages(swept[alpha]), steps, atol=1e-4, rtol=0)
+    linear = alpha_sweep(scorer, trajectories, [alpha])[alpha]
+    assert np.abs(_advantages(linear) - _advantages(swept[alpha])).max() > 1e-3
+    # the policy pass saw the base weights untouched and the adapter on
+    np.testing.assert_allclose(
+        [s.baselines["policy_logprob"] for s in swept[alpha]], [s.baselines["policy_logprob"] for s in linear], atol=1e-6
+    )
+
+
+def test_reference_restored_bitwise(tiny_dir, tiny_tokenizer, trajectories):
+    pol, ref = _pair(tiny_dir)
+    before = {n: (p.detach().clone(), p.data_ptr()) for n, p in ref.named_parameters()}
+    pol_before = {n: p.detach().clone() for n, p in pol.named_parameters()}
+    scorer = ProgressScorer(pol, tiny_tokenizer, ref)
+    for merge in MERGES:
+        alpha_sweep(scorer, trajectories[:3], [0.25, 1.0, 1.5], merge, density=0.4, seed=3)
+    for n, p in ref.named_parameters():
+        assert p.data_ptr() == before[n][1] and torch.equal(p, before[n][0]), n
+    for n, p in pol.named_parameters():
+        assert torch.equal(p, pol_before[n]), n
+    # LoRA: base weights and scales as they were, after ties (weights swapped) and linear (scales changed)
+    peft_model = _lora(tiny_dir)
+    state = {n: p.detach().clone() for n, p in peft_model.named_parameters()}
+    from peft.tuners.lora import LoraLayer
+
+    scales = [dict(m.scaling) for m in peft_model.modules() if isinstance(m, LoraLayer)]
+    lscorer = ProgressScorer(peft_model, tiny_tokenizer)
+    for merge in ("linear", "dare_ties"):
+        alpha_sweep(lscorer, trajectories[:3], [0.5], merge, density=0.5)
+    assert all(torch.equal(p, state[n]) for n, p in peft_model.named_parameters())
+    assert scales == [dict(m.scaling) for m in peft_model.modules() if isinstance(m, LoraLayer)]
+
+
+def test_ties_and_dare_are_seeded_and_differ_from_linear(tiny_dir, tiny_tokenizer, trajectories):
+    pol, ref = _pair(tiny_dir)
+    scorer = ProgressScorer(pol, tiny_tokenizer, ref)
+    trajs, a = trajectories[:4], 0.5
+    rng = torch.get_rng_state()
+    run = {
+        (m, s): _advantages(alpha_sweep(scorer, trajs, [a], m, density=0.5, seed=s)[a])
+        for m, s in [("linear", 0), ("ties", 0), ("ties", 1), ("dare_linear", 0), ("dare_linear", 1), ("dare_ties", 0)]
+    }
+    assert torch.equal(torch.get_rng_state(), rng)  # DARE's draws left the caller's generator alone
+    for m, s in [("ties", 0), ("dare_linear", 0), ("dare_ties", 0)]:
+        again = _advantages(alpha_sweep(scorer, trajs, [a], m, density=0.5, seed=s)[a])
+        np.testing.assert_array_equal(again, run[(m, s)])  # same seed, same numbers
+        assert np.abs(run[(m, s)] - run[("linear", 0)]).max() > 1e-3
+    np.testing.assert_array_equal(run[("ties", 0)], run[("ties", 1)])  # magnitude pruning: no randomness
+    assert np.abs(run[("dare_linear", 0)] - run[("dare_linear", 1)]).max() > 1e-4  # another seed, another mask
+
+
+def test_refusals(tiny_dir, tiny_tokenizer, trajectories):
+    pol, ref = _pair(tiny_dir)
+    scorer = ProgressScorer(pol, tiny_tokenizer, ref)
+    with pytest.raises(ValueError, match=r"merge must be one of \('linear', 'ties', 'dare_linear', 'dare_ties'\), got 'slerp'"):
+        alpha_sweep(scorer, trajectories[:1], [0.5], "slerp")
+    with pytest.raises(ValueError, match="needs density"):
+        alpha_sweep(scorer, trajectories[:1], [0.5], "ties")
+    with pytest.raises(ValueError, match="density must be in"):
+        merged_reference(pol, ref, alpha=0.5, merge="dare_linear", density=0.0)
+    with pytest.raises(ValueError, match="alphas is empty"):
+        alpha_sweep(scorer, trajectories[:1], [])
+    peft_model = _lora(tiny_dir)
+    with pytest.raises(ValueError, match="both adapters"):
+        merged_reference(peft_model, Reference(NAMED_ADAPTER, adapter="default"), alpha=0.5)
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    cfg = LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    saved = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_dir["reference"]), cfg)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        merged_reference(saved, alpha=0.5)
+    with pytest.raises(ValueError, match="another policy"):
+        with merged_reference(pol, ref, alpha=0.5).active(peft_model):
+            pass
