@@ -14,167 +14,23 @@ import argparse
 import dataclasses
 import json
 import sys
-from dataclasses import dataclass, field
 
 from transformers.hf_argparser import HfArgumentParser
 
 from . import __version__
-from .config import PAPER_TOKEN_REDUCTIONS, SELECTION_METRICS, STEP_REDUCTIONS, TOKEN_REDUCTIONS, VARIANTS
-from .formats import FORMATS
+from .arguments import (  # noqa: F401 - the argument groups (DemoArguments, ... are imported from here too)
+    ConvertArguments,
+    DemoArguments,
+    EvaluateArguments,
+    ExportArguments,
+    InputArguments,
+    InspectArguments,
+    ModelArguments,
+    ScoreArguments,
+    ScoringArguments,
+    StudyArguments,
+)
 from .utils import atomic_write_text
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments
-
-
-@dataclass
-class ModelArguments:
-    """The models: a critic bundle, or a policy/reference checkpoint pair."""
-
-    bundle: str | None = field(default=None, metadata={"help": "a critic bundle directory (progadv export / the training callback)"})
-    policy: str | None = field(default=None, metadata={"help": "policy checkpoint directory, or a LoRA adapter directory"})
-    reference: str | None = field(
-        default=None,
-        metadata={"help": "reference checkpoint (LoRA policy: default the adapter's base). With --bundle: where a "
-                          "reference recorded by identity lives"},
-    )
-    dtype: str | None = field(default=None, metadata={"help": "torch dtype to load the models in (default: the checkpoint's)"})
-    device: str | None = field(default=None, metadata={"help": "cpu, cuda, cuda:1, ... (default: cpu). Under torchrun, "
-                                                               "cuda means each rank's own GPU (cuda:LOCAL_RANK)"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the checkpoint"})
-
-
-@dataclass
-class ScoringArguments:
-    """Overrides of the scoring config (default: the bundle's, else beta=1, sum over tokens, sum over steps)."""
-
-    beta: float | None = field(default=None, metadata={"help": "A_t = beta * sum of token log-ratios (default 1.0)"})
-    token_reduction: str | None = field(default=None, metadata={"choices": TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS,
-                                                                "help": "how a step's token log-ratios are reduced"})  # fmt: skip
-    step_reduction: str | None = field(default=None, metadata={"choices": STEP_REDUCTIONS,
-                                                               "help": "how a trajectory's steps are reduced"})  # fmt: skip
-    temperature: float | None = field(default=None, metadata={"help": "divide logits by this (the theory holds at 1.0)"})
-    max_length: int | None = field(default=None, metadata={"help": "truncate longer trajectories (start + most recent kept)"})
-    batch_tokens: int | None = field(default=None, metadata={
-        "help": "padded tokens per forward pass (default: one trajectory at a time on a CPU, 16384 on a GPU)"})
-    support: bool = field(default=False, metadata={"help": "support diagnostics (per step: reference mean/min token "
-                                                           "log-prob, KL(pi||ref), out-of-support flag) and the "
-                                                           "progress-advantage variants; keeps one batch's policy "
-                                                           "log-softmax rows (action tokens x vocabulary floats)"})  # fmt: skip
-    support_threshold: float | None = field(default=None, metadata={"help": "a step is out of support when its least "
-                                                                            "likely token's reference log-prob is "
-                                                                            "below this (default log(1e-4), not tuned)"})  # fmt: skip
-    clip: float | None = field(default=None, metadata={"help": "progress_advantage_clipped: clip token log-ratios to "
-                                                               "[-clip, clip] (default 5)"})  # fmt: skip
-    variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", *VARIANTS),
-                                                        "help": "the progress-advantage variant a critic uses "
-                                                                "(best-of-N, success prediction, attribution); with "
-                                                                "export: recorded in the bundle"})  # fmt: skip
-
-    def __post_init__(self):
-        if self.max_length is not None and self.max_length < 2:
-            raise ValueError(f"argument --max-length: must be at least 2, got {self.max_length}")
-        if self.batch_tokens is not None and self.batch_tokens < 1:
-            raise ValueError(f"argument --batch-tokens: must be at least 1, got {self.batch_tokens}")
-        from .config import ScoringConfig
-
-        ScoringConfig(**self.overrides())  # a bad --variant, --clip, ... is a usage error here, not a traceback later
-
-    def overrides(self) -> dict:
-        """The ScoringConfig fields given on the command line."""
-        keys = ("beta", "token_reduction", "step_reduction", "temperature", "support_threshold", "clip", "variant")
-        over = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        if self.support:
-            over["support"] = True
-        return over
-
-
-@dataclass
-class InputArguments:
-    """Where trajectories come from and what happens to bad records."""
-
-    format: str = field(default="auto", metadata={"choices": ("auto", "progadv", *FORMATS),
-                                                  "help": "input format: the project's records, τ²-bench results or "
-                                                          "Who&When cases (default: detected)"})  # fmt: skip
-    on_error: str = field(default="raise", metadata={"choices": ("raise", "skip"),
-                                                     "help": "bad records: stop, or skip them and name them"})  # fmt: skip
-    skip_invalid: bool = field(default=False, metadata={"help": "score the valid records, then count and name the "
-                                                                 "skipped ones (= --on-error skip)"})  # fmt: skip
-
-    def __post_init__(self):
-        if self.skip_invalid:
-            self.on_error = "skip"
-
-
-@dataclass
-class ScoreArguments:
-    output: str = field(metadata={"aliases": ["-o"], "help": "output .jsonl (written atomically)"})
-    token_ratios: bool = field(default=False, metadata={"help": "also write every token's log-ratio"})
-
-
-@dataclass
-class EvaluateArguments:
-    output: str = field(metadata={"aliases": ["-o"], "help": "output directory: metrics.json, metrics.md, PNG plots"})
-    n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95%% intervals (0: none)"})
-    seed: int = field(default=0, metadata={"help": "seeds the bootstrap, the folds and best-of-N tie-breaks"})
-    folds: int = field(default=5, metadata={"help": "k for the cross-validated choices"})
-    calibration: str = field(default="platt", metadata={"choices": ("platt", "isotonic"), "help": "P(success) calibration"})
-    choose_reduction: str | None = field(
-        default=None,
-        metadata={"choices": SELECTION_METRICS,
-                  "help": "also choose the token/step reduction by k-fold CV on this metric; its held-out figure is reported"},
-    )  # fmt: skip
-    choose_variant: bool = field(
-        default=False,
-        metadata={"help": "score with the support statistics and choose a progress-advantage variant by k-fold CV "
-                          "(on the --choose-reduction metric, default auroc); metrics.json's variant_selection holds "
-                          "the choice and its out-of-fold figure"},
-    )  # fmt: skip
-
-
-@dataclass
-class ConvertArguments:
-    source_format: str = field(metadata={"aliases": ["--from"], "choices": FORMATS, "help": "the logs' format"})
-
-
-@dataclass
-class ExportArguments:
-    policy: str = field(metadata={"help": "policy checkpoint, or a LoRA adapter directory"})
-    reference: str | None = field(default=None, metadata={"help": "reference checkpoint (LoRA: default the adapter's base)"})
-    reference_id: str | None = field(default=None, metadata={"help": "record the reference by hub id + file hashes, not weights"})
-    revision: str | None = field(default=None, metadata={"help": "with --reference-id: the hub revision"})
-    dtype: str | None = field(default=None, metadata={"help": "torch dtype to load the models in"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "replace an existing bundle (atomically)"})
-
-
-@dataclass
-class InspectArguments:
-    reference: str | None = field(default=None, metadata={"help": "where a reference recorded by identity lives"})
-    trust_remote_code: bool = field(default=False, metadata={"help": "allow model code shipped with the bundle"})
-
-
-@dataclass
-class DemoArguments:
-    out: str = field(metadata={"help": "run directory (models, rollouts, bundle, report, summary.json)"})
-    config: str | None = field(default=None, metadata={"help": "YAML of DemoConfig fields, read like the recipes' (see recipes/toy_*.yaml)"})
-    seed: int | None = field(default=None, metadata={"help": "seeds everything (default 0)"})
-    fast: bool = field(default=False, metadata={"help": "seconds instead of minutes: checks the plumbing, learns little"})
-    no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
-    noisy: bool = field(default=False, metadata={"help": "the free-form world: names, several wordings, free-text reasons"})
-
-
-@dataclass
-class StudyArguments:
-    seeds: list[int] = field(metadata={"nargs": "+", "help": "one demo run per seed, into OUT/seed_N"})
-    out: str = field(metadata={"help": "study directory: seed_N/ runs, study.json, study.md"})
-    config: str | None = field(default=None, metadata={"help": "YAML of DemoConfig fields, as for `progadv demo`"})
-    noisy: bool = field(default=False, metadata={"help": "the free-form world (see `progadv demo --noisy`)"})
-    fast: bool = field(default=False, metadata={"help": "DemoConfig.fast per seed (plumbing only)"})
-    no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
-    reevaluate: bool = field(default=False, metadata={"help": "evaluate finished seeds again with this version's "
-                                                              "evaluation (same models and rollouts)"})  # fmt: skip
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared steps
@@ -303,6 +159,7 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
         seed=args.seed, calibration=args.calibration, reduction_info=_reduction_info(scorer, critic),
         progress=len(trajs) > 1, skipped=skipped if inputs.on_error == "skip" else None,
         on_scored=lambda scores: _report_skipped_and_faults(skipped, scores),
+        merge_alphas=args.merge_alphas, merge=args.merge, merge_density=args.merge_density,
     )  # fmt: skip
     if not distributed.is_main():  # the main process evaluates, writes and prints
         return 0

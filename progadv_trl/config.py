@@ -36,6 +36,14 @@ VARIANTS = (
     "progress_advantage_in_support",  # tokens with reference log-prob < support_threshold left out
 )
 FAMILY_PREFIX = "progress_advantage_"
+# Weight-space merges for the merged reference pi_alpha = pi_ref + alpha * (pi_theta - pi_ref) (merging.py). Each
+# alpha scored becomes the variant `merged_variant_name(merge, alpha)`.
+MERGES = ("linear", "ties", "dare_linear", "dare_ties")
+
+
+def merged_variant_name(merge: str, alpha: float) -> str:
+    """The variant name of progress advantage against pi_alpha, e.g. progress_advantage_merged_linear_a0.5."""
+    return f"{FAMILY_PREFIX}merged_{merge}_a{float(alpha):g}"
 # Failure attribution: which step of a failed run is named as the mistake (evaluation/attribution.py).
 ATTRIBUTION_RULES = ("min_cumsum", "min_step", "threshold")
 # What a cross-validated choice (of a reduction, a rule) optimises (evaluation/reductions.py).

@@ -44,8 +44,8 @@ from typing import Any
 import torch
 
 from .reference import ADAPTER_DISABLED, SEPARATE, Reference, active_adapter, is_peft_model, resolve
+from .config import MERGES
 
-MERGES = ("linear", "ties", "dare_linear", "dare_ties")
 _PRUNED = ("ties", "dare_linear", "dare_ties")
 
 

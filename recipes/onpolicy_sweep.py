@@ -31,6 +31,8 @@ class SweepArguments:
     out_dir: str = field(default="runs/onpolicy_sweep", metadata={"help": "one study per cell under it"})
     noisy: bool = field(default=False, metadata={"help": "the free-form world"})
     fast: bool = field(default=False, metadata={"help": "the plumbing only (DemoConfig.fast; for tests)"})
+    variants: bool = field(default=False, metadata={"help": "also every progress-advantage variant and merged "
+                                                            "reference per seed (about a minute more each)"})
 
 
 def cell_row(study: dict, beta: float, steps: int) -> dict:
@@ -73,7 +75,8 @@ def main(a: SweepArguments) -> int:
             cell.mkdir(parents=True, exist_ok=True)
             (cell / "config.yaml").write_text(yaml.safe_dump({"beta": beta, "grpo_steps": steps}))
             args = ["study", "--seeds", *map(str, a.seeds), "--out", str(cell), "--config", str(cell / "config.yaml"),
-                    "--no-progress"] + (["--noisy"] if a.noisy else []) + (["--fast"] if a.fast else [])  # fmt: skip
+                    "--no-progress"] + (["--noisy"] if a.noisy else []) + (["--fast"] if a.fast else []) + (
+                    [] if a.variants else ["--no-variants"])  # fmt: skip
             rc = progadv(args)
             if rc:
                 return rc

@@ -125,7 +125,8 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     from progadv_trl.demo.pipeline import DemoConfig
 
     out = tmp_path / "st"
-    assert main(["study", "--seeds", "0", "1", "--out", str(out), "--fast", "--no-progress"]) == 0
+    # --no-variants: stage 6 without the variants and merged references (covered by test_variants_eval), for time
+    assert main(["study", "--seeds", "0", "1", "--out", str(out), "--fast", "--no-progress", "--no-variants"]) == 0
     st = json.loads((out / "study.json").read_text())
     assert st["seeds"] == [0, 1] and len(st["success"]["per_seed"]) == 2
     for regime in ("on-policy", "off-policy"):
@@ -134,7 +135,7 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
         cfg = json.loads((out / f"seed_{s}" / "summary.json").read_text())["config"]
         assert cfg == json.loads(json.dumps(asdict(DemoConfig.fast(seed=s, out_dir=str(out / f"seed_{s}")))))
     before = (out / "seed_1" / "summary.json").stat().st_mtime_ns
-    assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress"]) == 0
+    assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress", "--no-variants"]) == 0
     assert (out / "seed_1" / "summary.json").stat().st_mtime_ns == before  # resumed, not rerun
     assert "not run again" in capsys.readouterr().err
     # --reevaluate: the finished seed's evaluation is computed again (same models and rollouts), nothing retrained
@@ -142,7 +143,7 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     trained = (out / "seed_1" / "policy" / "model.safetensors").stat().st_mtime_ns
     stale = {**s1, "evaluation": {}}
     (out / "seed_1" / "summary.json").write_text(json.dumps(stale))
-    assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress", "--reevaluate"]) == 0
+    assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress", "--reevaluate", "--no-variants"]) == 0
     again = json.loads((out / "seed_1" / "summary.json").read_text())
     assert again["evaluation"] == s1["evaluation"] and again["policy_success"] == s1["policy_success"]
     assert (out / "seed_1" / "policy" / "model.safetensors").stat().st_mtime_ns == trained

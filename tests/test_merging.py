@@ -204,3 +204,28 @@ def test_refusals(tiny_dir, tiny_tokenizer, trajectories):
     with pytest.raises(ValueError, match="another policy"):
         with merged_reference(pol, ref, alpha=0.5).active(peft_model):
             pass
+
+
+def test_run_evaluation_adds_each_merge_and_alpha_as_a_variant(tiny_dir, tiny_tokenizer, trajectories, tmp_path):
+    """`progadv evaluate --merge-alphas` (run_evaluation): each (merge, alpha) is a variant on the scores, evaluated
+    like the others; alpha 0 is the plain progress advantage, alpha 1 (linear) is zero; the reference is untouched."""
+    import json
+
+    from progadv_trl.evaluation import run_evaluation
+
+    pol, ref = _pair(tiny_dir)
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    scorer = ProgressScorer(pol, tiny_tokenizer, ref)
+    seen = {}
+    metrics = run_evaluation(scorer, trajectories, tmp_path / "ev", n_boot=0, merge_alphas=(0.0, 1.0),
+                             merge=("linear", "ties"), merge_density=0.5, on_scored=lambda s: seen.update(s=s))
+    names = ["progress_advantage_merged_linear_a0", "progress_advantage_merged_linear_a1",
+             "progress_advantage_merged_ties_a0", "progress_advantage_merged_ties_a1"]
+    for ts in seen["s"]:
+        assert ts.variants["progress_advantage_merged_linear_a0"] == pytest.approx(ts.score, abs=1e-6)
+        assert ts.variants["progress_advantage_merged_linear_a1"] == pytest.approx(0.0, abs=1e-5)
+        assert ts.variants["progress_advantage_merged_ties_a1"] != pytest.approx(0.0, abs=1e-5)  # trimmed: not pi
+        np.testing.assert_allclose(ts.step_variants["progress_advantage_merged_linear_a0"], ts.advantages, atol=1e-6)
+    assert all(n in metrics["methods"] for n in names)
+    assert all(n in json.loads((tmp_path / "ev" / "metrics.json").read_text())["methods"] for n in names)
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())

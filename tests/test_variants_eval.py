@@ -248,8 +248,13 @@ def test_demo_stage6_evaluates_every_variant_without_changing_the_critic(tiny_mo
     src.write_text("".join(json.dumps(r) + "\n" for r in recs))
     pol, ref = tiny_models
     critic = ProgressCritic(ProgressScorer(pol, tiny_tokenizer, ref))
-    m = evaluate_set(critic, str(src), tmp_path / "policy", DemoConfig(out_dir=str(tmp_path), n_boot=20))
+    plain = evaluate_set(critic, str(src), tmp_path / "plain", DemoConfig(out_dir=str(tmp_path), n_boot=20))
+    assert not any(k.startswith("progress_advantage_") for k in plain["methods"])  # the demo's default: no variants
+    m = evaluate_set(critic, str(src), tmp_path / "policy", DemoConfig(out_dir=str(tmp_path), n_boot=20, variants=True))
     assert not critic.config.support  # the bundle's critic is untouched: support is for this evaluation only
     assert set(m["methods"]) >= set(VARIANTS) and m["variant_selection"]["chosen"]
+    from progadv_trl.demo.main import MERGE_ALPHAS, MERGES_EVALUATED
+
+    assert sum(k.startswith("progress_advantage_merged_") for k in m["methods"]) == len(MERGE_ALPHAS) * len(MERGES_EVALUATED)
     h = headline(m)
     assert set(h["methods"]) >= set(VARIANTS) and h["out_of_support"] is not None

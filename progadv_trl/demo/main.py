@@ -36,6 +36,10 @@ SETS = {
     "policy": "rollouts of the RL policy (on-policy: the regime the theory describes, at a policy far from optimal)",
     "reference": "rollouts of the SFT reference (off-policy: another model's runs, as in the paper)",
 }
+# The merged references stage 6 scores against (each a variant): pi_alpha = pi_ref + alpha (pi_theta - pi_ref).
+MERGE_ALPHAS = (0.25, 0.5, 0.75)
+MERGES_EVALUATED = ("linear", "ties", "dare_linear")
+MERGE_DENSITY = 0.2  # ties / dare: the share of the task vector kept (TIES' usual top 20 %)
 HEADLINE_METHODS = ("progress_advantage", "policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail",
                     "deepconf_bottom10")  # fmt: skip
 
@@ -134,13 +138,19 @@ def run_demo(cfg: DemoConfig) -> dict:
     return summary
 
 
-def reevaluate(out_dir) -> dict:
+def reevaluate(out_dir, **eval_overrides) -> dict:
     """Stage 6 again on a finished run: score its saved test rollouts with its saved bundle using this version's
-    evaluation code, and rewrite the report and summary.json (models, rollouts and success rates are kept)."""
+    evaluation code, and rewrite the report and summary.json (models, rollouts and success rates are kept).
+    `eval_overrides`: evaluation-only config fields (EVAL_ONLY_KEYS, e.g. variants=True) to apply this time."""
     from ..critic import ProgressCritic
+    from .study import EVAL_ONLY_KEYS
 
     out = Path(out_dir)
     summary = json.loads((out / "summary.json").read_text())
+    bad = set(eval_overrides) - set(EVAL_ONLY_KEYS)
+    if bad:
+        raise ValueError(f"reevaluate: {sorted(bad)} change training or rollouts; only {EVAL_ONLY_KEYS} can change")
+    summary["config"] = {**summary["config"], **eval_overrides}
     cfg = DemoConfig(**summary["config"])
     critic = ProgressCritic.from_pretrained(out / "bundle")
     evaluations = {name: evaluate_set(critic, summary["test_rollouts"][name]["path"], out / "report" / name, cfg)
@@ -159,10 +169,10 @@ def reevaluate(out_dir) -> dict:
 
 
 def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
-    """Score `rollouts` with the critic (every reduction from one forward pass), choose a reduction and a variant by
-    5-fold CV on AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) beside every
-    variant (the support statistics are computed here, in evaluation only: training and rollouts never see them)
-    and write the report."""
+    """Score `rollouts` with the critic (every reduction from one forward pass), choose a reduction by 5-fold CV on
+    AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) and write the report. With
+    `cfg.variants`, also every variant (support statistics and merged references, computed here in evaluation only:
+    training and rollouts never see them) and a variant chosen by 5-fold CV."""
     import copy
     import dataclasses
 
@@ -173,15 +183,17 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
     if loaded.errors:
         _say(f"{rollouts}: {loaded.summary()}")
     c = critic.config
-    scorer = copy.copy(critic.scorer)  # shares the models; support statistics for this evaluation only
-    scorer.config = dataclasses.replace(c, support=True)
+    scorer, extra = critic.scorer, {}
+    if cfg.variants:
+        scorer = copy.copy(critic.scorer)  # shares the models; support statistics for this evaluation only
+        scorer.config = dataclasses.replace(c, support=True)
+        extra = dict(choose_variant="auroc", merge_alphas=MERGE_ALPHAS, merge=MERGES_EVALUATED, merge_density=MERGE_DENSITY)
     return run_evaluation(
-        scorer, loaded.trajectories, out_dir, choose_reduction="auroc", choose_variant="auroc", k=5, n_boot=cfg.n_boot,
-        seed=cfg.seed,
+        scorer, loaded.trajectories, out_dir, choose_reduction="auroc", k=5, n_boot=cfg.n_boot, seed=cfg.seed,
         reduction_info={"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction,
                         "chosen_by": "the theory's default (beta * sum over tokens, sum over steps), not tuned; the "
                                      "CV choice below is reported for comparison"},
-        title=f"progadv demo: {SETS.get(out_dir.name, out_dir.name)}", progress=True,
+        title=f"progadv demo: {SETS.get(out_dir.name, out_dir.name)}", progress=True, **extra,
     )  # fmt: skip
 
 

@@ -143,6 +143,13 @@ class DemoConfig:
     heldout_per_task: int = field(default=4, metadata={"help": "labelled reference rollouts per held-out task"})
     heldout_eval_steps: int = field(default=20, metadata={"help": "the callback scores the held-out set this often"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals"})
+    variants: bool = field(
+        default=False,
+        metadata={"help": "stage 6 also scores the progress-advantage variants (support statistics, centred, clipped, "
+                          "in-support) and the merged references (linear / TIES / DARE at alpha 0.25, 0.5, 0.75), and "
+                          "chooses one by 5-fold CV: the study's full table. About a minute more on 2 CPU cores; "
+                          "evaluation only (stages 1-5 are the same either way)"},
+    )
     progress: bool = field(default=False, metadata={"help": "progress bars for SFT and GRPO (the trainers' tqdm)"})
 
     @classmethod

@@ -21,7 +21,9 @@ import time
 from pathlib import Path
 
 # Config keys that do not change a run's results: a seed made with other values of these is still resumed.
-IGNORED_KEYS = ("out_dir", "progress")
+IGNORED_KEYS = ("out_dir", "progress", "variants")
+# Config keys that change only stage 6 (the evaluation of saved rollouts): `--reevaluate` applies the study's values.
+EVAL_ONLY_KEYS = ("variants",)
 # Evaluation sets of the demo summary -> the regime they measure.
 REGIMES = {"policy": "on-policy", "reference": "off-policy"}
 # Figures where lower is better (matched as a substring of the figure's name); every other figure: higher is better.
@@ -400,7 +402,7 @@ def run_study(seeds: list[int], out_dir, make_config, runner=None, command: str 
                 from .main import reevaluate as redo
 
                 _say(f"seed {s}: {cfg.out_dir} finished earlier; evaluating its saved rollouts again")
-                summaries.append(redo(cfg.out_dir))
+                summaries.append(redo(cfg.out_dir, **{k: getattr(cfg, k) for k in EVAL_ONLY_KEYS if hasattr(cfg, k)}))
                 continue
             _say(f"seed {s}: {cfg.out_dir}/summary.json exists with this configuration: not run again")
             summaries.append(done[s])
@@ -429,12 +431,14 @@ def main(args) -> int:
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
 
     def make_config(seed: int, out_dir: str):
-        return demo_config(DemoArguments(out=out_dir, config=args.config, seed=seed, fast=args.fast,
-                                         no_progress=args.no_progress, noisy=args.noisy))  # fmt: skip
+        cfg = demo_config(DemoArguments(out=out_dir, config=args.config, seed=seed, fast=args.fast,
+                                        no_progress=args.no_progress, noisy=args.noisy))  # fmt: skip
+        cfg.variants = not args.no_variants  # the study's table covers every variant unless told otherwise
+        return cfg
 
     command = "progadv study --seeds " + " ".join(map(str, args.seeds)) + f" --out {args.out}"
     command += "".join(f" {f}" for f, on in ((f"--config {args.config}", args.config), ("--noisy", args.noisy),
-                                              ("--fast", args.fast)) if on)  # fmt: skip
+                                              ("--fast", args.fast), ("--no-variants", args.no_variants)) if on)  # fmt: skip
     try:
         study = run_study(args.seeds, args.out, make_config, command=command, reevaluate=args.reevaluate)
     except ValueError as e:

@@ -174,6 +174,9 @@ def run_evaluation(
     progress: bool = False,
     skipped: list | None = None,
     on_scored=None,
+    merge_alphas: Sequence[float] = (),
+    merge: str | Sequence[str] = "linear",
+    merge_density: float | None = None,
 ) -> dict:
     """Score `trajectories`, evaluate every method and write the report under `out_dir`; return the metrics.
 
@@ -195,7 +198,10 @@ def run_evaluation(
     for this run when the scorer's config lacks them) and choose a member of the progress-advantage family by the
     same k-fold protocol (`choose_variant`), stored under `variant_selection`. k: folds for that choice and for
     the attribution threshold. reduction_info: what `metrics["reduction"]`
-    says about how the scorer's reductions were chosen. Writes metrics.md, the plots and, last, metrics.json.
+    says about how the scorer's reductions were chosen. merge_alphas: also score against the merged reference
+    pi_alpha (`merging.py`; `merge`: a name or several, `merge_density` for ties/dare) for each alpha, with the weights loaded once; each alpha becomes
+    the variant `config.merged_variant_name(merge, alpha)`, evaluated (and choosable) like the others. Writes
+    metrics.md, the plots and, last, metrics.json.
     """
     from .. import distributed  # several processes (torchrun): each scores a shard, the main process evaluates
 
@@ -207,6 +213,7 @@ def run_evaluation(
         scorer = copy.copy(scorer)  # shares the models; only this run's config gains the support statistics
         scorer.config = dataclasses.replace(scorer.config, support=True)
     selection = variant_choice = None
+    merged = _merged_scores(scorer, trajectories, merge_alphas, merge, merge_density, seed, progress) if merge_alphas else {}
     if choose_reduction:
         c = scorer.config
         many = distributed.score_many(scorer, trajectories, reduction_grid(c), progress=progress, skipped=skipped)
@@ -220,6 +227,11 @@ def run_evaluation(
         scores = distributed.score(scorer, trajectories, progress=progress, skipped=skipped)
         if scores is None:  # not the main process
             return {}
+    for name, alpha_scores in merged.items():
+        for ts, m in zip(scores, alpha_scores, strict=True):
+            if ts.id != m.id:  # the same inputs, skipped alike: one list each, in order
+                raise RuntimeError(f"merged scoring misaligned: {ts.id!r} against {m.id!r}")
+            ts.variants[name], ts.step_variants[name] = m.score, m.advantages.tolist()
     if on_scored is not None:
         on_scored(scores)
     scores, faulted = split_faults(scores)
@@ -234,3 +246,31 @@ def run_evaluation(
     metrics["excluded"] = {"skipped": [str(e) for e in skipped or ()], "numeric_faults": {s.id: s.error for s in faulted}}
     write_report(metrics, scores, out_dir, title=title)
     return metrics
+
+
+def _merged_scores(scorer, trajectories, alphas, merge, density, seed, progress) -> dict:
+    """{variant name: scores against pi_alpha} for each merge (a name or several) and alpha ({} on the other ranks
+    of a multi-process run). One working copy of the weights per merge, rewritten per alpha
+    (`MergedReference.set_alpha`); baselines and support statistics off (they are the plain run's)."""
+    import copy
+    import dataclasses
+
+    from .. import distributed
+    from ..config import merged_variant_name
+    from ..merging import merged_reference
+
+    out = {}
+    for how in [merge] if isinstance(merge, str) else list(merge):
+        sc = copy.copy(scorer)  # shares the models
+        sc.config, sc.compute_baselines = dataclasses.replace(scorer.config, support=False), False
+        sc.reference = merged_reference(scorer.policy, scorer.reference, alpha=alphas[0], merge=how,
+                                        density=None if how == "linear" else density, seed=seed)  # fmt: skip
+        try:
+            for a in alphas:
+                sc.reference.set_alpha(a)
+                res = distributed.score(sc, trajectories, progress=progress, skipped=[])
+                if res is not None:
+                    out[merged_variant_name(how, a)] = res
+        finally:
+            sc.reference.release()
+    return out
