@@ -83,6 +83,13 @@ class DemoConfig:
         metadata={"help": "the noisy world (WorldConfig.free_form): customer names, several wordings per reply, free-text "
                           "reasons. Content improbable under both models: raw log-probs pay for it, the log-ratio cancels it"},
     )
+    p_within_24h: float = field(
+        default=0.5,
+        metadata={"help": "P(a reservation was booked within 24 h): with 'not insured' the situation the demonstrations' "
+                          "systematic refusal is wrong in. The world's default is 0.35; at 0.35 one seed's reference "
+                          "made it rarely enough that RL gained only +22 points (study seeds 0-4: +22 to +52), so the "
+                          "demo raises it"},
+    )
     # demonstrations
     n_demos: int = field(default=1600, metadata={"help": "demonstration episodes for SFT (one customer each)"})
     p_refuse_24h_only: float = field(default=0.7, metadata={"help": "demos refuse when only 'within 24h' applies"})
@@ -169,7 +176,7 @@ class DemoConfig:
 
     @property
     def world(self) -> WorldConfig:
-        return WorldConfig(free_form=self.free_form)
+        return WorldConfig(free_form=self.free_form, p_within_24h=self.p_within_24h)
 
     @property
     def mix(self) -> DemoMix:
