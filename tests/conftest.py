@@ -46,3 +46,20 @@ from progadv_trl.demo.tiny import WEATHER_TOOL, make_trajectory  # noqa: E402,F4
 @pytest.fixture
 def trajectories():
     return [make_trajectory(i, n_turns=1 + i % 3, success=bool(i % 2), group=f"g{i // 4}") for i in range(8)]
+
+
+def naive_spans(tokenizer, traj) -> tuple[list[int], list[tuple[int, int]]]:
+    """(token ids, [(start, end) per assistant turn]) computed independently of the engine's offset mapping: each
+    turn's prefix rendered separately and the *prefix strings* tokenized; turn i is [len(tok(prompt_i)),
+    len(tok(upto_i).rstrip())). The float64 reference computations in the tests take their spans from here."""
+    msgs, tools = traj["messages"], traj.get("tools")
+    ids = tokenizer(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False), add_special_tokens=False).input_ids
+    spans = []
+    for mi, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(msgs[:mi], tools=tools, tokenize=False, add_generation_prompt=True)
+        upto = tokenizer.apply_chat_template(msgs[: mi + 1], tools=tools, tokenize=False).rstrip()
+        spans.append((len(tokenizer(before, add_special_tokens=False).input_ids),
+                      len(tokenizer(upto, add_special_tokens=False).input_ids)))  # fmt: skip
+    return ids, spans

@@ -9,6 +9,7 @@ import torch
 
 from progadv_trl.demo.tiny import WEATHER_TOOL
 from progadv_trl.engine import ProgressScorer
+from conftest import naive_spans
 from progadv_trl.scoring import ScoringConfig
 from progadv_trl.trajectories import as_trajectories
 
@@ -19,18 +20,7 @@ def naive_float64(policy, reference, tokenizer, traj, temperature=1.0, topk=20):
     Spans come from rendering each turn's prefix separately and tokenizing the *prefix strings* (independent of the
     engine's offset mapping): the action of turn i is tokens [len(tok(prompt_i)), len(tok(upto_i).rstrip())).
     """
-    msgs, tools = traj["messages"], traj.get("tools")
-    full = tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False)
-    ids = tokenizer(full, add_special_tokens=False).input_ids
-    spans = []
-    for mi, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(msgs[:mi], tools=tools, tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(msgs[: mi + 1], tools=tools, tokenize=False).rstrip()
-        s = len(tokenizer(before, add_special_tokens=False).input_ids)
-        e = len(tokenizer(upto, add_special_tokens=False).input_ids)
-        spans.append((s, e))
+    ids, spans = naive_spans(tokenizer, traj)
     x = torch.tensor([ids])
     with torch.no_grad():
         lp = torch.log_softmax(policy(x).logits[0].double() / temperature, -1)

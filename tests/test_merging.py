@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import naive_spans
 from progadv_trl.engine import ProgressScorer
 from progadv_trl.merging import MERGES, alpha_sweep, merged_reference
 from progadv_trl.reference import NAMED_ADAPTER, Reference
@@ -42,25 +43,15 @@ def _advantages(scores):
 
 
 def _naive_steps(policy, reference, tokenizer, traj):
-    """Per step, sum of log pi - log ref over the step's own tokens: full logits, float64, one trajectory at a time.
-    Spans from tokenizing each turn's rendered prefix (not the engine's offset mapping)."""
-    msgs, tools = traj["messages"], traj.get("tools")
-    ids = tokenizer(tokenizer.apply_chat_template(msgs, tools=tools, tokenize=False), add_special_tokens=False).input_ids
+    """Per step, sum of log pi - log ref over the step's own tokens: full logits, float64, one trajectory at a time,
+    spans from `conftest.naive_spans` (not the engine's offset mapping)."""
+    ids, spans = naive_spans(tokenizer, traj)
     x = torch.tensor([ids])
     with torch.no_grad():
         lp = torch.log_softmax(policy(x).logits[0].double(), -1)
         lr = torch.log_softmax(reference(x).logits[0].double(), -1)
-    out = []
-    for mi, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(msgs[:mi], tools=tools, tokenize=False, add_generation_prompt=True)
-        upto = tokenizer.apply_chat_template(msgs[: mi + 1], tools=tools, tokenize=False).rstrip()
-        s = len(tokenizer(before, add_special_tokens=False).input_ids)
-        e = len(tokenizer(upto, add_special_tokens=False).input_ids)
-        tgt = x[0, s:e, None]
-        out.append(float((lp[s - 1 : e - 1].gather(-1, tgt) - lr[s - 1 : e - 1].gather(-1, tgt)).sum()))
-    return out
+    return [float((lp[s - 1 : e - 1].gather(-1, x[0, s:e, None]) - lr[s - 1 : e - 1].gather(-1, x[0, s:e, None])).sum())
+            for s, e in spans]  # fmt: skip
 
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
