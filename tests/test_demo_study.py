@@ -195,3 +195,23 @@ def test_verdicts_ranges_and_the_demo_beside_the_study():
     assert "another draw" in lines[-1]
     other = dict(inside, config={**inside["config"], "beta": 0.3})  # a changed knob: no comparison
     assert "not comparable" in compare_with_study(other, r)[-1] and "beta" in compare_with_study(other, r)[-1]
+
+
+def test_family_verdicts_from_each_seeds_paired_interval():
+    """The variants table: a family member's verdict per seed comes from its paired interval (beats only when the
+    interval is above zero), and baselines never appear as members."""
+    from progadv_trl.demo.study import family_markdown
+
+    sums = []
+    for seed, (d, ci) in enumerate([(0.10, [0.02, 0.18]), (0.01, [-0.03, 0.05]), (-0.2, [-0.3, -0.1])]):
+        s = _summary(seed, 0.5, 0.8, 0.9, 0.8)
+        for set_name in ("policy", "reference"):
+            s["evaluation"][set_name]["methods"]["progress_advantage_clipped"] = {
+                "auroc": 0.9, "fair_auroc_minus_best_baseline": d, "fair_auroc_minus_best_baseline_ci": ci}
+        sums.append(s)
+    st = aggregate(sums)
+    v = st["family_verdicts"]["on-policy"]["progress_advantage_clipped"]["auroc"]
+    assert (v["beats"], v["ties"], v["loses"]) == (1, 1, 1) and v["mean"] == pytest.approx(-0.03)
+    assert set(st["family_verdicts"]["on-policy"]) == {"progress_advantage_clipped"}  # policy_logprob has no row
+    md = "\n".join(family_markdown(st))
+    assert "| progress_advantage_clipped | -0.030 [-0.200, +0.100] 1/1/1 |" in md

@@ -154,7 +154,8 @@ def aggregate(summaries: list[dict]) -> dict:
                 figs[f] = {**_stats(cell["values"]), "wins": cell["wins"]}
 
     return {"seeds": seeds, "config": common, "config_varying": varying, "success": success, "table": table,
-            "verdicts": verdicts(summaries), "reductions_chosen": reductions_chosen(summaries),
+            "verdicts": verdicts(summaries), "family_verdicts": family_verdicts(summaries),
+            "reductions_chosen": reductions_chosen(summaries),
             "regimes": {v: k for k, v in REGIMES.items()}}  # fmt: skip
 
 
@@ -201,6 +202,55 @@ def verdicts(summaries: list[dict]) -> dict:
         for v in apps.values():
             v.update({k: x for k, x in _stats(v["differences"]).items() if k != "n_seeds"})
     return out
+
+
+def _verdict(ci) -> str:
+    """beats / loses where the paired 95 % interval of (member - best baseline) excludes zero, else ties."""
+    return "beats" if ci[0] > 0 else "loses" if ci[1] < 0 else "ties"
+
+
+def family_verdicts(summaries: list[dict]) -> dict:
+    """Per regime, per member of the progress-advantage family (progress_advantage and every variant the evaluation
+    carried: centred, clipped, in-support, merged references) and per application: its difference from the best
+    baseline across seeds (mean, min, max) and how often it beat / tied / lost (from each seed's paired interval)."""
+    out: dict[str, dict] = {}
+    for s in summaries:
+        for set_name, ev in (s.get("evaluation") or {}).items():
+            regime = REGIMES.get(set_name, set_name)
+            for m, row in (ev.get("methods") or {}).items():
+                for app in APPLICATIONS:
+                    d, ci = row.get(f"fair_{app}_minus_best_baseline"), row.get(f"fair_{app}_minus_best_baseline_ci")
+                    if d is None or not ci or None in ci:
+                        continue
+                    v = out.setdefault(regime, {}).setdefault(m, {}).setdefault(
+                        app, {"beats": 0, "ties": 0, "loses": 0, "differences": []})
+                    v[_verdict(ci)] += 1
+                    v["differences"].append(float(d))
+    for members in out.values():
+        for apps in members.values():
+            for v in apps.values():
+                v.update({k: x for k, x in _stats(v["differences"]).items() if k != "n_seeds"})
+    return out
+
+
+def family_markdown(study: dict) -> list[str]:
+    """The variants table: per regime, each family member's difference from the best baseline per application."""
+    fam = study.get("family_verdicts") or {}
+    if not fam:
+        return []
+    n = len(study["seeds"])
+    md = ["## Progress-advantage variants against the best baseline", "",
+          f"Per cell: the member's out-of-fold figure minus the best baseline's, mean over seeds [min, max]; then "
+          f"beats/ties/loses over the {n} seeds (each seed's paired 95 % interval).", ""]  # fmt: skip
+    for regime, members in fam.items():
+        apps = [a for a in APPLICATIONS if any(a in v for v in members.values())]
+        md += [f"### {regime}", "", "| member | " + " | ".join(apps) + " |", "|---" * (len(apps) + 1) + "|"]
+        for m, v in members.items():
+            cells = ["–" if a not in v else f"{v[a]['mean']:+.3f} [{v[a]['min']:+.3f}, {v[a]['max']:+.3f}] "
+                     f"{v[a]['beats']}/{v[a]['ties']}/{v[a]['loses']}" for a in apps]  # fmt: skip
+            md.append(f"| {m} | " + " | ".join(cells) + " |")
+        md.append("")
+    return md
 
 
 def study_ranges(study: dict) -> dict:
@@ -307,6 +357,7 @@ def study_markdown(study: dict, command: str | None = None) -> str:
     md += ["", f"Min gain {_f(s['min_gain_points'], 1)} points, mean {_f(s['mean_gain_points'], 1)} (bar: "
                f"{s['bar_points']:.0f} on every seed: {'cleared' if s['all_seeds_clear_bar'] else 'NOT cleared'}).", ""]
     md += verdict_markdown(study)
+    md += family_markdown(study)
     if study.get("reductions_chosen"):
         md += ["## The reduction 5-fold CV chose (per seed)", ""]
         for regime, picks in study["reductions_chosen"].items():
