@@ -704,7 +704,7 @@ def main(argv=None) -> int:
     p.add_argument("--capture-repeat", type=int, default=2)
     p.add_argument("--heldout-n", type=int, default=4)
     p.add_argument("--batch-tokens", type=int, default=None,
-                   help="the engine's batch_tokens (default: the engine's own, one trajectory a pass on a CPU)")
+                   help="the engine's batch_tokens (default: the engine's own, 2048 on a CPU)")
     p.add_argument("--engine-batches-floor", action="store_true",
                    help="also time bare decoder passes over the engine's padded batches when prompts are shared")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture")

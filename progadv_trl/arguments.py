@@ -38,7 +38,7 @@ class ScoringArguments:
     temperature: float | None = field(default=None, metadata={"help": "divide logits by this (the theory holds at 1.0)"})
     max_length: int | None = field(default=None, metadata={"help": "truncate longer trajectories (start + most recent kept)"})
     batch_tokens: int | None = field(default=None, metadata={
-        "help": "padded tokens per forward pass (default: one trajectory at a time on a CPU, 16384 on a GPU)"})
+        "help": "padded tokens per forward pass (default: 2048 on a CPU, 16384 on a GPU)"})
     support: bool = field(default=False, metadata={"help": "support diagnostics (per step: reference mean/min token "
                                                            "log-prob, KL(pi||ref), out-of-support flag) and the "
                                                            "progress-advantage variants; keeps one batch's policy "

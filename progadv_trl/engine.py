@@ -23,8 +23,12 @@ from .trajectories import Trajectory, as_trajectories
 from .rendering import Rendered, check_same_tokenizer, render_all
 
 # Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
-# Padded tokens per forward pass on an accelerator when batch_tokens is None (a CPU takes one trajectory at a time).
+# Padded tokens per forward pass when batch_tokens is None. An accelerator needs big batches to be busy. On a CPU one
+# long sequence already keeps the cores busy and padding a batch to its longest member is extra work (1.7x the
+# floor's FLOPs on a realistic group of 8, benchmarks/README.md), while many tiny forward passes pay Python's
+# per-call overhead: 2048 puts a 1-2k-token agent rollout alone in its pass and batches short ones.
 GPU_BATCH_TOKENS = 16384
+CPU_BATCH_TOKENS = 2048
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
@@ -136,8 +140,8 @@ class ProgressScorer:
             products per token.
         max_length: truncate longer trajectories (start kept, most recent context kept; see `rendering.truncate`).
         reference_tokenizer: when given, checked against `tokenizer` (vocabulary and chat template).
-        batch_tokens: padded tokens per forward pass; lower it to save memory. None (the default): one trajectory per
-            forward pass on a CPU, 16384 padded tokens elsewhere (see `batch_budget`).
+        batch_tokens: padded tokens per forward pass; lower it to save memory. None (the default): 2048 on a CPU,
+            16384 elsewhere (see `batch_budget`).
         compute_baselines: also compute self-certainty and DeepConf (full-vocabulary statistics of the policy).
         share_prefix: run each model once over the prompt that a group of trajectories shares (GRPO groups, best-of-N,
             retries) and reuse its KV cache for their continuations (`prefix.py`); the same numbers as without.
@@ -200,13 +204,11 @@ class ProgressScorer:
         return trajs, rendered
 
     def batch_budget(self) -> int:
-        """Padded tokens per forward pass: `batch_tokens`, or by device when it is None. On a CPU one long sequence
-        already keeps the cores busy, so batching buys nothing and padding a batch to its longest member is pure
-        extra work (1.7x the floor's FLOPs on a realistic group of 8; benchmarks/README.md): one trajectory per
-        forward pass. An accelerator needs batches to fill it."""
+        """Padded tokens per forward pass: `batch_tokens`, or by device when it is None (CPU_BATCH_TOKENS on a CPU,
+        GPU_BATCH_TOKENS elsewhere; why: beside their definitions)."""
         if self.batch_tokens is not None:
             return self.batch_tokens
-        return 1 if _device(self.policy).type == "cpu" else GPU_BATCH_TOKENS
+        return CPU_BATCH_TOKENS if _device(self.policy).type == "cpu" else GPU_BATCH_TOKENS
 
     def _batches(self, rendered: list[Rendered], indices=None) -> list[list[int]]:
         """Indices (all, or `indices`) grouped into padded batches of at most `batch_tokens`, longest first (less

@@ -97,10 +97,15 @@ def test_batching_does_not_change_scores(tiny_models, tiny_tokenizer, trajectori
 
 def test_batch_budget_by_device(tiny_models, tiny_tokenizer, trajectories):
     pol, ref = tiny_models
+    from progadv_trl.engine import CPU_BATCH_TOKENS
+
     cpu = ProgressScorer(pol, tiny_tokenizer, ref, share_prefix=False)
-    assert cpu.batch_budget() == 1  # a CPU: one trajectory a forward pass, no padding
+    assert cpu.batch_budget() == CPU_BATCH_TOKENS  # a CPU: small batches (a long rollout alone, short ones together)
     _, rendered = cpu.render(trajectories)
-    assert all(len(b) == 1 for b in cpu._batches(rendered)) and len(cpu._batches(rendered)) == len(rendered)
+    one = ProgressScorer(pol, tiny_tokenizer, ref, batch_tokens=1, share_prefix=False)
+    assert all(len(b) == 1 for b in one._batches(rendered)) and len(one._batches(rendered)) == len(rendered)
+    for b in cpu._batches(rendered):  # never more padded tokens than the budget, unless a trajectory alone
+        assert len(b) == 1 or len(b) * max(len(rendered[i].input_ids) for i in b) <= CPU_BATCH_TOKENS
     wide = ProgressScorer(pol, tiny_tokenizer, ref, batch_tokens=10**6, share_prefix=False)
     assert wide.batch_budget() == 10**6 and len(wide._batches(rendered)) == 1
 
