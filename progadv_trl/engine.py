@@ -22,13 +22,13 @@ from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_toke
 from .trajectories import Trajectory, as_trajectories
 from .rendering import Rendered, check_same_tokenizer, render_all
 
-# Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
 # Padded tokens per forward pass when batch_tokens is None. An accelerator needs big batches to be busy. On a CPU one
 # long sequence already keeps the cores busy and padding a batch to its longest member is extra work (1.7x the
 # floor's FLOPs on a realistic group of 8, benchmarks/README.md), while many tiny forward passes pay Python's
 # per-call overhead: 2048 puts a 1-2k-token agent rollout alone in its pass and batches short ones.
 GPU_BATCH_TOKENS = 16384
 CPU_BATCH_TOKENS = 2048
+# Models whose logits are not plain `lm_head(hidden)`: run the full forward for them.
 _LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
