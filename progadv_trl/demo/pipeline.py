@@ -84,11 +84,11 @@ class DemoConfig:
                           "reasons. Content improbable under both models: raw log-probs pay for it, the log-ratio cancels it"},
     )
     p_within_24h: float = field(
-        default=0.5,
+        default=0.35,
         metadata={"help": "P(a reservation was booked within 24 h): with 'not insured' the situation the demonstrations' "
-                          "systematic refusal is wrong in. The world's default is 0.35; at 0.35 one seed's reference "
-                          "made it rarely enough that RL gained only +22 points (study seeds 0-4: +22 to +52), so the "
-                          "demo raises it"},
+                          "systematic refusal is wrong in (the world's default). Tried 0.5 to make the reference err "
+                          "more often: the reference did, but on one seed RL then learned to cancel where it must "
+                          "refuse (+16 points instead of +27.5)"},
     )
     # demonstrations
     n_demos: int = field(default=1600, metadata={"help": "demonstration episodes for SFT (one customer each)"})
@@ -130,7 +130,11 @@ class DemoConfig:
                           "unable to tell 'booked within 24h' apart, and RL then collapsed that case to refusing"},
     )
     # GRPO
-    grpo_steps: int = field(default=80, metadata={"help": "GRPO optimizer steps"})
+    grpo_steps: int = field(
+        default=100,
+        metadata={"help": "GRPO optimizer steps. At 80, greedy success rose by +22 to +52 points over seeds 0-4 (one "
+                          "seed below the +25 bar; the training reward was still rising); 100 clears it"},
+    )
     grpo_lr: float = field(default=6e-4, metadata={"help": "GRPO learning rate"})
     beta: float = field(
         default=0.1,
@@ -148,7 +152,7 @@ class DemoConfig:
     logging_steps: int = field(default=10, metadata={"help": "GRPO logging interval"})
     # the callback and the evaluation (progadv demo)
     heldout_per_task: int = field(default=4, metadata={"help": "labelled reference rollouts per held-out task"})
-    heldout_eval_steps: int = field(default=20, metadata={"help": "the callback scores the held-out set this often"})
+    heldout_eval_steps: int = field(default=25, metadata={"help": "the callback scores the held-out set this often"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals"})
     variants: bool = field(
         default=False,
