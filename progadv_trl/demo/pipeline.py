@@ -83,13 +83,6 @@ class DemoConfig:
         metadata={"help": "the noisy world (WorldConfig.free_form): customer names, several wordings per reply, free-text "
                           "reasons. Content improbable under both models: raw log-probs pay for it, the log-ratio cancels it"},
     )
-    p_within_24h: float = field(
-        default=0.35,
-        metadata={"help": "P(a reservation was booked within 24 h): with 'not insured' the situation the demonstrations' "
-                          "systematic refusal is wrong in (the world's default). Tried 0.5 to make the reference err "
-                          "more often: the reference did, but on one seed RL then learned to cancel where it must "
-                          "refuse (+16 points instead of +27.5)"},
-    )
     # demonstrations
     n_demos: int = field(default=1600, metadata={"help": "demonstration episodes for SFT (one customer each)"})
     p_refuse_24h_only: float = field(default=0.7, metadata={"help": "demos refuse when only 'within 24h' applies"})
@@ -131,9 +124,9 @@ class DemoConfig:
     )
     # GRPO
     grpo_steps: int = field(
-        default=100,
-        metadata={"help": "GRPO optimizer steps. At 80, greedy success rose by +22 to +52 points over seeds 0-4 (one "
-                          "seed below the +25 bar; the training reward was still rising); 100 clears it"},
+        default=80,
+        metadata={"help": "GRPO optimizer steps. Over seeds 0-4 greedy success rose +22 to +52 points; on the weakest "
+                          "seed (3) 100 steps gave +18.5, not more (README: what was tried for the +25 bar)"},
     )
     grpo_lr: float = field(default=6e-4, metadata={"help": "GRPO learning rate"})
     beta: float = field(
@@ -152,7 +145,7 @@ class DemoConfig:
     logging_steps: int = field(default=10, metadata={"help": "GRPO logging interval"})
     # the callback and the evaluation (progadv demo)
     heldout_per_task: int = field(default=4, metadata={"help": "labelled reference rollouts per held-out task"})
-    heldout_eval_steps: int = field(default=25, metadata={"help": "the callback scores the held-out set this often"})
+    heldout_eval_steps: int = field(default=20, metadata={"help": "the callback scores the held-out set this often"})
     n_boot: int = field(default=1000, metadata={"help": "bootstrap resamples for the 95% intervals"})
     variants: bool = field(
         default=False,
@@ -180,7 +173,7 @@ class DemoConfig:
 
     @property
     def world(self) -> WorldConfig:
-        return WorldConfig(free_form=self.free_form, p_within_24h=self.p_within_24h)
+        return WorldConfig(free_form=self.free_form)
 
     @property
     def mix(self) -> DemoMix:
