@@ -45,7 +45,7 @@ class ScoringArguments:
                                                            "log-softmax rows (action tokens x vocabulary floats)"})  # fmt: skip
     support_threshold: float | None = field(default=None, metadata={"help": "a step is out of support when its least "
                                                                             "likely token's reference log-prob is "
-                                                                            "below this (default log(1e-4), not tuned)"})  # fmt: skip
+                                                                            "below this (default log(1e-2), chosen on a validation split)"})  # fmt: skip
     clip: float | None = field(default=None, metadata={"help": "progress_advantage_clipped: clip token log-ratios to "
                                                                "[-clip, clip] (default 5)"})  # fmt: skip
     variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", *VARIANTS),
