@@ -177,3 +177,20 @@ def test_tools_are_rendered(tiny_tokenizer):
     t = as_trajectories([make_trajectory(0)])[0]
     text = tiny_tokenizer.decode(render(t, tiny_tokenizer).input_ids)
     assert WEATHER_TOOL["function"]["description"] in text
+
+
+def test_atomic_writes_get_the_umask_mode_not_mkstemps_0600(tmp_path):
+    """Reports, scores and bundles are written through a temporary file from mkstemp (mode 0600); the published file
+    must be readable as any file the user writes (0666 less the umask)."""
+    import os
+    import stat
+
+    from progadv_trl.utils import atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_text(tmp_path / "out.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out.json").stat().st_mode) == 0o644
+    assert not list(tmp_path.glob(".out.json.*"))  # no temporary left

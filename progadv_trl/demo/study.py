@@ -489,7 +489,8 @@ def main(args) -> int:
 
     command = "progadv study --seeds " + " ".join(map(str, args.seeds)) + f" --out {args.out}"
     command += "".join(f" {f}" for f, on in ((f"--config {args.config}", args.config), ("--noisy", args.noisy),
-                                              ("--fast", args.fast), ("--no-variants", args.no_variants)) if on)  # fmt: skip
+                                              ("--fast", args.fast), ("--no-variants", args.no_variants),
+                                              ("--reevaluate", args.reevaluate)) if on)  # fmt: skip
     try:
         study = run_study(args.seeds, args.out, make_config, command=command, reevaluate=args.reevaluate)
     except ValueError as e:
