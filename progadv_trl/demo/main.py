@@ -173,9 +173,6 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
     AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) and write the report. With
     `cfg.variants`, also every variant (support statistics and merged references, computed here in evaluation only:
     training and rollouts never see them) and a variant chosen by 5-fold CV."""
-    import copy
-    import dataclasses
-
     from ..evaluation import run_evaluation
     from ..trajectories import load_trajectories
 
@@ -183,13 +180,11 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
     if loaded.errors:
         _say(f"{rollouts}: {loaded.summary()}")
     c = critic.config
-    scorer, extra = critic.scorer, {}
-    if cfg.variants:
-        scorer = copy.copy(critic.scorer)  # shares the models; support statistics for this evaluation only
-        scorer.config = dataclasses.replace(c, support=True)
-        extra = dict(choose_variant="auroc", merge_alphas=MERGE_ALPHAS, merge=MERGES_EVALUATED, merge_density=MERGE_DENSITY)
+    # choose_variant turns the support statistics on for this evaluation only (a copy of the critic's scorer)
+    extra = dict(choose_variant="auroc", merge_alphas=MERGE_ALPHAS, merge=MERGES_EVALUATED,
+                 merge_density=MERGE_DENSITY) if cfg.variants else {}  # fmt: skip
     return run_evaluation(
-        scorer, loaded.trajectories, out_dir, choose_reduction="auroc", k=5, n_boot=cfg.n_boot, seed=cfg.seed,
+        critic.scorer, loaded.trajectories, out_dir, choose_reduction="auroc", k=5, n_boot=cfg.n_boot, seed=cfg.seed,
         reduction_info={"beta": c.beta, "token_reduction": c.token_reduction, "step_reduction": c.step_reduction,
                         "chosen_by": "the theory's default (beta * sum over tokens, sum over steps), not tuned; the "
                                      "CV choice below is reported for comparison"},

@@ -59,14 +59,15 @@ def check_method(method: str, scores: Sequence[TrajectoryScore] = ()) -> None:
 
 def out_of_support_share(scores: Sequence[TrajectoryScore]) -> dict | None:
     """Share of scored steps flagged out of the reference's support, over a set; None without support statistics."""
-    flags = [st["out_of_support"] for ts in scores if ts.support for st in ts.support["steps"]]
-    flags = [f for f in flags if f is not None]
-    if not any(ts.support for ts in scores):
+    with_support = [ts for ts in scores if ts.support]
+    if not with_support:
         return None
-    thr = next(ts.support["threshold"] for ts in scores if ts.support)
+    flags = [st["out_of_support"] for ts in with_support for st in ts.support["steps"]]
+    flags = [f for f in flags if f is not None]
+    thr = with_support[0].support["threshold"]
     return {"share": float(np.mean(flags)) if flags else None, "n_steps": len(flags), "threshold": thr,
             "trajectories_with_a_flagged_step": sum(any(st["out_of_support"] for st in ts.support["steps"])
-                                                    for ts in scores if ts.support)}  # fmt: skip
+                                                    for ts in with_support)}  # fmt: skip
 
 
 def method_available(scores: Sequence[TrajectoryScore], method: str) -> bool:

@@ -79,12 +79,14 @@ def step_figures(
     out = {f"{prefix}rollouts": len(scores)}
     if not scores:
         return out
-    adv = _finite(np.concatenate([s.method_steps(method) for s in scores]) if scores else [])
+    from ..evaluation.labels import out_of_support_share
+
+    steps = [s.method_steps(method) for s in scores]  # once per trajectory: the figures below all read them
+    adv = _finite(np.concatenate(steps))
     traj = _finite([s.method_score(method) for s in scores])
-    flags = [st["out_of_support"] for s in scores if s.support for st in s.support["steps"]]
-    flags = [f for f in flags if f is not None]
-    if flags:
-        out[f"{prefix}out_of_support"] = float(np.mean(flags))
+    oos = out_of_support_share(scores)
+    if oos is not None and oos["share"] is not None:
+        out[f"{prefix}out_of_support"] = oos["share"]
     out[f"{prefix}steps_per_rollout"] = float(np.mean([len(s.steps) for s in scores]))
     if adv.size:
         out[f"{prefix}step_advantage_mean"] = float(adv.mean())
@@ -95,7 +97,7 @@ def step_figures(
         out[f"{prefix}score_mean"] = float(traj.mean())
     if any(len(s.steps) > 1 for s in scores) or by == "step":
         for i in range(max_steps):
-            v = _finite([s.method_steps(method)[i] for s in scores if len(s.steps) > i])
+            v = _finite([st[i] for st in steps if len(st) > i])
             if v.size:
                 out[f"{prefix}step_advantage_by_{by}/{i}"] = float(v.mean())
     return out
