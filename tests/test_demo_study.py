@@ -118,6 +118,9 @@ def test_config_diff():
     a = {"seed": 0, "out_dir": "a", "progress": True, "beta": 0.1}
     assert config_diff(a, {**a, "out_dir": "b", "progress": False}) == []
     assert config_diff(a, {**a, "beta": 0.2, "free_form": True}) == ["beta", "free_form"]
+    # a run made before grpo_p_timeout existed trained with the world's timeouts (None), not the new default
+    assert config_diff(a, {**a, "grpo_p_timeout": None}) == []
+    assert config_diff(a, {**a, "grpo_p_timeout": 0.5}) == ["grpo_p_timeout"]
 
 
 def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):

@@ -137,6 +137,29 @@ def test_demo_agent_makes_the_systematic_mistake_mostly():
     assert classify_text(SAY_MISTAKEN_REFUSAL) == "refuse"  # the world judges it as any refusal
 
 
+def test_demo_agent_gives_up_at_the_first_timeout_only():
+    import random
+
+    from progadv_trl.demo.world import DemoMix, WorldConfig
+
+    world = WorldConfig(p_timeout=1.0, p_hangup=0.0)  # every lookup times out; nobody hangs up
+    task = _task("neither")
+
+    def gave_up(mix, timeouts, n=400):
+        out = 0
+        for k in range(n):
+            ep = Episode(task, k, world)
+            for _ in range(timeouts):
+                ep.step(correct_agent(ep))  # a lookup, which times out
+            assert ep.timeouts == timeouts and not ep.done
+            out += classify_text(demo_agent(mix)(ep, random.Random(k))["content"]) == "give_up"
+        return out / n
+
+    assert 0.6 < gave_up(DemoMix(), 1) < 0.8  # the systematic mistake, at the first timeout
+    assert gave_up(DemoMix(), 2) < 0.1  # who retried keeps retrying (only p_noise slips remain)
+    assert 0.6 < gave_up(DemoMix(p_give_up_after_retry=None), 2) < 0.8  # the earlier demonstrator: at every timeout
+
+
 def test_mistaken_refusal_is_worded_apart_only_where_only_24h_applies():
     # The demonstrations say "not insured" exactly in the mistake, so imitating them takes reading within_24h.
     for world in (WorldConfig(), WorldConfig(free_form=True)):
@@ -233,6 +256,17 @@ def test_demo_config_free_form():
     assert cfg.world.free_form and cfg.max_new_tokens == 32  # the longest free-form reply is 26 tokens
     assert DemoConfig(free_form=True, max_new_tokens=40).max_new_tokens == 40
     assert all(t.name for t in DemoConfig.fast(free_form=True).tasks("test"))
+
+
+def test_grpo_curriculum_changes_only_the_training_world():
+    from progadv_trl.demo.pipeline import DemoConfig
+
+    cfg = DemoConfig()
+    assert cfg.world.p_timeout == 0.25 and cfg.train_world.p_timeout == 0.5  # RL meets repeated timeouts more often
+    assert cfg.train_world == WorldConfig(p_timeout=0.5)  # nothing else moves
+    assert DemoConfig(grpo_p_timeout=None).train_world == WorldConfig()
+    noisy = DemoConfig(free_form=True, grpo_p_timeout=0.4).train_world
+    assert noisy.free_form and noisy.p_timeout == 0.4
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -356,10 +390,13 @@ def fast_run(tmp_path_factory):
     return cfg
 
 
-def test_rollout_func_drives_grpo(fast_run):
+def test_rollout_func_drives_grpo(fast_run, monkeypatch):
+    from progadv_trl.demo import pipeline
     from progadv_trl.demo.pipeline import train_policy
 
-    seen = []
+    seen, worlds = [], []
+    real = pipeline.make_rollout_func
+    monkeypatch.setattr(pipeline, "make_rollout_func", lambda *a, **k: worlds.append(k["world"]) or real(*a, **k))
 
     class Probe:  # a callback built from the trainer, like the lead's ProgressAdvantageCallback
         def __init__(self, trainer):
@@ -373,6 +410,7 @@ def test_rollout_func_drives_grpo(fast_run):
 
     trainer, path = train_policy(fast_run, callbacks=[Probe])
     assert trainer.state.global_step == fast_run.grpo_steps == len(seen)
+    assert worlds == [fast_run.train_world] and worlds[0].p_timeout == fast_run.grpo_p_timeout  # the curriculum
     logs = [h for h in trainer.state.log_history if "reward" in h]
     assert len(logs) == fast_run.grpo_steps and all("kl" in h for h in logs)  # beta > 0: GRPO logged its KL term
     from transformers import AutoModelForCausalLM

@@ -88,6 +88,12 @@ class DemoConfig:
     p_refuse_24h_only: float = field(default=0.7, metadata={"help": "demos refuse when only 'within 24h' applies"})
     p_give_up_after_timeout: float = field(default=0.7, metadata={"help": "demos give up after a lookup timeout"})
     p_noise: float = field(default=0.08, metadata={"help": "demos take a random wrong action at any step"})
+    p_give_up_after_retry: float | None = field(
+        default=0.0,
+        metadata={"help": "demos give up at a second timeout in a row (None: as p_give_up_after_timeout). Repeated at "
+                          "every timeout, the mistake left every RL policy giving up after a second timeout (6% of "
+                          "episodes), capping the strongest references' seeds below +25 points"},
+    )
     # model
     vocab_size: int = field(default=600, metadata={"help": "BPE vocabulary (the domain needs ~530)"})
     hidden_size: int = field(default=96, metadata={"help": "model width"})
@@ -191,7 +197,7 @@ class DemoConfig:
 
     @property
     def mix(self) -> DemoMix:
-        return DemoMix(self.p_refuse_24h_only, self.p_give_up_after_timeout, self.p_noise)
+        return DemoMix(self.p_refuse_24h_only, self.p_give_up_after_timeout, self.p_noise, self.p_give_up_after_retry)
 
     def path(self, name: str) -> Path:
         return Path(self.out_dir) / name

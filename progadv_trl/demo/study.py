@@ -22,6 +22,10 @@ from pathlib import Path
 
 # Config keys that do not change a run's results: a seed made with other values of these is still resumed.
 IGNORED_KEYS = ("out_dir", "progress", "variants")
+# Config keys added after runs were made, with the value those runs had in effect: a summary without the key compares
+# as if it held that value (a seed made before the curriculum existed trained with the world's timeouts; its
+# demonstrations gave up at every timeout alike).
+ADDED_KEYS = {"grpo_p_timeout": None, "p_give_up_after_retry": None}
 # Config keys that change only stage 6 (the evaluation of saved rollouts): `--reevaluate` applies the study's values.
 EVAL_ONLY_KEYS = ("variants",)
 # Evaluation sets of the demo summary -> the regime they measure.
@@ -344,8 +348,10 @@ def study_markdown(study: dict, command: str | None = None) -> str:
         md += [f"`{command}`", ""]
     cfg = study["config"]
     world = "free-form (noisy)" if cfg.get("free_form") else "plain"
+    timeouts = cfg.get("grpo_p_timeout", ADDED_KEYS["grpo_p_timeout"])
+    rl_world = f", lookups time out at {timeouts} in the RL rollouts" if timeouts is not None else ""
     md += [f"Seeds {', '.join(map(str, study['seeds']))}; world: {world}; GRPO {cfg.get('grpo_steps')} steps, "
-           f"beta {cfg.get('beta')}.", ""]  # fmt: skip
+           f"beta {cfg.get('beta')}{rl_world}.", ""]  # fmt: skip
     if study.get("config_varying"):
         md += [f"Config differs between seeds in: {', '.join(study['config_varying'])}.", ""]
     md += ["## Held-out greedy success, reference -> RL policy", "",
@@ -411,7 +417,8 @@ def verdict_markdown(study: dict) -> list[str]:
 
 
 def _comparable(cfg: dict) -> dict:
-    return {k: v for k, v in json.loads(json.dumps(cfg, default=str)).items() if k not in IGNORED_KEYS}
+    cfg = {**ADDED_KEYS, **json.loads(json.dumps(cfg, default=str))}
+    return {k: v for k, v in cfg.items() if k not in IGNORED_KEYS}
 
 
 def config_diff(old: dict, new: dict) -> list[str]:

@@ -469,6 +469,12 @@ class DemoMix:
     )
     p_give_up_after_timeout: float = field(default=0.7, metadata={"help": "give up instead of retrying a timeout"})
     p_noise: float = field(default=0.08, metadata={"help": "any step: a uniformly random wrong action"})
+    p_give_up_after_retry: float | None = field(
+        default=0.0,
+        metadata={"help": "give up at a second or later timeout in a row (None: p_give_up_after_timeout again). A "
+                          "demonstrator who retried once keeps retrying: with the mistake repeated at every timeout, "
+                          "the second timeout was a lesson of its own that 80 RL steps rarely met"},
+    )
 
 
 def demo_agent(mix: DemoMix = DemoMix()) -> Callable[[Episode, random.Random], dict]:
@@ -479,7 +485,10 @@ def demo_agent(mix: DemoMix = DemoMix()) -> Callable[[Episode, random.Random], d
         t = ep.task
         if ep.looked_up and not ep.cancelled and t.within_24h and not t.insured and rng.random() < mix.p_refuse_24h_only:
             return mistaken_refusal(ep, rng)
-        if ep.last_timed_out and not ep.looked_up and rng.random() < mix.p_give_up_after_timeout:
+        p_give_up = mix.p_give_up_after_timeout
+        if ep.timeouts > 1 and mix.p_give_up_after_retry is not None:
+            p_give_up = mix.p_give_up_after_retry
+        if ep.last_timed_out and not ep.looked_up and rng.random() < p_give_up:
             return action_message(Action("say", "give_up"), ep, rng)
         if rng.random() < mix.p_noise:
             options = [Action("call", n, t.res_id) for n in TOOLS] + [Action("say", k) for k in ("refuse", "done")]
