@@ -198,6 +198,10 @@ def test_verdicts_ranges_and_the_demo_beside_the_study():
     assert "another draw" in lines[-1]
     other = dict(inside, config={**inside["config"], "beta": 0.3})  # a changed knob: no comparison
     assert "not comparable" in compare_with_study(other, r)[-1] and "beta" in compare_with_study(other, r)[-1]
+    # a study made before a config key existed held that key at its old value: a run with the new value differs
+    newer = dict(inside, config={**inside["config"], "grpo_p_timeout": 0.5})
+    assert "not comparable" in compare_with_study(newer, r)[-1] and "grpo_p_timeout" in compare_with_study(newer, r)[-1]
+    assert "not comparable" not in compare_with_study(dict(inside, config={**inside["config"], "grpo_p_timeout": None}), r)[-1]
 
 
 def test_family_verdicts_from_each_seeds_paired_interval():

@@ -131,16 +131,15 @@ class DemoConfig:
     # GRPO
     grpo_steps: int = field(
         default=80,
-        metadata={"help": "GRPO optimizer steps. Over seeds 0-4 greedy success rose +22 to +52 points; on the weakest "
-                          "seed (3) 100 steps gave +18.5, not more (README: what was tried for the +25 bar)"},
+        metadata={"help": "GRPO optimizer steps. Over seeds 0-4 greedy success rose +26.5 to +53 points (README: the "
+                          "study); before the curriculum, 100 steps gave seed 3 +18.5, not more than 80"},
     )
     grpo_lr: float = field(default=6e-4, metadata={"help": "GRPO learning rate"})
     grpo_p_timeout: float | None = field(
         default=0.5,
         metadata={"help": "P(a lookup times out) in the GRPO rollouts only, a curriculum (None: the world's 0.25); "
-                          "evaluation and the callback's held-out set keep the world's. At 0.25 every policy failed "
-                          "after a second timeout in a row (6% of episodes, almost never retried in the demonstrations), "
-                          "capping seed 3 at +22 points; 0.5 shows RL that case four times as often"},
+                          "evaluation and the callback's held-out set keep the world's. RL meets the timeout, where the "
+                          "reference gives up, twice as often (alone it lifted seed 3 from +22 to +27.5 points)"},
     )
     beta: float = field(
         default=0.1,

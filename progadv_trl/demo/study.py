@@ -306,8 +306,8 @@ def compare_with_study(summary: dict, ranges: dict) -> list[str]:
 
     n = len(ranges["seeds"])
     lines = [f"this run beside the study ({n} seeds, {ranges['world']} world; `{ranges['command']}`):"]
-    diff = [k for k in config_diff(ranges.get("config") or {}, summary.get("config") or {})
-            if k in (ranges.get("config") or {})]  # keys the study held fixed (seed and paths are not among them)
+    held = {**ADDED_KEYS, **(ranges.get("config") or {})}  # keys the study held fixed (not seed, not paths)
+    diff = [k for k in config_diff(ranges.get("config") or {}, summary.get("config") or {}) if k in held]
     if diff:
         return lines + [f"  not comparable: this run's configuration differs from the study's in {', '.join(diff)}"]
     g, gr = summary.get("greedy_gain_points"), ranges.get("gain_points")
