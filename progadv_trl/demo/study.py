@@ -306,7 +306,7 @@ def compare_with_study(summary: dict, ranges: dict) -> list[str]:
 
     n = len(ranges["seeds"])
     lines = [f"this run beside the study ({n} seeds, {ranges['world']} world; `{ranges['command']}`):"]
-    held = {**ADDED_KEYS, **(ranges.get("config") or {})}  # keys the study held fixed (not seed, not paths)
+    held = _comparable(ranges.get("config") or {})  # keys the study held fixed (not seed, not paths), added keys too
     diff = [k for k in config_diff(ranges.get("config") or {}, summary.get("config") or {}) if k in held]
     if diff:
         return lines + [f"  not comparable: this run's configuration differs from the study's in {', '.join(diff)}"]
