@@ -274,3 +274,17 @@ def check_same_tokenizer(a, b, names: tuple[str, str] = ("policy", "reference"),
             f"the same text into different tokens: {len(ia)} vs {len(ib)} tokens for a probe conversation with tool "
             f"calls, non-ASCII text and digits, first differing at token {i} ({pa!r} vs {pb!r}). {hint or why}"
         )
+
+
+def render_step(traj: Trajectory, tokenizer, message_index: int) -> tuple[list[int], tuple[int, int]]:
+    """(token ids of the whole conversation, [start, end) of assistant message `message_index`'s own tokens): what
+    `render` gives for that one step, locating only its span (one step's template work, not every turn's). The agent
+    loop (`session.py`) scores a candidate next turn this way, so its span is the one `render` finds for it."""
+    full = _template(tokenizer, traj.messages, traj.tools, traj)
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except Exception as e:  # noqa: BLE001 - the tokenizer's own failure, named for the record
+        raise ChatTemplateError(f"{traj.label}: the tokenizer cannot encode it: {type(e).__name__}: {e}", _record(traj)) from None
+    offsets = enc["offset_mapping"]
+    starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
+    return list(enc["input_ids"]), _token_span(starts, ends, *_char_span(traj, tokenizer, full, message_index))
