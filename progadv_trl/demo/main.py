@@ -12,6 +12,8 @@
    the policy (on-policy) and from the reference (off-policy, as the paper scores another model's runs)
 6. both sets scored with the bundle and evaluated against the baselines -> DIR/report/{policy,reference}/, the
    training curves DIR/report/training.png, DIR/report/README.md and DIR/summary.json
+7. step-level selection (`steer_tasks` > 0): each agent samples K candidate turns at every step of held-out episodes
+   and keeps the one each method ranks highest through a critic session (demo/steering.py) -> summary["step_selection"]
 
 Everything the figures come from is written next to them (rollouts as JSONL), so any number can be recomputed with
 `progadv evaluate --bundle DIR/bundle DIR/rollouts_policy.jsonl -o ...`.
@@ -31,7 +33,7 @@ from ..utils import atomic_write_text
 from .study import compare_with_study, reference_ranges
 from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference, write_jsonl
 
-N_STAGES = 6
+N_STAGES = 7
 SETS = {
     "policy": "rollouts of the RL policy (on-policy: the regime the theory describes, at a policy far from optimal)",
     "reference": "rollouts of the SFT reference (off-policy: another model's runs, as in the paper)",
@@ -106,6 +108,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                        for name in SETS}  # fmt: skip
         curves = training_curves(cb.history, trainer.state.log_history, out / "report" / "training.png")
 
+    steering = None
+    if cfg.steer_tasks:
+        with _stage(7, f"step-level selection: {cfg.steer_tasks} held-out tasks, K = 4 and 8, every method, both agents",
+                    timings, "steer_s", cpu):  # fmt: skip
+            steering = run_step_selection(critic, cfg)
+
     timings["total_s"] = round(time.perf_counter() - t_all, 1)
     cpu["total_s"] = round(time.process_time() - c_all, 1)
     s = ev["success"]
@@ -129,6 +137,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                   "policy": str(out / "policy"), "reference": str(out / "reference")},  # fmt: skip
         "config": asdict(cfg),
     }
+    if steering is not None:
+        summary["step_selection"] = steering
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
@@ -156,6 +166,8 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
     evaluations = {name: evaluate_set(critic, summary["test_rollouts"][name]["path"], out / "report" / name, cfg)
                    for name in SETS}  # fmt: skip
     summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
+    if cfg.steer_tasks:
+        summary["step_selection"] = run_step_selection(critic, cfg)
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
@@ -166,6 +178,15 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation of one rollout set
+
+
+def run_step_selection(critic, cfg: DemoConfig) -> dict:
+    """Stage 7: the critic in the agent loop (demo/steering.py), both agents, on the first `steer_tasks` eval tasks."""
+    from .pipeline import load_models
+    from .steering import step_selection
+
+    tok, models = load_models(cfg)
+    return step_selection(critic, models, tok, cfg)
 
 
 def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
@@ -328,6 +349,10 @@ def format_summary(summary: dict) -> str:
             lines.append(f"(5-fold CV would pick the variant {cvv['chosen']}: out-of-fold AUROC "
                          f"{format_cell(cvv['out_of_fold_auroc'])}; steps out of the reference's support: "
                          f"{format_cell(h.get('out_of_support'))})")  # fmt: skip
+    if summary.get("step_selection"):
+        from .steering import format_step_selection
+
+        lines += [""] + format_step_selection(summary["step_selection"])
     if summary.get("study_comparison"):
         lines += [""] + summary["study_comparison"]
     t = summary["timings"]
@@ -353,5 +378,9 @@ def report_markdown(summary: dict, evaluations: dict) -> str:
         md += ["", f"## {name} rollouts", "", SETS[name], "", markdown_table(header, rows), "",
                f"Details, intervals, calibration and plots: [{name}/metrics.md]({name}/metrics.md), "
                f"![ROC]({name}/roc.png) ![best-of-N]({name}/best_of_n.png) ![traces]({name}/traces.png)"]  # fmt: skip
+    if summary.get("step_selection"):
+        from .steering import step_selection_markdown
+
+        md += ["", "## Step-level selection (the critic in the agent loop)", ""] + step_selection_markdown(summary["step_selection"])
     md += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings"].items())]
     return "\n".join(md) + "\n"

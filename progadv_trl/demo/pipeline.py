@@ -166,6 +166,12 @@ class DemoConfig:
                           "chooses one by 5-fold CV: the study's full table. About a minute more on 2 CPU cores; "
                           "evaluation only (stages 1-5 are the same either way)"},
     )
+    steer_tasks: int = field(
+        default=64,
+        metadata={"help": "step-level selection (the critic in the agent loop, demo/steering.py): the first N tasks of "
+                          "the eval split, played by each agent choosing each turn among K = 4 and 8 candidates by every "
+                          "method; 0 skips it. The study runs it on the same N (the demo stays a few minutes)"},
+    )
     progress: bool = field(default=False, metadata={"help": "progress bars for SFT and GRPO (the trainers' tqdm)"})
 
     @classmethod
@@ -175,7 +181,7 @@ class DemoConfig:
                     pretrain_steps=2, pretrain_batch_size=8,
                     hidden_size=32, num_layers=1, intermediate_size=64, sft_epochs=1.0, grpo_steps=2,
                     num_generations=4, prompts_per_step=2, logging_steps=1, heldout_per_task=2, heldout_eval_steps=1,
-                    n_boot=50)
+                    n_boot=50, steer_tasks=3)
         base.update(kw)
         return cls(**base)
 
