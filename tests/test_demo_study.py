@@ -134,6 +134,11 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     assert st["seeds"] == [0, 1] and len(st["success"]["per_seed"]) == 2
     for regime in ("on-policy", "off-policy"):
         assert st["table"][regime]["progress_advantage"]["best_of_n"]["n_seeds"] == 2  # AUROC: none without successes
+    cell = st["step_selection"]["cells"]["policy/k8"]
+    assert cell["step"]["progress_advantage"]["n_seeds"] == 2
+    v = cell["step_verdicts"]["progress_advantage"]
+    assert v["beats"] + v["ties"] + v["losses"] == 2
+    assert "Step-level selection" in (out / "study.md").read_text()
     for s in (0, 1):
         cfg = json.loads((out / f"seed_{s}" / "summary.json").read_text())["config"]
         assert cfg == json.loads(json.dumps(asdict(DemoConfig.fast(seed=s, out_dir=str(out / f"seed_{s}")))))
