@@ -12,7 +12,7 @@ a task's trials, failure attribution; for Who&When also step- and agent-level ac
 first-step baselines). `evaluate` runs the models again; `--evaluate false` skips it.
 
 The instruct model is the "policy" and its base the "reference"; the pair was never trained against each other with a
-KL term and the logs usually come from another model, so the scores are a heuristic (README: "Real agent logs").
+KL term and the logs usually come from another model, so the scores are a heuristic (docs/formats.md).
 """
 
 import os

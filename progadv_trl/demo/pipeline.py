@@ -131,8 +131,8 @@ class DemoConfig:
     # GRPO
     grpo_steps: int = field(
         default=80,
-        metadata={"help": "GRPO optimizer steps. Over seeds 0-4 greedy success rose +26.5 to +53 points (README: the "
-                          "study); before the curriculum, 100 steps gave seed 3 +18.5, not more than 80"},
+        metadata={"help": "GRPO optimizer steps. Over seeds 0-4 greedy success rose +26.5 to +53 points (docs/study.md); "
+                          "before the curriculum, 100 steps gave seed 3 +18.5, not more than 80"},
     )
     grpo_lr: float = field(default=6e-4, metadata={"help": "GRPO learning rate"})
     grpo_p_timeout: float | None = field(
