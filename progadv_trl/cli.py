@@ -51,10 +51,11 @@ def _load_inputs(path: str, inputs: InputArguments):
     from .formats import as_trajectory_source
     from .trajectories import TrajectoryError, load_trajectories
 
-    res = load_trajectories(as_trajectory_source(path, inputs.format), on_error=inputs.on_error)
+    source, not_converted = as_trajectory_source(path, inputs.format, on_error=inputs.on_error)
+    res = load_trajectories(source, on_error=inputs.on_error)
     if not res.trajectories:
-        raise TrajectoryError(res.errors)
-    return res.trajectories, res.errors
+        raise TrajectoryError(not_converted + res.errors)
+    return res.trajectories, not_converted + res.errors
 
 
 def _report_skipped_and_faults(skipped, scores) -> None:
@@ -169,13 +170,12 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
 
 
 def cmd_convert(source: str, output: str, args: ConvertArguments) -> int:
-    from .formats import convert
+    from .formats import convert_report
     from .utils import write_jsonl
 
-    records = convert(args.source_format, source)
-    write_jsonl(output, records)
-    steps = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
-    print(f"progadv: converted {len(records)} trajectories ({steps} steps) -> {output}", file=sys.stderr)
+    conv = convert_report(args.source_format, source, on_error="raise" if args.strict else "skip")
+    write_jsonl(output, conv.records)
+    print(f"progadv: {conv.summary()} -> {output}", file=sys.stderr)
     return 0
 
 
@@ -278,7 +278,7 @@ COMMANDS = {
                  [("trajectories", "labelled trajectories (success, group, failure_step)")],
                  (ModelArguments, ScoringArguments, InputArguments, EvaluateArguments), cmd_evaluate),
     "convert": ("τ²-bench results or Who&When cases -> trajectories JSONL",
-                [("input", "a τ²-bench results file, a Who&When case, or a directory of cases"),
+                [("input", "a τ²-bench results file or a Who&When case, or a folder of them (searched recursively)"),
                  ("output", "output .jsonl (written atomically)")], (ConvertArguments,), cmd_convert),
     "export": ("build a critic bundle from a checkpoint pair (no training needed)",
                [("output", "bundle directory to create")], (ExportArguments, ScoringArguments), cmd_export),
