@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 from transformers.hf_argparser import HfArgumentParser
@@ -30,7 +29,7 @@ from .arguments import (  # noqa: F401 - the argument groups (DemoArguments, ...
     ScoringArguments,
     StudyArguments,
 )
-from .utils import atomic_write_text
+from .utils import write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared steps
@@ -65,6 +64,12 @@ def _report_skipped_and_faults(skipped, scores) -> None:
 
     if skipped:
         print(f"progadv: {skipped_report(skipped)}", file=sys.stderr)
+    cut = [s for s in scores if s.truncation]
+    if cut:
+        by = sorted({s.truncation.get("limit", "max_length") for s in cut})
+        print(f"progadv: {len(cut)} trajector{'y' if len(cut) == 1 else 'ies'} truncated (by {' and '.join(by)}; "
+              "start and most recent context kept, cut steps flagged `truncated`, wholly cut ones `advantage: null`)",
+              file=sys.stderr)  # fmt: skip
     faulted = split_faults(scores)[1]
     if faulted:
         n = len(faulted)
@@ -132,7 +137,7 @@ def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArgument
     )  # fmt: skip
     if scores is None:  # not the main process: it writes and reports
         return 0
-    atomic_write_text(args.output, "".join(json.dumps(s.to_dict()) + "\n" for s in scores))
+    write_jsonl(args.output, (s.to_dict() for s in scores))  # strict JSON: a NaN in metadata is written null
     print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
     from .evaluation.labels import out_of_support_share
 

@@ -44,9 +44,21 @@ def _umask() -> int:
     return mask
 
 
+def to_json(obj: Any, *, indent: int | None = None, default=None) -> str:
+    """Strict JSON text (RFC 8259): `json_safe` first (NaN and +-inf become null, numpy and paths plain values), then
+    `allow_nan=False`, so a non-finite number can never reach a file as a bare NaN or Infinity. Non-ASCII is kept.
+    `default`: as json.dumps's, for other objects (e.g. `str`)."""
+    return json.dumps(json_safe(obj), ensure_ascii=False, indent=indent, allow_nan=False, default=default)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, default=None) -> None:
+    """`to_json(obj)` and a newline, written atomically."""
+    atomic_write_text(path, to_json(obj, indent=indent, default=default) + "\n")
+
+
 def write_jsonl(path: str | os.PathLike, records) -> None:
-    """Records (dicts), one JSON line each (UTF-8, non-ASCII kept as is), written atomically."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    """Records (dicts), one strict JSON line each (`to_json`: NaN/inf -> null), written atomically."""
+    atomic_write_text(path, "".join(to_json(r) + "\n" for r in records))
 
 
 def json_safe(x: Any, *, strict: bool = False) -> Any:

@@ -21,6 +21,7 @@ import time  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from progadv_trl.demo import DemoConfig, evaluate, train_policy  # noqa: E402
+from progadv_trl.utils import write_json  # noqa: E402
 
 
 def main(cfg: DemoConfig) -> dict:
@@ -32,7 +33,7 @@ def main(cfg: DemoConfig) -> dict:
     summary = evaluate(cfg)
     summary["timings"]["grpo_s"] = round(grpo_s, 1)
     summary["grpo_steps"] = trainer.state.global_step
-    cfg.path("summary_grpo.json").write_text(json.dumps(summary, indent=2))
+    write_json(cfg.path("summary_grpo.json"), summary)  # strict JSON: a NaN figure is written null
     print(json.dumps({k: summary[k] for k in ("reference_success", "policy_success", "success", "timings")}, indent=2))
     return summary
 

@@ -41,6 +41,10 @@ def test_demo_writes_summary_report_and_bundle(demo_runs, capsys):
     steps = summary["training_curves"]["heldout_steps"]
     assert steps[0] == 0 and steps[-1] == summary["grpo_steps"]
     assert (out / "bundle" / "manifest.json").is_file()
+    from conftest import strict_json_files
+
+    read = {p.relative_to(out).as_posix() for p in strict_json_files(out)}  # strict: no bare NaN anywhere
+    assert {"summary.json", "report/policy/metrics.json", "rollouts_policy.jsonl", "bundle/manifest.json"} <= read
 
 
 def test_demo_bundle_loads_and_scores_the_heldout_set(demo_runs):

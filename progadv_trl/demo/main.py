@@ -27,7 +27,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..evaluation import format_cell, markdown_table, text_table
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, write_json
 from .study import compare_with_study, reference_ranges
 from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference, write_jsonl
 
@@ -133,7 +133,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out / "summary.json", summary, default=str)
     print(format_summary(summary))
     return summary
 
@@ -160,7 +160,7 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out / "summary.json", summary, default=str)
     return summary
 
 

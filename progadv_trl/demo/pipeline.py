@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import atomic_write_text, write_jsonl  # noqa: F401 - write_jsonl re-exported for recipes
+from ..utils import atomic_write_text, write_json, write_jsonl  # noqa: F401 - write_jsonl re-exported for recipes
 from .rollout import encode, episode_tokens, make_rollout_func, play, render, success_reward
 from .world import (
     ID_DIGITS,
@@ -531,6 +531,6 @@ def evaluate(cfg: DemoConfig, write_rollouts: bool = True) -> dict:
 
 
 def _write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+    write_json(path, obj, default=str)
 
 
