@@ -29,7 +29,7 @@ from .arguments import (  # noqa: F401 - the argument groups (DemoArguments, ...
     ScoringArguments,
     StudyArguments,
 )
-from .utils import write_jsonl
+from .utils import openmp_wait_policy, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared steps
@@ -176,7 +176,6 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
 
 def cmd_convert(source: str, output: str, args: ConvertArguments) -> int:
     from .formats import convert_report
-    from .utils import write_jsonl
 
     conv = convert_report(args.source_format, source, on_error="raise" if args.strict else "skip")
     write_jsonl(output, conv.records)
@@ -206,62 +205,13 @@ def cmd_inspect(bundle: str, args: InspectArguments) -> int:
     return 0 if report.ok else 2
 
 
-def demo_config(args: DemoArguments):
-    """The DemoConfig of a `progadv demo` call: --config read by TRL's `TrlParser`, as the recipes read their YAML
-    (unknown keys are an error), then --out / --seed / --no-progress on top; --fast starts from `DemoConfig.fast`."""
-    from trl import TrlParser
-
-    from .demo.pipeline import DemoConfig
-
-    given: dict = {}
-    if args.config:
-        import yaml
-
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                given = yaml.safe_load(f) or {}
-            if not isinstance(given, dict):
-                raise ValueError("it must be a mapping of DemoConfig fields")
-            (cfg,) = TrlParser(DemoConfig).parse_args_and_config(["--config", args.config])
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise SystemExit(f"progadv: error: --config {args.config}: {e}")
-        given = {k: getattr(cfg, k) for k in given}
-    given.update(out_dir=args.out, progress=not args.no_progress)
-    if args.seed is not None:
-        given["seed"] = args.seed
-    if args.noisy:
-        given["free_form"] = True
-    return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
-
-
-def openmp_wait_policy() -> str | None:
-    """Choose how torch's idle OpenMP threads wait, before torch starts its thread pool (a value you set wins).
-
-    The demo's tiny model runs thousands of small ops a second. On an idle 2-core machine spinning threads sampled
-    1.6x faster than sleeping ones (the whole demo: 296 s -> 258 s); with two CPU-bound jobs beside it, spinning
-    was 3x slower, and 10x in an earlier measurement. So spin (OpenMP's default) only when the 1-minute load average
-    is below half the cores; else PASSIVE. Either way the numbers are the same: only the waiting differs."""
-    import os
-
-    if "OMP_WAIT_POLICY" in os.environ:
-        return os.environ["OMP_WAIT_POLICY"]
-    try:
-        busy = os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)
-    except OSError:  # no load average on this platform: the safe choice
-        busy = True
-    if busy:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        return "PASSIVE"
-    return None
-
-
 def cmd_demo(args: DemoArguments) -> int:
     openmp_wait_policy()
     import warnings
 
     # transformers 5 renamed gradient checkpointing; TRL 1.16 still calls the old names every step. Not ours to fix.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    from .demo.main import run_demo
+    from .demo.main import demo_config, run_demo
 
     run_demo(demo_config(args))
     return 0

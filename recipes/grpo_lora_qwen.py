@@ -16,7 +16,9 @@ adapter disabled, so after training the adapter directory alone is a policy/refe
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from progadv_trl.utils import openmp_wait_policy  # noqa: E402 - torch-free
+
+openmp_wait_policy()  # before torch starts: idle OpenMP threads spin only on an idle machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 

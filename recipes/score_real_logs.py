@@ -17,7 +17,9 @@ KL term and the logs usually come from another model, so the scores are a heuris
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: idle OpenMP threads must not spin
+from progadv_trl.utils import openmp_wait_policy  # noqa: E402 - torch-free
+
+openmp_wait_policy()  # before torch starts: idle OpenMP threads spin only on an idle machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from dataclasses import dataclass, field  # noqa: E402

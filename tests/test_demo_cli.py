@@ -81,7 +81,7 @@ def test_demo_bad_config_is_a_message(tmp_path, capsys):
 def test_openmp_wait_policy_spins_only_on_an_idle_machine(monkeypatch):
     import os
 
-    from progadv_trl.cli import openmp_wait_policy
+    from progadv_trl.utils import openmp_wait_policy
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)

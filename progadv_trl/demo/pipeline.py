@@ -68,8 +68,8 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seeds tasks, demonstrations, initialisation, training, sampling"})
     num_threads: int = field(
         default=2,
-        metadata={"help": "torch CPU threads. Set OMP_WAIT_POLICY=PASSIVE before torch starts (the recipes do): on a "
-                          "busy machine spinning OpenMP threads ran this tiny model up to 10x slower"},
+        metadata={"help": "torch CPU threads. Call utils.openmp_wait_policy() before torch starts (the CLI and the "
+                          "recipes do): on a busy machine spinning OpenMP threads ran this tiny model up to 10x slower"},
     )
     # tasks (disjoint splits of one seeded stream of reservation ids)
     n_train_tasks: int = field(default=400, metadata={"help": "tasks for demonstrations and GRPO prompts"})

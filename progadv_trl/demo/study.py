@@ -481,10 +481,11 @@ def run_study(seeds: list[int], out_dir, make_config, runner=None, command: str 
 
 
 def main(args) -> int:
-    """`progadv study` (args: a `cli.StudyArguments`)."""
+    """`progadv study` (args: an `arguments.StudyArguments`)."""
     import warnings
 
-    from ..cli import DemoArguments, demo_config
+    from ..arguments import DemoArguments
+    from .main import demo_config
 
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
 
