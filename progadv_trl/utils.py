@@ -48,7 +48,14 @@ def to_json(obj: Any, *, indent: int | None = None, default=None) -> str:
     """Strict JSON text (RFC 8259): `json_safe` first (NaN and +-inf become null, numpy and paths plain values), then
     `allow_nan=False`, so a non-finite number can never reach a file as a bare NaN or Infinity. Non-ASCII is kept.
     `default`: as json.dumps's, for other objects (e.g. `str`)."""
-    return json.dumps(json_safe(obj), ensure_ascii=False, indent=indent, allow_nan=False, default=default)
+    safe = json_safe(obj)
+    text = json.dumps(safe, ensure_ascii=False, indent=indent, allow_nan=False, default=default)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (e.g. in a record's metadata): JSON's \ud800 escape holds it
+            text = json.dumps(safe, ensure_ascii=True, indent=indent, allow_nan=False, default=default)
+    return text
 
 
 def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, default=None) -> None:

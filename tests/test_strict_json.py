@@ -32,6 +32,8 @@ def test_every_file_the_commands_write_is_strict_json(tiny_dir, tmp_path, capsys
         ok = i % 3 != 0
         r = make_trajectory(i, n_turns=1 + i % 2, success=ok, failure_step=None if ok else 0, group=f"g{i // 4}")
         r["metadata"] = {"reward": float("nan") if i == 0 else 1.0, "cost": float("inf"), "note": "é"}
+        if i == 1:
+            r["metadata"]["raw"] = "\ud800"  # a lone surrogate: JSON can escape it, UTF-8 cannot hold it
         recs.append(r)
     inputs.mkdir()
     src = inputs / "t.jsonl"
@@ -46,6 +48,8 @@ def test_every_file_the_commands_write_is_strict_json(tiny_dir, tmp_path, capsys
     assert {"scores.jsonl", "eval/metrics.json", "bundle/manifest.json", "ww.jsonl"} <= written
     first = json.loads((out / "scores.jsonl").read_text().splitlines()[0])
     assert first["metadata"] == {"reward": None, "cost": None, "note": "é"}  # NaN and inf written as null
+    second = json.loads((out / "scores.jsonl").read_text().splitlines()[1])
+    assert second["metadata"]["raw"] == "\ud800"  # written escaped, not a crash
 
 
 def _long(n_turns):
