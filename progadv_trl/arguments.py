@@ -126,6 +126,8 @@ class EvaluateArguments:
 @dataclass
 class ConvertArguments:
     source_format: str = field(metadata={"aliases": ["--from"], "choices": FORMATS, "help": "the logs' format"})
+    strict: bool = field(default=False, metadata={"help": "a case or simulation that cannot be converted is an error "
+                                                          "(default: skip it, name it and its reason, go on)"})  # fmt: skip
 
 
 @dataclass

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 from transformers.hf_argparser import HfArgumentParser
@@ -30,7 +29,7 @@ from .arguments import (  # noqa: F401 - the argument groups (DemoArguments, ...
     ScoringArguments,
     StudyArguments,
 )
-from .utils import atomic_write_text
+from .utils import openmp_wait_policy, write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared steps
@@ -51,10 +50,11 @@ def _load_inputs(path: str, inputs: InputArguments):
     from .formats import as_trajectory_source
     from .trajectories import TrajectoryError, load_trajectories
 
-    res = load_trajectories(as_trajectory_source(path, inputs.format), on_error=inputs.on_error)
+    source, not_converted = as_trajectory_source(path, inputs.format, on_error=inputs.on_error)
+    res = load_trajectories(source, on_error=inputs.on_error)
     if not res.trajectories:
-        raise TrajectoryError(res.errors)
-    return res.trajectories, res.errors
+        raise TrajectoryError(not_converted + res.errors)
+    return res.trajectories, not_converted + res.errors
 
 
 def _report_skipped_and_faults(skipped, scores) -> None:
@@ -64,6 +64,12 @@ def _report_skipped_and_faults(skipped, scores) -> None:
 
     if skipped:
         print(f"progadv: {skipped_report(skipped)}", file=sys.stderr)
+    cut = [s for s in scores if s.truncation]
+    if cut:
+        by = sorted({s.truncation.get("limit", "max_length") for s in cut})
+        print(f"progadv: {len(cut)} trajector{'y' if len(cut) == 1 else 'ies'} truncated (by {' and '.join(by)}; "
+              "start and most recent context kept, cut steps flagged `truncated`, wholly cut ones `advantage: null`)",
+              file=sys.stderr)  # fmt: skip
     faulted = split_faults(scores)[1]
     if faulted:
         n = len(faulted)
@@ -131,7 +137,7 @@ def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArgument
     )  # fmt: skip
     if scores is None:  # not the main process: it writes and reports
         return 0
-    atomic_write_text(args.output, "".join(json.dumps(s.to_dict()) + "\n" for s in scores))
+    write_jsonl(args.output, (s.to_dict() for s in scores))  # strict JSON: a NaN in metadata is written null
     print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
     from .evaluation.labels import out_of_support_share
 
@@ -169,13 +175,11 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
 
 
 def cmd_convert(source: str, output: str, args: ConvertArguments) -> int:
-    from .formats import convert
-    from .utils import write_jsonl
+    from .formats import convert_report
 
-    records = convert(args.source_format, source)
-    write_jsonl(output, records)
-    steps = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
-    print(f"progadv: converted {len(records)} trajectories ({steps} steps) -> {output}", file=sys.stderr)
+    conv = convert_report(args.source_format, source, on_error="raise" if args.strict else "skip")
+    write_jsonl(output, conv.records)
+    print(f"progadv: {conv.summary()} -> {output}", file=sys.stderr)
     return 0
 
 
@@ -201,62 +205,13 @@ def cmd_inspect(bundle: str, args: InspectArguments) -> int:
     return 0 if report.ok else 2
 
 
-def demo_config(args: DemoArguments):
-    """The DemoConfig of a `progadv demo` call: --config read by TRL's `TrlParser`, as the recipes read their YAML
-    (unknown keys are an error), then --out / --seed / --no-progress on top; --fast starts from `DemoConfig.fast`."""
-    from trl import TrlParser
-
-    from .demo.pipeline import DemoConfig
-
-    given: dict = {}
-    if args.config:
-        import yaml
-
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                given = yaml.safe_load(f) or {}
-            if not isinstance(given, dict):
-                raise ValueError("it must be a mapping of DemoConfig fields")
-            (cfg,) = TrlParser(DemoConfig).parse_args_and_config(["--config", args.config])
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise SystemExit(f"progadv: error: --config {args.config}: {e}")
-        given = {k: getattr(cfg, k) for k in given}
-    given.update(out_dir=args.out, progress=not args.no_progress)
-    if args.seed is not None:
-        given["seed"] = args.seed
-    if args.noisy:
-        given["free_form"] = True
-    return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
-
-
-def openmp_wait_policy() -> str | None:
-    """Choose how torch's idle OpenMP threads wait, before torch starts its thread pool (a value you set wins).
-
-    The demo's tiny model runs thousands of small ops a second. On an idle 2-core machine spinning threads sampled
-    1.6x faster than sleeping ones (the whole demo: 296 s -> 258 s); with two CPU-bound jobs beside it, spinning
-    was 3x slower, and 10x in an earlier measurement. So spin (OpenMP's default) only when the 1-minute load average
-    is below half the cores; else PASSIVE. Either way the numbers are the same: only the waiting differs."""
-    import os
-
-    if "OMP_WAIT_POLICY" in os.environ:
-        return os.environ["OMP_WAIT_POLICY"]
-    try:
-        busy = os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)
-    except OSError:  # no load average on this platform: the safe choice
-        busy = True
-    if busy:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        return "PASSIVE"
-    return None
-
-
 def cmd_demo(args: DemoArguments) -> int:
     openmp_wait_policy()
     import warnings
 
     # transformers 5 renamed gradient checkpointing; TRL 1.16 still calls the old names every step. Not ours to fix.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    from .demo.main import run_demo
+    from .demo.main import demo_config, run_demo
 
     run_demo(demo_config(args))
     return 0
@@ -278,7 +233,7 @@ COMMANDS = {
                  [("trajectories", "labelled trajectories (success, group, failure_step)")],
                  (ModelArguments, ScoringArguments, InputArguments, EvaluateArguments), cmd_evaluate),
     "convert": ("τ²-bench results or Who&When cases -> trajectories JSONL",
-                [("input", "a τ²-bench results file, a Who&When case, or a directory of cases"),
+                [("input", "a τ²-bench results file or a Who&When case, or a folder of them (searched recursively)"),
                  ("output", "output .jsonl (written atomically)")], (ConvertArguments,), cmd_convert),
     "export": ("build a critic bundle from a checkpoint pair (no training needed)",
                [("output", "bundle directory to create")], (ExportArguments, ScoringArguments), cmd_export),

@@ -41,6 +41,10 @@ def test_demo_writes_summary_report_and_bundle(demo_runs, capsys):
     steps = summary["training_curves"]["heldout_steps"]
     assert steps[0] == 0 and steps[-1] == summary["grpo_steps"]
     assert (out / "bundle" / "manifest.json").is_file()
+    from conftest import strict_json_files
+
+    read = {p.relative_to(out).as_posix() for p in strict_json_files(out)}  # strict: no bare NaN anywhere
+    assert {"summary.json", "report/policy/metrics.json", "rollouts_policy.jsonl", "bundle/manifest.json"} <= read
 
 
 def test_demo_step_selection_block(demo_runs):
@@ -96,7 +100,7 @@ def test_demo_bad_config_is_a_message(tmp_path, capsys):
 def test_openmp_wait_policy_spins_only_on_an_idle_machine(monkeypatch):
     import os
 
-    from progadv_trl.cli import openmp_wait_policy
+    from progadv_trl.utils import openmp_wait_policy
 
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)

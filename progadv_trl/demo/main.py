@@ -28,8 +28,9 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from ..arguments import DemoArguments
 from ..evaluation import format_cell, markdown_table, text_table
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, write_json
 from .study import compare_with_study, reference_ranges
 from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference, write_jsonl
 
@@ -44,6 +45,32 @@ MERGES_EVALUATED = ("linear", "ties", "dare_linear")
 MERGE_DENSITY = 0.2  # ties / dare: the share of the task vector kept (TIES' usual top 20 %)
 HEADLINE_METHODS = ("progress_advantage", "policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail",
                     "deepconf_bottom10")  # fmt: skip
+
+
+def demo_config(args: DemoArguments) -> DemoConfig:
+    """The DemoConfig of a `progadv demo` call: --config read by TRL's `TrlParser`, as the recipes read their YAML
+    (unknown keys are an error), then --out / --seed / --no-progress on top; --fast starts from `DemoConfig.fast`."""
+    from trl import TrlParser
+
+    given: dict = {}
+    if args.config:
+        import yaml
+
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                given = yaml.safe_load(f) or {}
+            if not isinstance(given, dict):
+                raise ValueError("it must be a mapping of DemoConfig fields")
+            (cfg,) = TrlParser(DemoConfig).parse_args_and_config(["--config", args.config])
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise SystemExit(f"progadv: error: --config {args.config}: {e}")
+        given = {k: getattr(cfg, k) for k in given}
+    given.update(out_dir=args.out, progress=not args.no_progress)
+    if args.seed is not None:
+        given["seed"] = args.seed
+    if args.noisy:
+        given["free_form"] = True
+    return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
 
 
 def _say(msg: str) -> None:
@@ -143,7 +170,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out / "summary.json", summary, default=str)
     print(format_summary(summary))
     return summary
 
@@ -172,7 +199,7 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out / "summary.json", summary, default=str)
     return summary
 
 
@@ -214,8 +241,8 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
 
 
 def headline(metrics: dict) -> dict:
-    """Per method: AUROC (all rollouts; successes + decision failures only), best-of-N, attribution (min cumsum),
-    and the fair figures (each method's rule chosen by 5-fold CV, out-of-fold: `fair_*`); `comparison`: progress
+    """Per method: AUROC (all rollouts; successes + decision failures only), best-of-N, attribution by the
+    min-cumsum rule (`attribution_min_cumsum_*`), and the fair figures (each method's rule chosen by 5-fold CV, out-of-fold: `fair_*`); `comparison`: progress
     advantage minus the best baseline per application, with its paired 95 % interval and verdict."""
     fair = metrics.get("fair") or {}
     fair_dec = ((metrics.get("fair_by_failure_kind") or {}).get("decision") or {}).get("auroc") or {}
@@ -232,7 +259,10 @@ def headline(metrics: dict) -> dict:
             "auroc_decision_failures": dec.get("auroc"), "auroc_decision_failures_ci": dec.get("auroc_ci"),
             "n_decision": dec.get("n"),
             "best_of_n": b["success"], "best_of_n_ci": b["success_ci"], "n_groups": b["n_groups"],
-            "attribution_exact": fa["exact"], "attribution_within1": fa["within1"], "n_attributed": fa["n"],
+            # named by its rule: min_cumsum always names a log-prob's last step (a log-prob is <= 0 at every step),
+            # so it is no fair figure for the baselines; `fair_attribution` (each method's rule by CV) is
+            "attribution_min_cumsum_exact": fa["exact"], "attribution_min_cumsum_within1": fa["within1"],
+            "n_attributed": fa["n"],
         }  # fmt: skip
         for app, f in apps.items():
             r = ((f or {}).get("methods") or {}).get(m)

@@ -512,7 +512,7 @@ def run_study(seeds: list[int], out_dir, make_config, runner=None, command: str 
     bundle) is run again with this version's evaluation code; its models and rollouts are kept."""
     from dataclasses import asdict
 
-    from ..utils import atomic_write_text
+    from ..utils import atomic_write_text, write_json
 
     if runner is None:
         from .main import run_demo as runner
@@ -548,18 +548,19 @@ def run_study(seeds: list[int], out_dir, make_config, runner=None, command: str 
     study["command"] = command
     study["run_s"] = timings  # seeds run by this invocation
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.json", json.dumps(study, indent=2, default=str) + "\n")
+    write_json(out / "study.json", study, default=str)
     atomic_write_text(out / "study.md", study_markdown(study, command) + "\n")
-    atomic_write_text(out / "study_ranges.json", json.dumps(study_ranges(study), indent=2) + "\n")
+    write_json(out / "study_ranges.json", study_ranges(study))
     _say(f"wrote {out / 'study.json'} and {out / 'study.md'}")
     return study
 
 
 def main(args) -> int:
-    """`progadv study` (args: a `cli.StudyArguments`)."""
+    """`progadv study` (args: an `arguments.StudyArguments`)."""
     import warnings
 
-    from ..cli import DemoArguments, demo_config
+    from ..arguments import DemoArguments
+    from .main import demo_config
 
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
 

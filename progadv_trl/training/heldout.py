@@ -80,13 +80,14 @@ class HeldoutSet:
         with one warning naming them."""
         if self.rendered is not None:
             return self.rendered
-        from ..rendering import render
+        from ..rendering import position_limit, render
 
         tok = trl_hooks.tokenizer(self.trainer)
+        limit, _ = position_limit(self.max_length, trl_hooks.unwrap(self.trainer))  # never past the positions
         keep, rendered, bad = [], [], []
         for traj in self.trajectories:
             try:
-                rendered.append(render(traj, tok, self.max_length))
+                rendered.append(render(traj, tok, limit))
                 keep.append(traj)
             except ValueError as e:  # ChatTemplateError: names the trajectory
                 if self.strict:
