@@ -16,7 +16,7 @@ Output: one trajectory record per episode (JSONL), labelled by the world (`succe
 import os
 import sys
 
-from progadv_trl.cli import openmp_wait_policy  # noqa: E402
+from progadv_trl.utils import openmp_wait_policy  # noqa: E402 - torch-free
 
 openmp_wait_policy()  # before torch starts its threads
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
