@@ -14,7 +14,6 @@ Output: one trajectory record per episode (JSONL), labelled by the world (`succe
 """
 
 import os
-import sys
 
 from progadv_trl.utils import openmp_wait_policy  # noqa: E402 - torch-free
 
