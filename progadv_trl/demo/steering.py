@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from ..config import VARIANTS
+from ..session import from_step
 from .rollout import EOT, encode, end_of_turn, generate_turns, parse_turn, play, render
 from .world import Episode, episode_seed
 
@@ -56,7 +57,7 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
     """Play every task once per method, choosing each turn among K sampled candidates by that method.
 
     Returns ({method: [Episode]}, stats {"states", "candidates"}). All methods advance in lockstep; the distinct
-    states of a round are expanded together (one batched generation, one critic session per state)."""
+    states of a round are expanded together (one batched generation, one scoring call for all their candidates)."""
     from ..evaluation.selection import pick_best
 
     eos = end_of_turn(tokenizer)
@@ -84,10 +85,14 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
                 g, _ = generate_turns(agent, contexts[s : s + batch_size], eos_id=eos, pad_id=pad,
                                       max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
                 gens += g
+            # Every candidate of every new state, scored in ONE engine call: the figures a critic session gives them
+            # (tests/test_session.py checks the two agree), without hundreds of tiny per-state passes.
+            new = {key: [_candidate(tokenizer, g, eos) for g in gens[j * k : (j + 1) * k]] for j, key in enumerate(keys)}
+            recs = [{"id": f"s{j}c{c}", "messages": need[key] + [msg]}
+                    for j, key in enumerate(keys) for c, (msg, _) in enumerate(new[key])]  # fmt: skip
+            scores = critic.score(recs, support=True) if recs else []
             for j, key in enumerate(keys):
-                cands = [_candidate(tokenizer, g, eos) for g in gens[j * k : (j + 1) * k]]
-                session = critic.session(need[key], support=True)
-                memo[key] = (cands, session.score([c for c, _ in cands]))
+                memo[key] = (new[key], [from_step(ts, len(ts.steps) - 1) for ts in scores[j * k : (j + 1) * k]])
             for m, i in active:
                 ep = eps[m][i]
                 cands, res = memo[(i, json.dumps(ep.messages, sort_keys=True))]
