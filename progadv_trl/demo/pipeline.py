@@ -170,8 +170,8 @@ class DemoConfig:
         default=48,
         metadata={"help": "step-level selection (the critic in the agent loop, demo/steering.py): the first N tasks of "
                           "the eval split, played by each agent choosing each turn among K = 4 and 8 candidates by every "
-                          "method; 0 skips it. About a minute on 2 idle cores at 48; the committed study ran 100 a seed
-                          (benchmarks/study_steering.yaml)"},
+                          "method; 0 skips it. About a minute on 2 idle cores at 48; the committed study ran 100 a seed "
+                          "(benchmarks/study_steering.yaml)"},
     )
     progress: bool = field(default=False, metadata={"help": "progress bars for SFT and GRPO (the trainers' tqdm)"})
 
