@@ -191,3 +191,14 @@ class ProgadvArguments:
                                                                         "figures and the bundle use"})  # fmt: skip
     progadv_heldout_max_length: int | None = field(default=None, metadata={"help": "truncate longer held-out trajectories"})
     progadv_heldout_batch_size: int = field(default=8, metadata={"help": "held-out trajectories per forward pass and rank"})
+
+    def __post_init__(self):
+        # TrlParser puts YAML values in as defaults, which argparse does not check against `choices`: check here
+        if self.progadv_export not in ("end", "save", "none"):
+            raise ValueError(f"progadv_export must be one of end, save, none; got {self.progadv_export!r}")
+        if self.progadv_variant is not None and self.progadv_variant not in ("progress_advantage", *VARIANTS):
+            raise ValueError(f"progadv_variant must be progress_advantage or one of {VARIANTS}; got {self.progadv_variant!r}")
+        if self.progadv_eval_steps is not None and self.progadv_eval_steps < 1:
+            raise ValueError(f"progadv_eval_steps must be a positive integer; got {self.progadv_eval_steps}")
+        if self.progadv_heldout_batch_size < 1:
+            raise ValueError(f"progadv_heldout_batch_size must be at least 1; got {self.progadv_heldout_batch_size}")

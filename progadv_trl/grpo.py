@@ -2,7 +2,7 @@
 
     progadv grpo --config recipes/grpo_progadv.yaml                                   # one process
     torchrun --nproc_per_node 2 -m progadv_trl.cli grpo --config recipes/grpo_progadv.yaml
-    accelerate launch --config_file recipes/accelerate_cpu2.yaml -m progadv_trl.cli grpo --config ...
+    accelerate launch --config_file recipes/accelerate/two_processes.yaml -m progadv_trl.cli grpo --config ...
 
 The YAML holds the keys of `trl grpo` (TRL's `GRPOScriptArguments`, `GRPOConfig`, `ModelConfig`,
 `DatasetMixtureConfig`), parsed by TRL's own `TrlParser` (unknown keys are refused, command-line flags override the
@@ -152,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     trainer, callback = build(*args)
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
+    trainer.save_state()  # output_dir/trainer_state.json: log_history with the callback's figures (main process)
     if trainer.accelerator.is_main_process:
         bundle = callback.export_dir or Path(training_args.output_dir) / "progadv_bundle"
         where = f"; critic bundle: {bundle} (progadv inspect {bundle})" if callback.export else ""
