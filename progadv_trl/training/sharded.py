@@ -64,7 +64,7 @@ def full_state_dict(model, *, is_main: bool) -> dict | None:
         import deepspeed
 
         out: dict = {}
-        for prefix, module in model.named_modules():
+        for prefix, module in _unwrapped(model).named_modules():  # the engine's own names carry "module."
             params = list(module.named_parameters(recurse=False))
             # modifier_rank=None: read-only, every rank gathers (one module at a time bounds the memory)
             with deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None):
