@@ -272,6 +272,10 @@ def build_parser() -> argparse.ArgumentParser:
         _flags_take_no_value(sp)
         for pos, pos_help in positionals:
             sp.add_argument(pos, help=pos_help)
+    # `progadv grpo` is parsed by TRL's TrlParser (progadv_trl/grpo.py; `main` hands it over before this parser runs,
+    # so `progadv --help` does not import TRL); listed here for --help.
+    sub.add_parser("grpo", help="GRPO training from a `trl grpo` YAML with the callback on (progadv_* keys); "
+                   "see progadv grpo --help", dataclass_types=[])  # fmt: skip
     return p
 
 
@@ -292,6 +296,11 @@ def parse(argv: list[str] | None = None) -> tuple[str, list]:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["grpo"]:  # TRL's parser and training loop (progadv_trl/grpo.py)
+        from .grpo import main as grpo_main
+
+        return grpo_main(argv[1:])
     command, values = parse(argv)
     # The library warns about numeric faults; the commands name each one themselves, after scoring.
     warnings.filterwarnings("ignore", message=".*numeric fault", category=UserWarning)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .. import trl_hooks
 from ..scoring import ScoringConfig, TrajectoryScore
+from . import sharded
 from .figures import label_figures, step_figures
 
 PREFIX = "eval_progadv/heldout/"  # "eval_": trackers file it with the trainer's own evaluation figures
@@ -130,7 +131,8 @@ class HeldoutSet:
             if self.scorer is None:
                 self.scorer = self.make_scorer()
             device = next(trl_hooks.unwrap(self.trainer).parameters()).device
-            with trl_hooks.rng_guard(device):
+            # sharded weights (FSDP / ZeRO-3): the engine's direct decoder and head calls need the root's weights
+            with trl_hooks.rng_guard(device), sharded.scoring_context(*sharded.trainer_models(self.trainer, self.scorer.reference).values()):
                 for c in range(n_chunks):
                     part = idx[c * self.batch_size : (c + 1) * self.batch_size]
                     keep = real[c * self.batch_size : (c + 1) * self.batch_size]
