@@ -62,6 +62,9 @@ def test_demo_step_selection_block(demo_runs):
             assert r["step_comparison"]["best_baseline"] not in ("progress_advantage", None)
             assert "progress_advantage" in r["step_comparison"]["family"]
             assert "progress_advantage" in r["trajectory"] and 0.0 <= r["sampled"] <= 1.0
+            cr = r["candidate_ranking"]
+            assert cr["states_with_a_choice"] <= r["states"] and "random" not in cr["methods"]
+            assert all(v is None or 0.0 <= v <= 1.0 for v in cr["methods"].values())
     assert "Step-level selection" in (demo_runs[0] / "report" / "README.md").read_text()
 
 

@@ -170,3 +170,21 @@ def test_uncacheable_models_take_the_engine_path(critics):
     s.cached = False
     _same(s.score(CANDIDATES), _whole(critic, _state(), CANDIDATES))
     assert json.loads(json.dumps(s.score(CANDIDATES[:1])[0].to_dict()))["tokens"] > 0
+
+
+def test_candidate_ranking_counts_correct_over_mistake_pairs():
+    from progadv_trl.demo.steering import candidate_ranking
+    from progadv_trl.session import CandidateScore
+
+    def c(pa, lp):
+        return CandidateScore(advantage=pa, log_ratio=pa, policy_logprob=lp, reference_logprob=0.0, tokens=1,
+                              baselines={"policy_logprob": lp})
+
+    results = {"a": [c(2.0, -1.0), c(1.0, -0.5), c(0.0, -0.1)],  # PA orders the correct first; the log-prob last
+               "b": [c(1.0, -1.0), c(1.0, -1.0)],  # a tie: half a pair each
+               "c": [c(5.0, 0.0), c(4.0, 0.0)]}  # no choice: both correct, left out
+    labels = {"a": [True, False, False], "b": [False, True], "c": [True, True]}
+    r = candidate_ranking(results, labels, ["progress_advantage", "policy_logprob"])
+    assert r["states_with_a_choice"] == 2 and r["pairs"] == 3
+    assert r["methods"]["progress_advantage"] == pytest.approx(2.5 / 3)
+    assert r["methods"]["policy_logprob"] == pytest.approx(0.5 / 3)

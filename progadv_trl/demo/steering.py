@@ -25,7 +25,7 @@ import torch
 from ..config import VARIANTS
 from ..session import from_step
 from .rollout import EOT, encode, end_of_turn, generate_turns, parse_turn, play, render
-from .world import Episode, episode_seed
+from .world import Action, Episode, episode_seed, parse_action
 
 STEP_BASELINES = ("policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail")
 STEER_METHODS = ("progress_advantage", *VARIANTS, *STEP_BASELINES, "random")
@@ -64,6 +64,7 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     eps = {m: [Episode(t, episode_seed(seed, "steer", t.id), world) for t in tasks] for m in methods}
     memo: dict[tuple[int, str], tuple[list, list]] = {}
+    labels: dict[tuple[int, str], list[bool]] = {}
     gen = torch.Generator().manual_seed(episode_seed(seed, "steer-sample", k))
     was = agent.training
     agent.eval()
@@ -73,11 +74,13 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
             if not active:
                 break
             need: dict[tuple[int, str], list[dict]] = {}
+            expected: dict[tuple[int, str], Action] = {}
             for m, i in active:
                 msgs = eps[m][i].messages
                 key = (i, json.dumps(msgs, sort_keys=True))
                 if key not in memo:
                     need.setdefault(key, msgs)
+                    expected[key] = eps[m][i].expected()
             keys = list(need)
             contexts = [encode(tokenizer, render(tokenizer, need[key], True)) for key in keys for _ in range(k)]
             gens = []
@@ -93,6 +96,8 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
             scores = critic.score(recs, support=True) if recs else []
             for j, key in enumerate(keys):
                 memo[key] = (new[key], [from_step(ts, len(ts.steps) - 1) for ts in scores[j * k : (j + 1) * k]])
+                # the world's verdict on each candidate: the one correct action at this state, or a mistake
+                labels[key] = [ended and parse_action(msg) == expected[key] for msg, ended in new[key]]
             for m, i in active:
                 ep = eps[m][i]
                 cands, res = memo[(i, json.dumps(ep.messages, sort_keys=True))]
@@ -105,7 +110,31 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
                 ep.step(msg, unfinished=not ended)
     finally:
         agent.train(was)
-    return eps, {"states": len(memo), "candidates": len(memo) * k}
+    ranking = candidate_ranking({key: memo[key][1] for key in memo}, labels, [m for m in methods if m != "random"])
+    return eps, {"states": len(memo), "candidates": len(memo) * k, "candidate_ranking": ranking}
+
+
+def candidate_ranking(results: dict, labels: dict, methods) -> dict:
+    """How well each method orders the candidates at one state, the theory's own question: over every state whose K
+    candidates hold both the correct action and a mistake, the share of (correct, mistake) pairs the method ranks
+    correctly (ties count half): a within-state AUROC, pooled over pairs. In this world a mistake fails the episode,
+    so correct > mistake is the order of Q*; V*(s), the KL offset and the luck to come are the same for both sides."""
+    out = {"states_with_a_choice": 0, "pairs": 0, "methods": {}}
+    wins = {m: 0.0 for m in methods}
+    for key, res in results.items():
+        y = np.asarray(labels[key], dtype=bool)
+        if y.all() or not y.any():
+            continue
+        out["states_with_a_choice"] += 1
+        out["pairs"] += int(y.sum() * (~y).sum())
+        for m in methods:
+            v = np.array([r.method_score(m) for r in res], dtype=np.float64)
+            v = np.where(np.isnan(v), -np.inf, v)
+            diff = v[y][:, None] - v[~y][None, :]
+            wins[m] += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+    for m in methods:
+        out["methods"][m] = wins[m] / out["pairs"] if out["pairs"] else None
+    return out
 
 
 def trajectory_best_of_k(critic, records: list[dict], ks=BUDGETS, methods=TRAJECTORY_METHODS, seed: int = 0) -> dict:
@@ -193,6 +222,10 @@ def format_step_selection(block: dict) -> list[str]:
                 f"{c.get('difference', float('nan')):+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
                 + f" {c.get('verdict')}"
             )  # fmt: skip
+            cr = r.get("candidate_ranking") or {}
+            if cr.get("pairs"):
+                lines.append(f"    within-state ranking of (correct, mistake) candidate pairs ({cr['pairs']} pairs): "
+                             + ", ".join(f"{m} {v:.3f}" for m, v in cr["methods"].items() if v is not None))  # fmt: skip
     return lines
 
 

@@ -177,6 +177,11 @@ def step_selection_across_seeds(summaries: list[dict]) -> dict | None:
             rows = [(sd, b["agents"][agent], b["agents"][agent][f"k{k}"]) for sd, b in blocks
                     if agent in b["agents"] and f"k{k}" in b["agents"][agent]]  # fmt: skip
             cell = {"greedy": _stats([e["greedy"] for _, e, _ in rows]), "sampled": _stats([r["sampled"] for _, _, r in rows])}
+            ranks = [r["candidate_ranking"] for _, _, r in rows if (r.get("candidate_ranking") or {}).get("pairs")]
+            if ranks:  # within-state ordering of (correct, mistake) candidates, per method
+                cell["candidate_ranking"] = {m: _stats([x["methods"][m] for x in ranks if x["methods"].get(m) is not None])
+                                             for m in ranks[0]["methods"]}  # fmt: skip
+                cell["candidate_ranking_pairs"] = [x["pairs"] for x in ranks]
             for level in ("step", "trajectory"):
                 methods = list(dict.fromkeys(m for _, _, r in rows for m in r[level]))
                 cell[level] = {m: _stats([r[level][m] for _, _, r in rows if m in r[level]]) for m in methods}
@@ -231,6 +236,14 @@ def step_selection_markdown(study: dict) -> list[str]:
                 v = c[f"{level}_verdicts"].get(m)
                 row.append("–" if v is None else f"{v['difference']['mean']:+.3f} ({v['beats']}/{v['ties']}/{v['losses']})")
         md.append(f"| {m} | " + " | ".join(row) + " |")
+    if any("candidate_ranking" in c for c in cells.values()):
+        md += ["", "Within-state ranking: over the states whose K candidates hold both the correct action and a mistake, "
+               "the share of (correct, mistake) pairs each method orders correctly (0.5: chance; mean across seeds):", "",
+               "| method | " + " | ".join(cells) + " |", "|---" * (len(cells) + 1) + "|"]  # fmt: skip
+        for m in list(dict.fromkeys(m for c in cells.values() for m in c.get("candidate_ranking", {}))):
+            md.append(f"| {m} | " + " | ".join(
+                f"{_f(c['candidate_ranking'][m]['mean'])} ± {_f(c['candidate_ranking'][m]['std'], 3)}"
+                if m in c.get("candidate_ranking", {}) else "–" for c in cells.values()) + " |")
     best = {name: sorted({b for b in (c["step_verdicts"].get("progress_advantage") or {}).get("best_baselines", []) if b})
             for name, c in cells.items()}  # fmt: skip
     md += ["", "Best baseline per seed (step level): " + "; ".join(f"{n}: {', '.join(b) or '–'}" for n, b in best.items()), ""]
