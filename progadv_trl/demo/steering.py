@@ -65,6 +65,7 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
     eps = {m: [Episode(t, episode_seed(seed, "steer", t.id), world) for t in tasks] for m in methods}
     memo: dict[tuple[int, str], tuple[list, list]] = {}
     labels: dict[tuple[int, str], list[bool]] = {}
+    actions: dict[tuple[int, str], list[str]] = {}  # "expected -> taken", for the diagnosis of wrong picks
     gen = torch.Generator().manual_seed(episode_seed(seed, "steer-sample", k))
     was = agent.training
     agent.eval()
@@ -98,6 +99,7 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
                 memo[key] = (new[key], [from_step(ts, len(ts.steps) - 1) for ts in scores[j * k : (j + 1) * k]])
                 # the world's verdict on each candidate: the one correct action at this state, or a mistake
                 labels[key] = [ended and parse_action(msg) == expected[key] for msg, ended in new[key]]
+                actions[key] = [f"{expected[key]} -> {parse_action(msg) if ended else 'unfinished'}" for msg, ended in new[key]]
             for m, i in active:
                 ep = eps[m][i]
                 cands, res = memo[(i, json.dumps(ep.messages, sort_keys=True))]
@@ -110,16 +112,18 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
                 ep.step(msg, unfinished=not ended)
     finally:
         agent.train(was)
-    ranking = candidate_ranking({key: memo[key][1] for key in memo}, labels, [m for m in methods if m != "random"])
+    ranking = candidate_ranking({key: memo[key][1] for key in memo}, labels, [m for m in methods if m != "random"], actions)
     return eps, {"states": len(memo), "candidates": len(memo) * k, "candidate_ranking": ranking}
 
 
-def candidate_ranking(results: dict, labels: dict, methods) -> dict:
+def candidate_ranking(results: dict, labels: dict, methods, actions: dict | None = None) -> dict:
     """How well each method orders the candidates at one state, the theory's own question: over every state whose K
     candidates hold both the correct action and a mistake, the share of (correct, mistake) pairs the method ranks
     correctly (ties count half): a within-state AUROC, pooled over pairs. In this world a mistake fails the episode,
-    so correct > mistake is the order of Q*; V*(s), the KL offset and the luck to come are the same for both sides."""
-    out = {"states_with_a_choice": 0, "pairs": 0, "methods": {}}
+    so correct > mistake is the order of Q*; V*(s), the KL offset and the luck to come are the same for both sides.
+    With `actions` ({key: ["expected -> taken" per candidate]}): `wrong_picks`, per method, what its top candidate
+    was at those states when it was a mistake (counts)."""
+    out = {"states_with_a_choice": 0, "pairs": 0, "methods": {}, "wrong_picks": {m: {} for m in methods}}
     wins = {m: 0.0 for m in methods}
     for key, res in results.items():
         y = np.asarray(labels[key], dtype=bool)
@@ -132,6 +136,10 @@ def candidate_ranking(results: dict, labels: dict, methods) -> dict:
             v = np.where(np.isnan(v), -np.inf, v)
             diff = v[y][:, None] - v[~y][None, :]
             wins[m] += float((diff > 0).sum() + 0.5 * (diff == 0).sum())
+            top = int(np.argmax(v))
+            if actions is not None and not y[top]:
+                w = out["wrong_picks"][m]
+                w[actions[key][top]] = w.get(actions[key][top], 0) + 1
     for m in methods:
         out["methods"][m] = wins[m] / out["pairs"] if out["pairs"] else None
     return out
