@@ -230,24 +230,11 @@ def demo_config(args: DemoArguments):
 
 
 def openmp_wait_policy() -> str | None:
-    """Choose how torch's idle OpenMP threads wait, before torch starts its thread pool (a value you set wins).
+    """`threads.openmp_wait_policy`: spin OpenMP threads unless other work competes for the cores now (a value you
+    set wins); decided once, before torch starts (why: progadv_trl/threads.py)."""
+    from .threads import openmp_wait_policy as choose
 
-    The demo's tiny model runs thousands of small ops a second. On an idle 2-core machine spinning threads sampled
-    1.6x faster than sleeping ones (the whole demo: 296 s -> 258 s); with two CPU-bound jobs beside it, spinning
-    was 3x slower, and 10x in an earlier measurement. So spin (OpenMP's default) only when the 1-minute load average
-    is below half the cores; else PASSIVE. Either way the numbers are the same: only the waiting differs."""
-    import os
-
-    if "OMP_WAIT_POLICY" in os.environ:
-        return os.environ["OMP_WAIT_POLICY"]
-    try:
-        busy = os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)
-    except OSError:  # no load average on this platform: the safe choice
-        busy = True
-    if busy:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        return "PASSIVE"
-    return None
+    return choose()
 
 
 def cmd_demo(args: DemoArguments) -> int:
