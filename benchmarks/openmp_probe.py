@@ -1,4 +1,4 @@
-"""Which OpenMP wait settings take effect, and what each costs, on the demo's model (progadv_trl/threads.py).
+"""Which OpenMP wait settings take effect, and what each costs, on the demo's model (progadv_trl/cpu.py).
 
     python benchmarks/openmp_probe.py                 # as the machine is now
     python benchmarks/openmp_probe.py --burners 2     # beside two CPU-bound jobs (busy loops, started here)

@@ -52,7 +52,7 @@ def _say(msg: str) -> None:
 @contextmanager
 def _stage(i: int, what: str, timings: dict, key: str, cpu: dict | None = None, others: dict | None = None):
     _say(f"{i}/{N_STAGES} {what}")
-    if others is not None:  # runnable tasks beside ours now: the wait policy was fixed at start-up (threads.py)
+    if others is not None:  # runnable tasks beside ours now: the wait policy was fixed at start-up (cpu.py)
         others[key] = _competition(others)
     t0, c0 = time.perf_counter(), time.process_time()
     yield
@@ -63,8 +63,8 @@ def _stage(i: int, what: str, timings: dict, key: str, cpu: dict | None = None, 
 
 
 def _competition(seen: dict) -> float | None:
-    """Other runnable tasks now (`threads.other_runnable`); says once when they compete with spinning threads."""
-    from ..threads import choose, cores, other_runnable, spinning
+    """Other runnable tasks now (`cpu.other_runnable`); says once when they compete with spinning threads."""
+    from ..cpu import choose, cores, other_runnable, spinning
 
     n, competes = other_runnable(), lambda x: x is not None and choose(x, cores(), cores()) is not None
     if spinning() and competes(n) and not any(competes(x) for x in seen.values()):

@@ -1,11 +1,11 @@
-"""The OpenMP wait-policy decision (progadv_trl/threads.py) from given machine states: the readings are injected."""
+"""The OpenMP wait-policy decision (progadv_trl/cpu.py) from given machine states: the readings are injected."""
 
 import os
 from pathlib import Path
 
 import pytest
 
-from progadv_trl import threads
+from progadv_trl import cpu as threads
 
 
 def _readings(*pairs):
@@ -72,3 +72,9 @@ def test_reading_this_machine():
     assert running >= 1 and 1 <= ours <= len(list(Path("/proc/self/task").iterdir()))
     others = threads.other_runnable(samples=3, interval=0.001)
     assert others is not None and others >= 0
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="glibc's mallopt only")
+def test_keep_freed_memory_on_glibc():
+    assert threads.keep_freed_memory() is True  # both thresholds accepted (glibc refuses out-of-range values)
+    assert threads.MMAP_THRESHOLD <= 32 << 20  # glibc's maximum: a larger value would be refused
