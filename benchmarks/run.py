@@ -38,6 +38,8 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   capture_flush_pct: the callback's flush at each logging step, timed alone, as a share of the step.
   heldout_eval_s: one held-out evaluation of the callback (its own `eval_progadv/heldout/seconds`).
 - *_cputime: the same ratios from this process's CPU seconds (all threads) instead of wall seconds.
+- step_session_speedup, step_session_bound, step_session_fraction_of_bound, append_s_per_1k_tokens,
+  kv_copy_share_of_score: the critic in the agent loop (realistic shape only), see `benchmarks/session_bench.py`.
 - two_process_speedup: scoring time in one process (all cores as threads) / under torchrun with 2 processes (the
   cores split between them), timed inside the processes from after loading to the gathered result.
 """
@@ -69,12 +71,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import workload as W  # noqa: E402
+from session_bench import bench_session  # noqa: E402
 
 TARGETS = {
     "scoring_speedup_vs_naive": ">= 0.9 x bound (CPU); >= 10 (GPU)",
     "speedup_fraction_of_bound": ">= 0.9",
     "floor_efficiency": ">= 0.9",
     "prefix_sharing_speedup": ">= 2 (realistic)",
+    "step_session_fraction_of_bound": ">= 0.7 (CPU)",
     "capture_overhead_pct": "<= 1",
     "lora_peak_memory_ratio": "<= 1.05",
     "fraction_of_distinct_bound": ">= 0.9 (decoder)",
@@ -87,7 +91,8 @@ ROWS = [
     "baseline_extra_cost_ratio", "baseline_extra_cost_ratio_cputime", "prefix_sharing_speedup",
     "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio", "capture_overhead_pct",
     "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
-    "two_process_speedup", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
+    "two_process_speedup", "step_session_speedup", "step_session_bound", "step_session_fraction_of_bound",
+    "append_s_per_1k_tokens", "kv_copy_share_of_score", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
 ]  # fmt: skip
 
 
@@ -719,7 +724,7 @@ def main(argv=None) -> int:
                    help="the engine's batch_tokens (default: the engine's own, 2048 on a CPU)")
     p.add_argument("--engine-batches-floor", action="store_true",
                    help="also time bare decoder passes over the engine's padded batches when prompts are shared")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture, session")
     p.add_argument("--table", default=None, metavar="JSON", help="print the table of a saved run and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -757,7 +762,9 @@ def main(argv=None) -> int:
             out: dict = {}
             res["shapes"][shape] = out
             for part, fn in (("scoring", bench_scoring), ("memory", bench_memory), ("dist", bench_two_process),
-                             ("capture", bench_capture)):  # fmt: skip
+                             ("capture", bench_capture), ("session", bench_session)):  # fmt: skip
+                if part == "session" and shape != "realistic":
+                    continue  # one realistic agent episode is what the session benchmark is about
                 if part in skip:
                     continue
                 ts = time.perf_counter()

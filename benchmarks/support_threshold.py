@@ -93,7 +93,9 @@ def main(argv=None) -> int:
     }  # fmt: skip
     print(json.dumps({k: report[k] for k in ("validation_mean_auroc", "chosen", "test")}, indent=2))
     if a.json:
-        Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
+        from progadv_trl.utils import write_json
+
+        write_json(a.json, report)
     return 0
 
 

@@ -126,6 +126,8 @@ class EvaluateArguments:
 @dataclass
 class ConvertArguments:
     source_format: str = field(metadata={"aliases": ["--from"], "choices": FORMATS, "help": "the logs' format"})
+    strict: bool = field(default=False, metadata={"help": "a case or simulation that cannot be converted is an error "
+                                                          "(default: skip it, name it and its reason, go on)"})  # fmt: skip
 
 
 @dataclass
@@ -167,3 +169,38 @@ class StudyArguments:
                                                               "evaluation (same models and rollouts)"})  # fmt: skip
     no_variants: bool = field(default=False, metadata={"help": "leave the progress-advantage variants and merged "
                                                                "references out of each seed's evaluation (faster)"})  # fmt: skip
+
+
+@dataclass
+class ProgadvArguments:
+    """`progadv grpo`: the callback's options, as `progadv_*` keys beside `trl grpo`'s in the same YAML."""
+
+    progadv_heldout: str | None = field(default=None, metadata={"help": "held-out trajectories scored during training: a "
+                                                                        ".jsonl/.json/.parquet file, or a dataset folder"})  # fmt: skip
+    progadv_eval_steps: int | None = field(default=None, metadata={"help": "score the held-out set every this many "
+                                                                           "steps (also before the first and at the end)"})  # fmt: skip
+    progadv_export: str = field(default="end", metadata={"choices": ("end", "save", "none"),
+                                                         "help": "write the critic bundle at the end, also at every "
+                                                                 "checkpoint, or never"})  # fmt: skip
+    progadv_export_dir: str | None = field(default=None, metadata={"help": "where the end-of-training bundle goes "
+                                                                           "(default OUTPUT_DIR/progadv_bundle)"})  # fmt: skip
+    progadv_success_threshold: float | None = field(default=None, metadata={"help": "a reward above this counts as a "
+                                                                                    "success (default 0)"})  # fmt: skip
+    progadv_reference_pass: bool = field(default=False, metadata={"help": "beta == 0: run one extra no-grad reference "
+                                                                          "pass per generation batch for the train/eval figures"})  # fmt: skip
+    progadv_variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", *VARIANTS),
+                                                                "help": "the progress-advantage variant the held-out "
+                                                                        "figures and the bundle use"})  # fmt: skip
+    progadv_heldout_max_length: int | None = field(default=None, metadata={"help": "truncate longer held-out trajectories"})
+    progadv_heldout_batch_size: int = field(default=8, metadata={"help": "held-out trajectories per forward pass and rank"})
+
+    def __post_init__(self):
+        # TrlParser puts YAML values in as defaults, which argparse does not check against `choices`: check here
+        if self.progadv_export not in ("end", "save", "none"):
+            raise ValueError(f"progadv_export must be one of end, save, none; got {self.progadv_export!r}")
+        if self.progadv_variant is not None and self.progadv_variant not in ("progress_advantage", *VARIANTS):
+            raise ValueError(f"progadv_variant must be progress_advantage or one of {VARIANTS}; got {self.progadv_variant!r}")
+        if self.progadv_eval_steps is not None and self.progadv_eval_steps < 1:
+            raise ValueError(f"progadv_eval_steps must be a positive integer; got {self.progadv_eval_steps}")
+        if self.progadv_heldout_batch_size < 1:
+            raise ValueError(f"progadv_heldout_batch_size must be at least 1; got {self.progadv_heldout_batch_size}")

@@ -40,11 +40,15 @@ restored on resume.
 
 Distributed contract: every rank constructs the callback and takes part in every forward pass and gather (ZeRO-3
 and FSDP shard the weights, so a rank that skips a forward pass hangs the others); the held-out set is sharded
-across ranks (padded so every rank runs the same number of forward passes) and gathered; captured rollouts are
-gathered at logging steps (`on_step_end` / `on_epoch_end` when the trainer is about to log, `on_prediction_step`
-in evaluation: events every rank runs). Only the main process computes figures, logs and writes files. Tested
-with two CPU processes under `torchrun --nproc_per_node 2` (gloo); `accelerate launch --cpu --num_processes 2`
-started only one process on our test machine.
+across ranks (padded so every rank runs the same number of forward passes, with no shared-prefix plan, whose pass
+count depends on the shard) and gathered; captured rollouts are gathered at logging steps (`on_step_end` /
+`on_epoch_end` when the trainer is about to log, `on_prediction_step` in evaluation: events every rank runs). Only
+the main process computes figures, logs and writes files. The bundle export (`on_train_end`, `on_save` with
+export="save") is collective too: with sharded weights every rank joins the gather of the full policy (LoRA
+adapter included) and of a separate reference (training/sharded.py), the main process writes, and every rank then
+learns every rank's outcome, so a failure anywhere is reported on every rank (raised everywhere with strict=True).
+Tested with two CPU processes under `torchrun --nproc_per_node 2` (gloo), with DDP and with FSDP2-sharded models;
+docs/supported.md has the matrix.
 """
 
 from __future__ import annotations
@@ -236,6 +240,7 @@ class ProgressAdvantageCallback(TrainerCallback):
 
         # Each rank must run the same number of forward passes (ZeRO-3 / FSDP): one batch per chunk, whatever
         # its length, so the chunk count (equal on every rank) is the forward count.
+        # No shared-prefix plan either: its number of passes depends on which trajectories a rank holds.
         return ProgressScorer(
             trl_hooks.unwrap(self.trainer),
             trl_hooks.tokenizer(self.trainer),
@@ -243,6 +248,7 @@ class ProgressAdvantageCallback(TrainerCallback):
             config=self.config,
             max_length=self.heldout_max_length,
             batch_tokens=2**62,
+            share_prefix=False,
         )
 
     # -- capture -------------------------------------------------------------------------------------------------
@@ -346,21 +352,57 @@ class ProgressAdvantageCallback(TrainerCallback):
         return figs
 
     # -- export --------------------------------------------------------------------------------------------------
-    def export_bundle(self, out_dir) -> Path:
-        """Write the critic bundle (policy, reference, tokenizer, scoring config, held-out figures) to `out_dir`."""
+    def export_bundle(self, out_dir, *, policy=None, reference=None) -> Path:
+        """Write the critic bundle (policy, reference, tokenizer, scoring config, held-out figures) to `out_dir`.
+        `policy` / `reference`: full-weight copies to write instead of the live models (sharded runs, `_export`)."""
         last = next((h["figures"] for h in reversed(self.history) if h["kind"] == "heldout"), None)
         return self.outputs.export_bundle(
-            out_dir, self.reference(), config=self.config, max_length=self.heldout_max_length, heldout=self.heldout,
-            heldout_figures=last, success_threshold=self.success_threshold,
+            out_dir, reference or self.reference(), config=self.config, max_length=self.heldout_max_length,
+            heldout=self.heldout, heldout_figures=last, success_threshold=self.success_threshold, policy=policy,
         )  # fmt: skip
 
     def _export(self, out_dir):
-        if not self.is_main:  # TODO(distributed): ZeRO-3 / FSDP would need the full weights gathered first
-            return
-        try:
-            self.export_bundle(out_dir)
+        """Every rank: gather the full weights when they are sharded (FSDP / ZeRO-3), the main process writes the
+        bundle, then every rank learns every rank's outcome, so a failure is reported everywhere (and raised
+        everywhere with strict=True) and no rank waits in a gather another rank never joins."""
+        from .training import sharded
+
+        err = None
+        try:  # local preparation, no collective: which models to gather
+            plan = self._export_plan()
         except Exception as e:  # noqa: BLE001
+            plan, err = None, e
+        errors = self._rank_errors(err)
+        if not errors:
+            try:
+                models = {name: sharded.full_model(m, is_main=self.is_main) for name, m in plan.items()}  # collective
+                if self.is_main:
+                    ref = self.reference()
+                    if "reference" in models:
+                        from .reference import Reference
+
+                        ref = Reference(ref.kind, model=models["reference"], adapter=ref.adapter, identity=ref.identity)
+                    self.export_bundle(out_dir, policy=models.get("policy"), reference=ref)
+            except Exception as e:  # noqa: BLE001
+                err = e
+            errors = self._rank_errors(err)
+        if errors:  # the same report on every rank, naming the ranks that failed
+            e = RuntimeError("; ".join(f"rank {r}: {m}" for r, m in errors))
+            e.__cause__ = err  # this rank's own exception, when it is one of them
             self._error("bundle export", e)
+
+    def _export_plan(self) -> dict:
+        """{"policy": model[, "reference": model]}: the models whose full weights the bundle needs, as the
+        collective gather wants them (FSDP1: the wrapped root). Empty when nothing is sharded (live models used)."""
+        from .training import sharded
+
+        models = sharded.trainer_models(self.trainer, self.reference())
+        return {name: m for name, m in models.items() if sharded.kind(m) is not None}
+
+    def _rank_errors(self, err: BaseException | None) -> list[tuple[int, str]]:
+        """(rank, message) of every rank that failed (collective when several processes run)."""
+        msg = None if err is None else f"{type(err).__name__}: {err}"
+        return [(r, m) for r, m in enumerate(self._gather([msg])) if m is not None]
 
     # -- resume --------------------------------------------------------------------------------------------------
     def _sync_state(self, state=None):

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import sys
 
 from transformers.hf_argparser import HfArgumentParser
@@ -30,7 +29,8 @@ from .arguments import (  # noqa: F401 - the argument groups (DemoArguments, ...
     ScoringArguments,
     StudyArguments,
 )
-from .utils import atomic_write_text
+from .cpu import keep_freed_memory, openmp_wait_policy
+from .utils import write_jsonl
 
 # ----------------------------------------------------------------------------------------------------------------
 # Shared steps
@@ -51,10 +51,11 @@ def _load_inputs(path: str, inputs: InputArguments):
     from .formats import as_trajectory_source
     from .trajectories import TrajectoryError, load_trajectories
 
-    res = load_trajectories(as_trajectory_source(path, inputs.format), on_error=inputs.on_error)
+    source, not_converted = as_trajectory_source(path, inputs.format, on_error=inputs.on_error)
+    res = load_trajectories(source, on_error=inputs.on_error)
     if not res.trajectories:
-        raise TrajectoryError(res.errors)
-    return res.trajectories, res.errors
+        raise TrajectoryError(not_converted + res.errors)
+    return res.trajectories, not_converted + res.errors
 
 
 def _report_skipped_and_faults(skipped, scores) -> None:
@@ -64,6 +65,12 @@ def _report_skipped_and_faults(skipped, scores) -> None:
 
     if skipped:
         print(f"progadv: {skipped_report(skipped)}", file=sys.stderr)
+    cut = [s for s in scores if s.truncation]
+    if cut:
+        by = sorted({s.truncation.get("limit", "max_length") for s in cut})
+        print(f"progadv: {len(cut)} trajector{'y' if len(cut) == 1 else 'ies'} truncated (by {' and '.join(by)}; "
+              "start and most recent context kept, cut steps flagged `truncated`, wholly cut ones `advantage: null`)",
+              file=sys.stderr)  # fmt: skip
     faulted = split_faults(scores)[1]
     if faulted:
         n = len(faulted)
@@ -131,7 +138,7 @@ def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArgument
     )  # fmt: skip
     if scores is None:  # not the main process: it writes and reports
         return 0
-    atomic_write_text(args.output, "".join(json.dumps(s.to_dict()) + "\n" for s in scores))
+    write_jsonl(args.output, (s.to_dict() for s in scores))  # strict JSON: a NaN in metadata is written null
     print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
     from .evaluation.labels import out_of_support_share
 
@@ -169,13 +176,11 @@ def cmd_evaluate(trajectories: str, model: ModelArguments, scoring: ScoringArgum
 
 
 def cmd_convert(source: str, output: str, args: ConvertArguments) -> int:
-    from .formats import convert
-    from .utils import write_jsonl
+    from .formats import convert_report
 
-    records = convert(args.source_format, source)
-    write_jsonl(output, records)
-    steps = sum(sum(m["role"] == "assistant" for m in r["messages"]) for r in records)
-    print(f"progadv: converted {len(records)} trajectories ({steps} steps) -> {output}", file=sys.stderr)
+    conv = convert_report(args.source_format, source, on_error="raise" if args.strict else "skip")
+    write_jsonl(output, conv.records)
+    print(f"progadv: {conv.summary()} -> {output}", file=sys.stderr)
     return 0
 
 
@@ -201,61 +206,21 @@ def cmd_inspect(bundle: str, args: InspectArguments) -> int:
     return 0 if report.ok else 2
 
 
-def demo_config(args: DemoArguments):
-    """The DemoConfig of a `progadv demo` call: --config read by TRL's `TrlParser`, as the recipes read their YAML
-    (unknown keys are an error), then --out / --seed / --no-progress on top; --fast starts from `DemoConfig.fast`."""
-    from trl import TrlParser
-
-    from .demo.pipeline import DemoConfig
-
-    given: dict = {}
-    if args.config:
-        import yaml
-
-        try:
-            with open(args.config, encoding="utf-8") as f:
-                given = yaml.safe_load(f) or {}
-            if not isinstance(given, dict):
-                raise ValueError("it must be a mapping of DemoConfig fields")
-            (cfg,) = TrlParser(DemoConfig).parse_args_and_config(["--config", args.config])
-        except (OSError, ValueError, yaml.YAMLError) as e:
-            raise SystemExit(f"progadv: error: --config {args.config}: {e}")
-        given = {k: getattr(cfg, k) for k in given}
-    given.update(out_dir=args.out, progress=not args.no_progress)
-    if args.seed is not None:
-        given["seed"] = args.seed
-    if args.noisy:
-        given["free_form"] = True
-    return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
-
-
-def openmp_wait_policy() -> str | None:
-    """`threads.openmp_wait_policy`: spin OpenMP threads unless other work competes for the cores now (a value you
-    set wins); decided once, before torch starts (why: progadv_trl/cpu.py)."""
-    from .cpu import openmp_wait_policy as choose
-
-    return choose()
-
-
 def cmd_demo(args: DemoArguments) -> int:
     openmp_wait_policy()
-    from .cpu import keep_freed_memory
-
     keep_freed_memory()  # the same numbers, far fewer page faults (cpu.py)
     import warnings
 
     # transformers 5 renamed gradient checkpointing; TRL 1.16 still calls the old names every step. Not ours to fix.
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
-    from .demo.main import run_demo
+    from .demo.main import demo_config, run_demo
 
     run_demo(demo_config(args))
     return 0
 
 
 def cmd_study(args: StudyArguments) -> int:
-    openmp_wait_policy()  # once, before torch starts: the first seed's load decides for all
-    from .cpu import keep_freed_memory
-
+    openmp_wait_policy()  # once, before torch starts: what runs as the first seed starts decides for all
     keep_freed_memory()
     from .demo.study import main as study_main
 
@@ -271,7 +236,7 @@ COMMANDS = {
                  [("trajectories", "labelled trajectories (success, group, failure_step)")],
                  (ModelArguments, ScoringArguments, InputArguments, EvaluateArguments), cmd_evaluate),
     "convert": ("τ²-bench results or Who&When cases -> trajectories JSONL",
-                [("input", "a τ²-bench results file, a Who&When case, or a directory of cases"),
+                [("input", "a τ²-bench results file or a Who&When case, or a folder of them (searched recursively)"),
                  ("output", "output .jsonl (written atomically)")], (ConvertArguments,), cmd_convert),
     "export": ("build a critic bundle from a checkpoint pair (no training needed)",
                [("output", "bundle directory to create")], (ExportArguments, ScoringArguments), cmd_export),
@@ -310,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
         _flags_take_no_value(sp)
         for pos, pos_help in positionals:
             sp.add_argument(pos, help=pos_help)
+    # `progadv grpo` is parsed by TRL's TrlParser (progadv_trl/grpo.py; `main` hands it over before this parser runs,
+    # so `progadv --help` does not import TRL); listed here for --help.
+    sub.add_parser("grpo", help="GRPO training from a `trl grpo` YAML with the callback on (progadv_* keys); "
+                   "see progadv grpo --help", dataclass_types=[])  # fmt: skip
     return p
 
 
@@ -330,6 +299,11 @@ def parse(argv: list[str] | None = None) -> tuple[str, list]:
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["grpo"]:  # TRL's parser and training loop (progadv_trl/grpo.py)
+        from .grpo import main as grpo_main
+
+        return grpo_main(argv[1:])
     command, values = parse(argv)
     # The library warns about numeric faults; the commands name each one themselves, after scoring.
     warnings.filterwarnings("ignore", message=".*numeric fault", category=UserWarning)

@@ -4,7 +4,7 @@ now, else sleep) and whether freed memory goes back to the kernel (`keep_freed_m
 Why it matters: the demo's tiny model runs thousands of small ops a second. Between two ops torch's OpenMP threads
 either spin (OpenMP's default) or sleep (`OMP_WAIT_POLICY=PASSIVE`). On an idle 2-core machine spinning threads
 sampled 1.6x faster than sleeping ones; beside other CPU-bound work spinning threads fight them for the cores, and
-one decode step of the demo's model took 180 ms of CPU instead of 3 (`openmp_probe` below, measured beside another
+one decode step of the demo's model took 180 ms of CPU instead of 3 (`benchmarks/openmp_probe.py`, beside another
 2-thread job: 4 steps/s spinning, 163 sleeping).
 
 What can change when: GNU OpenMP (torch's wheels bundle libgomp) reads OMP_WAIT_POLICY once, when torch loads it.

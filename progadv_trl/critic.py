@@ -5,6 +5,7 @@
     picks = critic.best_of_n(trajectories)        # {group: the TrajectoryScore kept}
     p = critic.predict_success(trajectories)      # calibrated P(success), when the bundle holds a calibration
     step = critic.attribute_failure(trajectory)   # the assistant turn (0-based) most likely to have broken the run
+    session = critic.session(messages, tools)     # the agent loop: score / choose K candidate next turns (session.py)
 
 The bundle's variant (`critic.variant`, from the manifest's `scoring.variant`; plain progress_advantage for bundles
 from before variants) is what best_of_n, predict_success and attribute_failure use; `critic.score` returns the whole
@@ -185,6 +186,14 @@ class ProgressCritic:
             raise ValueError("attribute_failure takes one trajectory; call it once per trajectory")
         (ts,) = self.score(items)
         return attribute_failure(ts.method_steps(self.variant), rule, threshold)
+
+    def session(self, messages: list[dict], tools: list[dict] | None = None, **overrides):
+        """A `session.CriticSession` over the conversation so far: `append(message)`, `score(candidates)`,
+        `choose(candidates, method=...)`. Both models' KV caches hold the conversation; K candidates share them.
+        overrides: ScoringConfig fields for this session (e.g. support=True for every variant's figures)."""
+        from .session import CriticSession
+
+        return CriticSession(self._scorer_with(overrides), messages, tools)
 
     def __repr__(self) -> str:
         pol = (self.manifest.get("policy") or {}).get("kind", "?")

@@ -20,7 +20,7 @@ from .prefix import SharedGroup, full_attention, plan, shared_token_stats
 from .reference import Reference, is_peft_model, load_pair, resolve
 from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
 from .trajectories import Trajectory, as_trajectories
-from .rendering import Rendered, check_same_tokenizer, render_all
+from .rendering import Rendered, check_same_tokenizer, position_limit, render_all
 
 # Padded tokens per forward pass when batch_tokens is None. An accelerator needs big batches to be busy. On a CPU one
 # long sequence already keeps the cores busy and padding a batch to its longest member is extra work (1.7x the
@@ -139,6 +139,7 @@ class ProgressScorer:
             4096 tokens x 152k vocabulary = 2.5 GB; lower batch_tokens to bound it), and two more vocabulary-wide
             products per token.
         max_length: truncate longer trajectories (start kept, most recent context kept; see `rendering.truncate`).
+            None: the models' `max_position_embeddings` (`rendering.position_limit`), never more.
         reference_tokenizer: when given, checked against `tokenizer` (vocabulary and chat template).
         batch_tokens: padded tokens per forward pass; lower it to save memory. None (the default): 2048 on a CPU,
             16384 elsewhere (see `batch_budget`).
@@ -198,7 +199,12 @@ class ProgressScorer:
         """Validate and render. With `skipped` (a list), trajectories the chat template cannot render are left out
         and their RecordErrors appended to it; without, the first one raises ChatTemplateError."""
         trajs = as_trajectories(trajectories)
-        trajs, rendered, errors = render_all(trajs, self.tokenizer, self.max_length, on_error="raise" if skipped is None else "skip")
+        # never past the models' positions: without max_length, a longer trajectory is cut there and flagged
+        limit, why = position_limit(self.max_length, self.policy, self.reference.model)
+        trajs, rendered, errors = render_all(trajs, self.tokenizer, limit, on_error="raise" if skipped is None else "skip")
+        for r in rendered:
+            if r.truncation is not None:
+                r.truncation["limit"] = why
         if skipped is not None:
             skipped.extend(errors)
         return trajs, rendered

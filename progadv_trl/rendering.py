@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import warnings
 from dataclasses import dataclass
 
 from .trajectories import RecordError, Trajectory
@@ -134,6 +135,21 @@ def render_all(trajectories: list[Trajectory], tokenizer, max_length: int | None
                 raise
             errors.append(RecordError(e.record or _record(t), e.field, str(e).removeprefix(f"{t.label}: ")))
     return kept, rendered, errors
+
+
+def position_limit(max_length: int | None, *models) -> tuple[int | None, str]:
+    """(the length to cut trajectories to, why): `max_length`, or the fewest positions any of `models` was built for
+    (`config.max_position_embeddings`) when `max_length` is None or more. A model run past its positions scores
+    garbage without a word; cut there, the lost steps are flagged like any truncation. A `max_length` larger than
+    the positions is lowered with a warning. Why: "max_length" or "max_position_embeddings"."""
+    sizes = [getattr(getattr(m, "config", None), "max_position_embeddings", None) for m in models if m is not None]
+    positions = min((n for n in sizes if isinstance(n, int) and not isinstance(n, bool) and n >= 2), default=None)
+    if positions is None or (max_length is not None and max_length <= positions):
+        return max_length, "max_length"
+    if max_length is not None:
+        warnings.warn(f"max_length {max_length} is more than the model's {positions} positions "
+                      f"(max_position_embeddings): trajectories are cut to {positions} tokens", stacklevel=2)  # fmt: skip
+    return positions, "max_position_embeddings"
 
 
 def truncate(r: Rendered, max_length: int) -> Rendered:
@@ -274,3 +290,17 @@ def check_same_tokenizer(a, b, names: tuple[str, str] = ("policy", "reference"),
             f"the same text into different tokens: {len(ia)} vs {len(ib)} tokens for a probe conversation with tool "
             f"calls, non-ASCII text and digits, first differing at token {i} ({pa!r} vs {pb!r}). {hint or why}"
         )
+
+
+def render_step(traj: Trajectory, tokenizer, message_index: int) -> tuple[list[int], tuple[int, int]]:
+    """(token ids of the whole conversation, [start, end) of assistant message `message_index`'s own tokens): what
+    `render` gives for that one step, locating only its span (one step's template work, not every turn's). The agent
+    loop (`session.py`) scores a candidate next turn this way, so its span is the one `render` finds for it."""
+    full = _template(tokenizer, traj.messages, traj.tools, traj)
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except Exception as e:  # noqa: BLE001 - the tokenizer's own failure, named for the record
+        raise ChatTemplateError(f"{traj.label}: the tokenizer cannot encode it: {type(e).__name__}: {e}", _record(traj)) from None
+    offsets = enc["offset_mapping"]
+    starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
+    return list(enc["input_ids"]), _token_span(starts, ends, *_char_span(traj, tokenizer, full, message_index))

@@ -383,6 +383,17 @@ def load_trajectories(source, *, on_error: str = "raise") -> LoadResult:
     return LoadResult(out, errors)
 
 
+def validate_messages(messages: Any, where: str, start: int = 0) -> list[dict]:
+    """Checked copies of conversation messages (not a whole record: no assistant turn needed), numbered from
+    `start` in errors, which name `where` and the field (e.g. "messages[4].tool_calls[0].function.arguments")."""
+    try:
+        if not isinstance(messages, list):
+            raise _Bad("messages", f"must be a list of messages, got {type(messages).__name__}")
+        return [_check_message(m, start + i, False) for i, m in enumerate(messages)]
+    except _Bad as e:
+        raise TrajectoryError([RecordError(where, e.field, e.message)]) from None
+
+
 def as_trajectories(items) -> list[Trajectory]:
     """Trajectory objects from anything `load_trajectories` takes (validated; raises on the first bad record)."""
     if isinstance(items, list) and all(isinstance(t, Trajectory) for t in items):

@@ -31,6 +31,15 @@ otherwise the loss's first pass over each micro-batch of a fresh generation batc
 GRPO's `kl` is computed from). No forward pass is added for any of this. Log-probs are TRL's: temperature-scaled
 by `args.temperature`, computed on the training model (train mode).
 
+Generation with vLLM (`use_vllm=True`, colocate or server; TRL 1.16's `_generate_single_turn`): vLLM returns
+completions with its own per-token log-probs, which TRL keeps as `sampling_per_token_logps`. Those are the
+sampler's (another engine's numerics, possibly quantized or stale weights), not pi_theta's, and are never read
+here. With `vllm_importance_sampling_correction=True` (TRL's default) TRL recomputes `old_per_token_logps` with the
+training model at generation and takes the importance ratio against the sampler's; that tensor is captured, as
+above. With the correction off the loss's first pass is captured, as without vLLM. The reference log-probs come
+from the training-side reference either way. Tested on TRL's own vLLM branch with the engine replaced by a stand-in
+(tests/test_vllm_path.py); vLLM itself is not run in our tests.
+
 Supported: TRL 1.16.x (tested with 1.16.0). Other versions raise `UnsupportedTRLError`; set
 PROGADV_TRL_SKIP_VERSION_CHECK=1 to try anyway (the private methods may have changed meaning).
 Text-only: multimodal forward kwargs are not passed to the opt-in reference pass.

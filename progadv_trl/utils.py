@@ -1,4 +1,4 @@
-"""The one shared place for writing files and making values JSON-safe (torch-free).
+"""The one shared place for writing files, making values JSON-safe, and choosing how OpenMP threads wait (torch-free).
 
 Used by the CLI, the evaluation report, the bundle and the demo, so that "written atomically" and "no NaN in
 JSON" mean the same thing everywhere.
@@ -13,6 +13,8 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Any
+
+from .cpu import openmp_wait_policy  # noqa: F401 - its home is cpu.py; the recipes import it from here
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
@@ -44,9 +46,28 @@ def _umask() -> int:
     return mask
 
 
+def to_json(obj: Any, *, indent: int | None = None, default=None) -> str:
+    """Strict JSON text (RFC 8259): `json_safe` first (NaN and +-inf become null, numpy and paths plain values), then
+    `allow_nan=False`, so a non-finite number can never reach a file as a bare NaN or Infinity. Non-ASCII is kept.
+    `default`: as json.dumps's, for other objects (e.g. `str`)."""
+    safe = json_safe(obj)
+    text = json.dumps(safe, ensure_ascii=False, indent=indent, allow_nan=False, default=default)
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate (e.g. in a record's metadata): JSON's \ud800 escape holds it
+            text = json.dumps(safe, ensure_ascii=True, indent=indent, allow_nan=False, default=default)
+    return text
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2, default=None) -> None:
+    """`to_json(obj)` and a newline, written atomically."""
+    atomic_write_text(path, to_json(obj, indent=indent, default=default) + "\n")
+
+
 def write_jsonl(path: str | os.PathLike, records) -> None:
-    """Records (dicts), one JSON line each (UTF-8, non-ASCII kept as is), written atomically."""
-    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    """Records (dicts), one strict JSON line each (`to_json`: NaN/inf -> null), written atomically."""
+    atomic_write_text(path, "".join(to_json(r) + "\n" for r in records))
 
 
 def json_safe(x: Any, *, strict: bool = False) -> Any:

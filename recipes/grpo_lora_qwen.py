@@ -16,7 +16,9 @@ adapter disabled, so after training the adapter directory alone is a policy/refe
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from progadv_trl.utils import openmp_wait_policy  # noqa: E402 - torch-free
+
+openmp_wait_policy()  # before torch starts: idle OpenMP threads spin only on an idle machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
 
@@ -29,6 +31,7 @@ from trl import GRPOConfig, GRPOTrainer, ModelConfig, TrlParser, get_peft_config
 
 from progadv_trl.demo import TOOL_SCHEMAS, make_rollout_func, make_tasks, sample_rollouts, success_reward, summarize  # noqa: E402
 from progadv_trl.demo.pipeline import grpo_dataset, write_jsonl  # noqa: E402
+from progadv_trl.utils import write_json  # noqa: E402
 
 
 @dataclass
@@ -93,7 +96,7 @@ def main(args: WorldArguments, training_args: GRPOConfig, model_args: ModelConfi
         recs, result["reference_test"] = success(ref, tok, test, args, tools, greedy=False, n=args.n_per_task,
                                                  tag="test-reference")
     write_jsonl(out / "rollouts_reference.jsonl", recs)
-    (out / "summary_world.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "summary_world.json", result)
     trainer.accelerator.print(json.dumps(result, indent=2))
     return result
 

@@ -21,6 +21,7 @@ from trl import TrlParser
 
 from progadv_trl.cli import main as progadv
 from progadv_trl.demo.study import APPLICATIONS
+from progadv_trl.utils import write_json
 
 
 @dataclass
@@ -83,7 +84,7 @@ def main(a: SweepArguments) -> int:
             rows.append(cell_row(json.loads((cell / "study.json").read_text()), beta, steps))
     command = "python recipes/onpolicy_sweep.py " + " ".join(
         f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items() if v not in (False, None))
-    (out / "sweep.json").write_text(json.dumps(rows, indent=2) + "\n")
+    write_json(out / "sweep.json", rows)
     (out / "sweep.md").write_text(sweep_markdown(rows, command))
     print(sweep_markdown(rows, command))
     return 0

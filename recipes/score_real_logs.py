@@ -12,12 +12,14 @@ a task's trials, failure attribution; for Who&When also step- and agent-level ac
 first-step baselines). `evaluate` runs the models again; `--evaluate false` skips it.
 
 The instruct model is the "policy" and its base the "reference"; the pair was never trained against each other with a
-KL term and the logs usually come from another model, so the scores are a heuristic (README: "Real agent logs").
+KL term and the logs usually come from another model, so the scores are a heuristic (docs/formats.md).
 """
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: idle OpenMP threads must not spin
+from progadv_trl.utils import openmp_wait_policy  # noqa: E402 - torch-free
+
+openmp_wait_policy()  # before torch starts: idle OpenMP threads spin only on an idle machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from dataclasses import dataclass, field  # noqa: E402

@@ -11,7 +11,9 @@ rollouts of both models (out_dir/rollouts_{reference,policy}.jsonl) for `progadv
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: idle OpenMP threads must not spin
+from progadv_trl.utils import openmp_wait_policy  # noqa: E402 - torch-free
+
+openmp_wait_policy()  # before torch starts: idle OpenMP threads spin only on an idle machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402
@@ -21,6 +23,7 @@ import time  # noqa: E402
 from trl import TrlParser  # noqa: E402
 
 from progadv_trl.demo import DemoConfig, evaluate, train_policy  # noqa: E402
+from progadv_trl.utils import write_json  # noqa: E402
 
 
 def main(cfg: DemoConfig) -> dict:
@@ -32,7 +35,7 @@ def main(cfg: DemoConfig) -> dict:
     summary = evaluate(cfg)
     summary["timings"]["grpo_s"] = round(grpo_s, 1)
     summary["grpo_steps"] = trainer.state.global_step
-    cfg.path("summary_grpo.json").write_text(json.dumps(summary, indent=2))
+    write_json(cfg.path("summary_grpo.json"), summary)  # strict JSON: a NaN figure is written null
     print(json.dumps({k: summary[k] for k in ("reference_success", "policy_success", "success", "timings")}, indent=2))
     return summary
 

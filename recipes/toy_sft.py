@@ -9,7 +9,9 @@ held-out tasks. Next: recipes/toy_grpo.py with the same out_dir.
 
 import os
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts: idle OpenMP threads must not spin
+from progadv_trl.utils import openmp_wait_policy  # noqa: E402 - torch-free
+
+openmp_wait_policy()  # before torch starts: idle OpenMP threads spin only on an idle machine
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import json  # noqa: E402

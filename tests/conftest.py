@@ -63,3 +63,30 @@ def naive_spans(tokenizer, traj) -> tuple[list[int], list[tuple[int, int]]]:
         spans.append((len(tokenizer(before, add_special_tokens=False).input_ids),
                       len(tokenizer(upto, add_special_tokens=False).input_ids)))  # fmt: skip
     return ids, spans
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def strict_json_files(root) -> list:
+    """Parse every .json and .jsonl file under `root` with a strict parser (NaN, Infinity and -Infinity refused, as
+    RFC 8259 and most non-Python readers do); returns the paths read, so a test can say how many it checked."""
+    import json
+    from pathlib import Path
+
+    read = []
+    for p in sorted(Path(root).rglob("*")):
+        if p.suffix not in (".json", ".jsonl") or not p.is_file():
+            continue
+        text = p.read_text(encoding="utf-8")
+        try:
+            if p.suffix == ".json":
+                json.loads(text, parse_constant=_no_constant)
+            else:
+                for line in text.splitlines():
+                    json.loads(line, parse_constant=_no_constant)
+        except ValueError as e:
+            raise AssertionError(f"{p} is not strict JSON: {e}") from None
+        read.append(p)
+    return read

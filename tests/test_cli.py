@@ -134,7 +134,8 @@ def test_commands_parse_into_their_dataclasses():
 def test_demo_config_rejects_unknown_keys(tmp_path, capsys):
     import pytest
 
-    from progadv_trl.cli import DemoArguments, demo_config
+    from progadv_trl.arguments import DemoArguments
+    from progadv_trl.demo.main import demo_config
 
     good = tmp_path / "good.yaml"
     good.write_text("grpo_steps: 7\nbeta: 0.2\n")
@@ -154,3 +155,31 @@ def test_a_flag_never_swallows_the_positional_after_it():
     assert out == "OUT" and args.overwrite is True and args.trust_remote_code is False
     _, (traj, model, _, inputs, _) = parse(["score", "--trust-remote-code", "t.jsonl", "-o", "o", "--skip-invalid"])
     assert traj == "t.jsonl" and model.trust_remote_code is True and inputs.on_error == "skip"
+
+
+def test_nothing_in_the_library_imports_the_cli():
+    """The CLI is the top: the demo's arguments live in `arguments.py` and `demo_config` in `demo/main.py`, so no
+    module (the demo's study included) imports `cli`, and cli -> demo -> cli cannot come back."""
+    import ast
+    from pathlib import Path
+
+    import progadv_trl
+
+    root = Path(progadv_trl.__file__).parent
+    offenders = []
+    for path in root.rglob("*.py"):
+        if path.name == "cli.py" and path.parent == root:
+            continue
+        package = path.relative_to(root.parent).with_suffix("").parts[:-1]
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                base = list(package[: len(package) - node.level + 1]) if node.level else []
+                target = ".".join(base + (node.module.split(".") if node.module else []))
+                names = [target] + [f"{target}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            if "progadv_trl.cli" in names:
+                offenders.append(f"{path.relative_to(root)}:{node.lineno}")
+    assert not offenders, f"these import progadv_trl.cli: {offenders}"

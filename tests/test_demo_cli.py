@@ -41,6 +41,28 @@ def test_demo_writes_summary_report_and_bundle(demo_runs, capsys):
     steps = summary["training_curves"]["heldout_steps"]
     assert steps[0] == 0 and steps[-1] == summary["grpo_steps"]
     assert (out / "bundle" / "manifest.json").is_file()
+    from conftest import strict_json_files
+
+    read = {p.relative_to(out).as_posix() for p in strict_json_files(out)}  # strict: no bare NaN anywhere
+    assert {"summary.json", "report/policy/metrics.json", "rollouts_policy.jsonl", "bundle/manifest.json"} <= read
+
+
+def test_demo_step_selection_block(demo_runs):
+    from progadv_trl.demo.steering import STEER_METHODS
+
+    summary = json.loads((demo_runs[0] / "summary.json").read_text())
+    st = summary["step_selection"]
+    assert st["tasks"] == 3 and st["budgets"] == [4, 8] and st["methods"] == list(STEER_METHODS)
+    for agent in ("reference", "policy"):
+        e = st["agents"][agent]
+        for k in (4, 8):
+            r = e[f"k{k}"]
+            assert set(r["step"]) == set(STEER_METHODS) and all(0.0 <= v <= 1.0 for v in r["step"].values())
+            assert r["candidates"] == k * r["states"] and r["states"] >= st["tasks"]  # at least each first state
+            assert r["step_comparison"]["best_baseline"] not in ("progress_advantage", None)
+            assert "progress_advantage" in r["step_comparison"]["family"]
+            assert "progress_advantage" in r["trajectory"] and 0.0 <= r["sampled"] <= 1.0
+    assert "Step-level selection" in (demo_runs[0] / "report" / "README.md").read_text()
 
 
 def test_demo_bundle_loads_and_scores_the_heldout_set(demo_runs):
@@ -62,6 +84,7 @@ def test_demo_is_reproducible(demo_runs):
         assert (a / f).read_text() == (b / f).read_text(), f
     sa, sb = (json.loads((d / "summary.json").read_text()) for d in (a, b))
     assert sa["evaluation"] == sb["evaluation"]
+    assert sa["step_selection"] == sb["step_selection"]
     assert sa["training_curves"]["heldout_step_advantage_mean"] == sb["training_curves"]["heldout_step_advantage_mean"]
 
 

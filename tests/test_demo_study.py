@@ -134,6 +134,11 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     assert st["seeds"] == [0, 1] and len(st["success"]["per_seed"]) == 2
     for regime in ("on-policy", "off-policy"):
         assert st["table"][regime]["progress_advantage"]["best_of_n"]["n_seeds"] == 2  # AUROC: none without successes
+    cell = st["step_selection"]["cells"]["policy/k8"]
+    assert cell["step"]["progress_advantage"]["n_seeds"] == 2
+    v = cell["step_verdicts"]["progress_advantage"]
+    assert v["beats"] + v["ties"] + v["losses"] == 2
+    assert "Step-level selection" in (out / "study.md").read_text()
     for s in (0, 1):
         cfg = json.loads((out / f"seed_{s}" / "summary.json").read_text())["config"]
         assert cfg == json.loads(json.dumps(asdict(DemoConfig.fast(seed=s, out_dir=str(out / f"seed_{s}")))))
@@ -151,6 +156,12 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     assert again["evaluation"] == s1["evaluation"] and again["policy_success"] == s1["policy_success"]
     assert (out / "seed_1" / "policy" / "model.safetensors").stat().st_mtime_ns == trained
     assert "evaluating its saved rollouts again" in capsys.readouterr().err
+    # every file the study and its demos wrote is strict JSON (the fast runs have undefined figures: null, not NaN)
+    from conftest import strict_json_files
+
+    read = {p.relative_to(out).as_posix() for p in strict_json_files(out)}
+    assert {"study.json", "study_ranges.json", "seed_0/summary.json", "seed_0/report/policy/metrics.json",
+            "seed_1/bundle/manifest.json"} <= read  # fmt: skip
 
 
 def _with_comparison(summary, diffs):

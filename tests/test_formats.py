@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from progadv_trl.cli import main
-from progadv_trl.formats import as_trajectory_source, convert, detect_format
+from progadv_trl.formats import as_trajectory_source, convert, convert_report, detect_format
 from progadv_trl.formats.whowhen import whowhen_attribution
 from progadv_trl.trajectories import TrajectoryError, load_trajectories, validate_record
 from progadv_trl.rendering import render
@@ -26,6 +26,10 @@ TELECOM = FIX / "tau2" / "telecom_results.json"
 
 def _case(rel):
     return json.loads((WW / rel).read_text())
+
+
+def _case_in(root, case_id):
+    return json.loads((root / f"{case_id}.json").read_text())
 
 
 def _by_id(records):
@@ -86,6 +90,87 @@ def test_whowhen_empty_content_is_an_empty_step():
     case["history"][3]["content"] = None
     rec = convert("whowhen", case)[0]
     assert rec["messages"][4] == {"role": "assistant", "content": "", "name": "Debugging_Expert"}
+
+
+MOVED = FIX / "who_and_when_moved"  # hand-written, shaped like the three cases issue 22 found refused (SOURCE.md)
+
+
+def test_labels_on_terminal_output_move_to_the_turn_that_produced_it():
+    conv = convert_report("whowhen", MOVED, on_error="raise")
+    recs = _by_id(conv.records)
+    assert sorted(recs) == ["Algorithm-Generated/14", "Algorithm-Generated/59", "Hand-Crafted/14"] and not conv.skipped
+    # AG 14: history[2] is Computer_terminal's output of history[1]'s code; AG 59: history[1] after history[0]
+    for cid, labelled, acting, step in (("Algorithm-Generated/14", 2, 1, 1), ("Algorithm-Generated/59", 1, 0, 0)):
+        rec, case = recs[cid], _case_in(MOVED, cid)
+        meta = rec["metadata"]
+        assert meta["label_moved_from"] == {"history_index": labelled, "speaker": "Computer_terminal"}
+        assert meta["label_history_index"] == acting and meta["mistake_step"] == labelled  # the dataset's label kept
+        assert rec["failure_step"] == step
+        steps = [m for m in rec["messages"] if m["role"] == "assistant"]
+        assert steps[step]["content"] == case["history"][acting]["content"]
+        assert meta["step_agents"][step] == case["mistake_agent"]
+    assert conv.moved == 2 and "2 labels moved" in conv.summary()
+
+
+def test_an_agent_addressing_the_terminal_is_an_agent_turn():
+    rec = _by_id(convert("whowhen", MOVED / "Hand-Crafted"))["Hand-Crafted/14"]
+    case = _case_in(MOVED, "Hand-Crafted/14")
+    steps = [m for m in rec["messages"] if m["role"] == "assistant"]
+    assert steps[rec["failure_step"]] == {"role": "assistant", "name": "Orchestrator (-> ComputerTerminal)",
+                                          "content": case["history"][14]["content"]}  # fmt: skip
+    assert "label_moved_from" not in rec["metadata"] and rec["metadata"]["mistake_step"] == 14
+    # the terminal's own output is still context, not a step
+    terminal = [m for m in rec["messages"] if m.get("name") == "ComputerTerminal"]
+    assert len(terminal) == 2 and all(m["role"] == "user" for m in terminal)
+    assert rec["metadata"]["step_agents"][rec["failure_step"]] == case["mistake_agent"] == "Orchestrator"
+
+
+def test_a_folder_of_both_subsets_converts_every_case_and_skips_with_reasons(tmp_path, capsys):
+    src = tmp_path / "Who&When"
+    for sub in ("Hand-Crafted", "Algorithm-Generated"):
+        (src / sub).mkdir(parents=True)
+        for f in sorted((WW / sub).glob("*.json")) + sorted((MOVED / sub).glob("*.json")):
+            (src / sub / f"{f.parent.parent.name}-{f.name}").write_text(f.read_text())
+    (src / "Hand-Crafted" / "bad-task.json").write_text(json.dumps({**_case("Hand-Crafted/52.json"), "mistake_step": "0"}))
+    (src / "Hand-Crafted" / "broken.json").write_text('{"history": [')
+    out = tmp_path / "ww.jsonl"
+    assert main(["convert", "--from", "whowhen", str(src), str(out)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err  # one summary line
+    line = err[0]
+    assert "converted 7 trajectories" in line and "2 labels moved" in line and "2 skipped" in line
+    assert "Hand-Crafted/bad-task.json: field 'mistake_step': points at history[0] ('human'), the task" in line
+    assert "Hand-Crafted/broken.json: field '<file>': not valid JSON" in line
+    assert len(load_trajectories(out).trajectories) == 7
+    # --strict: the skips are errors, every one named, nothing written
+    out2 = tmp_path / "strict.jsonl"
+    assert main(["convert", "--from", "whowhen", "--strict", str(src), str(out2)]) == 2
+    assert "bad-task.json" in capsys.readouterr().err and not out2.exists()
+
+
+def test_tau2_folder_of_results_files(tmp_path, capsys):
+    src = tmp_path / "results"
+    (src / "telecom").mkdir(parents=True)
+    (src / "airline.json").write_text(AIRLINE.read_text())
+    (src / "telecom" / "run.json").write_text(TELECOM.read_text())
+    (src / "notes.json").write_text('{"comment": "not a results file"}')
+    out = tmp_path / "tau2.jsonl"
+    assert main(["convert", "--from", "tau2", str(src), str(out)]) == 0
+    line = capsys.readouterr().err.strip()
+    assert "converted 5 trajectories" in line and "1 skipped: notes.json: field 'simulations'" in line
+    ids = [t.id for t in load_trajectories(out).trajectories]
+    assert ids == [r["id"] for r in convert("tau2", AIRLINE) + convert("tau2", TELECOM)]
+    assert main(["convert", "--from", "tau2", "--strict", str(src), str(tmp_path / "s.jsonl")]) == 2
+
+
+def test_one_bad_simulation_is_skipped_and_the_file_goes_on(tmp_path, capsys):
+    src = tmp_path / "bad.json"
+    src.write_text(_tau2_with(lambda d: d["simulations"][1]["messages"][1].update(role="robot")))
+    out = tmp_path / "t.jsonl"
+    assert main(["convert", "--from", "tau2", str(src), str(out)]) == 0
+    line = capsys.readouterr().err
+    assert "converted 2 trajectories" in line and "bad.json simulations[1] (id 'sim-0-1'): field 'messages[1].role'" in line
+    assert [t.id for t in load_trajectories(out).trajectories] == ["sim-0-0", "sim-1-0"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -198,8 +283,14 @@ BAD = {
     "not_json": ("tau2", lambda: '{"simulations": [', "bad.json", "not valid JSON"),
     "mistake_step": ("whowhen", lambda: json.dumps({**_case("Hand-Crafted/52.json"), "mistake_step": "four"}),
                      "bad.json", "field 'mistake_step'"),
-    "mistake_on_terminal": ("whowhen", lambda: json.dumps({**_case("Algorithm-Generated/34.json"), "mistake_step": "1"}),
-                            "bad.json", "not an agent's turn"),
+    "mistake_on_task": ("whowhen", lambda: json.dumps({**_case("Hand-Crafted/52.json"), "mistake_step": "0"}),
+                        "bad.json", "the task, not an agent's turn"),
+    "terminal_first": (
+        "whowhen",
+        lambda: json.dumps({**_case("Algorithm-Generated/34.json"), "mistake_step": "0",
+                            "history": _case("Algorithm-Generated/34.json")["history"][1:]}),
+        "bad.json", "tool output with no agent turn before it",
+    ),  # fmt: skip
     "content_type": (
         "whowhen",
         lambda: json.dumps({**_case("Hand-Crafted/52.json"),
@@ -218,20 +309,20 @@ def test_malformed_file_is_one_message_naming_file_record_and_field(kind, tmp_pa
     out_dir.mkdir()
     out = out_dir / "t.jsonl"
     out.write_text("previous\n")
-    rc = main(["convert", "--from", fmt, str(src), str(out)])
+    rc = main(["convert", "--from", fmt, "--strict", str(src), str(out)])
     err = capsys.readouterr().err
     assert rc == 2, err
     assert record in err and field in err and "Traceback" not in err
     assert out.read_text() == "previous\n" and list(out_dir.iterdir()) == [out]  # untouched, no temporary file
 
 
-def test_one_bad_case_in_a_directory_writes_nothing(tmp_path, capsys):
+def test_one_bad_case_in_a_directory_writes_nothing_with_strict(tmp_path, capsys):
     src = tmp_path / "cases" / "Hand-Crafted"
     src.mkdir(parents=True)
     (src / "42.json").write_text((WW / "Hand-Crafted" / "42.json").read_text())
     (src / "99.json").write_text(json.dumps({**_case("Hand-Crafted/52.json"), "mistake_step": "21"}))
     out = tmp_path / "t.jsonl"
-    assert main(["convert", "--from", "whowhen", str(tmp_path / "cases"), str(out)]) == 2
+    assert main(["convert", "--from", "whowhen", "--strict", str(tmp_path / "cases"), str(out)]) == 2
     err = capsys.readouterr().err
     assert "Hand-Crafted/99.json: field 'mistake_step': is 21 but history has 21 messages" in err
     assert not out.exists()
@@ -240,7 +331,7 @@ def test_one_bad_case_in_a_directory_writes_nothing(tmp_path, capsys):
 def test_convert_cli_writes_records_that_load(tmp_path, capsys):
     out = tmp_path / "cases.jsonl"
     assert main(["convert", "--from", "whowhen", str(WW), str(out)]) == 0
-    assert "converted 4 trajectories" in capsys.readouterr().err
+    assert "converted 4 trajectories" in capsys.readouterr().err  # nothing moved, nothing skipped
     loaded = load_trajectories(out).trajectories
     assert [t.to_dict() for t in loaded] == convert("whowhen", WW)
 

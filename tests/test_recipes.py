@@ -117,3 +117,27 @@ def test_onpolicy_sweep_two_fast_cells(tmp_path):
     assert "| 0.3 | 2 |" in (out / "sweep.md").read_text()
     p = _run(args, cwd=tmp_path, timeout=300)
     assert p.stderr.count("exists with this configuration: not run again") == 2
+
+
+def test_steer_agent_on_the_toy_pair(toy):
+    """The critic-guided agent: a bundle of the toy pair steers the toy reference; its records carry every candidate
+    with its scores and the chosen index, and `progadv evaluate` reads them."""
+    d, run, _ = toy
+    bundle, out = d / "steer_bundle", d / "steer" / "episodes.jsonl"
+    _run([str(BIN / "progadv"), "export", "--policy", str(run / "policy"), "--reference", str(run / "reference"),
+          str(bundle)], cwd=ROOT)  # fmt: skip
+    p = _run([sys.executable, str(RECIPES / "steer_agent.py"), "--config", str(RECIPES / "steer_agent.yaml"),
+              "--bundle", str(bundle), "--sampler", str(run / "reference"), "--output", str(out), "--n_tasks", "3",
+              "--k", "3", "--device", "cpu"], cwd=ROOT)  # fmt: skip
+    assert json.loads(p.stdout.strip().splitlines()[-1])["episodes"] == 3
+    recs = [json.loads(line) for line in out.read_text().splitlines()]
+    for r in recs:
+        steps = r["metadata"]["steering"]
+        assert len(steps) == sum(m["role"] == "assistant" for m in r["messages"])
+        for st in steps:
+            assert len(st["candidates"]) == len(st["scores"]) == 3
+            pa = [s["progress_advantage"] for s in st["scores"]]
+            assert pa[st["chosen"]] == max(pa)  # progress advantage chose it
+    _run([str(BIN / "progadv"), "evaluate", "--bundle", str(bundle), str(out), "-o", str(d / "steer" / "eval"),
+          "--n-boot", "20"], cwd=ROOT)  # fmt: skip
+    assert (d / "steer" / "eval" / "metrics.json").is_file()

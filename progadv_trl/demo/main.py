@@ -12,6 +12,8 @@
    the policy (on-policy) and from the reference (off-policy, as the paper scores another model's runs)
 6. both sets scored with the bundle and evaluated against the baselines -> DIR/report/{policy,reference}/, the
    training curves DIR/report/training.png, DIR/report/README.md and DIR/summary.json
+7. step-level selection (`steer_tasks` > 0): each agent samples K candidate turns at every step of held-out episodes
+   and keeps the one each method ranks highest through a critic session (demo/steering.py) -> summary["step_selection"]
 
 Everything the figures come from is written next to them (rollouts as JSONL), so any number can be recomputed with
 `progadv evaluate --bundle DIR/bundle DIR/rollouts_policy.jsonl -o ...`.
@@ -27,12 +29,13 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
+from ..arguments import DemoArguments
 from ..evaluation import format_cell, markdown_table, text_table
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, write_json
 from .study import compare_with_study, reference_ranges
 from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference, write_jsonl
 
-N_STAGES = 6
+N_STAGES = 7
 SETS = {
     "policy": "rollouts of the RL policy (on-policy: the regime the theory describes, at a policy far from optimal)",
     "reference": "rollouts of the SFT reference (off-policy: another model's runs, as in the paper)",
@@ -43,6 +46,32 @@ MERGES_EVALUATED = ("linear", "ties", "dare_linear")
 MERGE_DENSITY = 0.2  # ties / dare: the share of the task vector kept (TIES' usual top 20 %)
 HEADLINE_METHODS = ("progress_advantage", "policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail",
                     "deepconf_bottom10")  # fmt: skip
+
+
+def demo_config(args: DemoArguments) -> DemoConfig:
+    """The DemoConfig of a `progadv demo` call: --config read by TRL's `TrlParser`, as the recipes read their YAML
+    (unknown keys are an error), then --out / --seed / --no-progress on top; --fast starts from `DemoConfig.fast`."""
+    from trl import TrlParser
+
+    given: dict = {}
+    if args.config:
+        import yaml
+
+        try:
+            with open(args.config, encoding="utf-8") as f:
+                given = yaml.safe_load(f) or {}
+            if not isinstance(given, dict):
+                raise ValueError("it must be a mapping of DemoConfig fields")
+            (cfg,) = TrlParser(DemoConfig).parse_args_and_config(["--config", args.config])
+        except (OSError, ValueError, yaml.YAMLError) as e:
+            raise SystemExit(f"progadv: error: --config {args.config}: {e}")
+        given = {k: getattr(cfg, k) for k in given}
+    given.update(out_dir=args.out, progress=not args.no_progress)
+    if args.seed is not None:
+        given["seed"] = args.seed
+    if args.noisy:
+        given["free_form"] = True
+    return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
 
 
 def _say(msg: str) -> None:
@@ -121,6 +150,12 @@ def run_demo(cfg: DemoConfig) -> dict:
                        for name in SETS}  # fmt: skip
         curves = training_curves(cb.history, trainer.state.log_history, out / "report" / "training.png")
 
+    steering = None
+    if cfg.steer_tasks:
+        with _stage(7, f"step-level selection: {cfg.steer_tasks} held-out tasks, K = 4 and 8, every method, both agents",
+                    timings, "steer_s", cpu):  # fmt: skip
+            steering = run_step_selection(critic, cfg)
+
     timings["total_s"] = round(time.perf_counter() - t_all, 1)
     cpu["total_s"] = round(time.process_time() - c_all, 1)
     s = ev["success"]
@@ -146,11 +181,13 @@ def run_demo(cfg: DemoConfig) -> dict:
                   "policy": str(out / "policy"), "reference": str(out / "reference")},  # fmt: skip
         "config": asdict(cfg),
     }
+    if steering is not None:
+        summary["step_selection"] = steering
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out / "summary.json", summary, default=str)
     print(format_summary(summary))
     return summary
 
@@ -173,16 +210,27 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
     evaluations = {name: evaluate_set(critic, summary["test_rollouts"][name]["path"], out / "report" / name, cfg)
                    for name in SETS}  # fmt: skip
     summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
+    if cfg.steer_tasks:
+        summary["step_selection"] = run_step_selection(critic, cfg)
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
     atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
-    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    write_json(out / "summary.json", summary, default=str)
     return summary
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Evaluation of one rollout set
+
+
+def run_step_selection(critic, cfg: DemoConfig) -> dict:
+    """Stage 7: the critic in the agent loop (demo/steering.py), both agents, on the first `steer_tasks` eval tasks."""
+    from .pipeline import load_models
+    from .steering import step_selection
+
+    tok, models = load_models(cfg)
+    return step_selection(critic, models, tok, cfg)
 
 
 def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
@@ -210,8 +258,8 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
 
 
 def headline(metrics: dict) -> dict:
-    """Per method: AUROC (all rollouts; successes + decision failures only), best-of-N, attribution (min cumsum),
-    and the fair figures (each method's rule chosen by 5-fold CV, out-of-fold: `fair_*`); `comparison`: progress
+    """Per method: AUROC (all rollouts; successes + decision failures only), best-of-N, attribution by the
+    min-cumsum rule (`attribution_min_cumsum_*`), and the fair figures (each method's rule chosen by 5-fold CV, out-of-fold: `fair_*`); `comparison`: progress
     advantage minus the best baseline per application, with its paired 95 % interval and verdict."""
     fair = metrics.get("fair") or {}
     fair_dec = ((metrics.get("fair_by_failure_kind") or {}).get("decision") or {}).get("auroc") or {}
@@ -228,7 +276,10 @@ def headline(metrics: dict) -> dict:
             "auroc_decision_failures": dec.get("auroc"), "auroc_decision_failures_ci": dec.get("auroc_ci"),
             "n_decision": dec.get("n"),
             "best_of_n": b["success"], "best_of_n_ci": b["success_ci"], "n_groups": b["n_groups"],
-            "attribution_exact": fa["exact"], "attribution_within1": fa["within1"], "n_attributed": fa["n"],
+            # named by its rule: min_cumsum always names a log-prob's last step (a log-prob is <= 0 at every step),
+            # so it is no fair figure for the baselines; `fair_attribution` (each method's rule by CV) is
+            "attribution_min_cumsum_exact": fa["exact"], "attribution_min_cumsum_within1": fa["within1"],
+            "n_attributed": fa["n"],
         }  # fmt: skip
         for app, f in apps.items():
             r = ((f or {}).get("methods") or {}).get(m)
@@ -345,6 +396,10 @@ def format_summary(summary: dict) -> str:
             lines.append(f"(5-fold CV would pick the variant {cvv['chosen']}: out-of-fold AUROC "
                          f"{format_cell(cvv['out_of_fold_auroc'])}; steps out of the reference's support: "
                          f"{format_cell(h.get('out_of_support'))})")  # fmt: skip
+    if summary.get("step_selection"):
+        from .steering import format_step_selection
+
+        lines += [""] + format_step_selection(summary["step_selection"])
     if summary.get("study_comparison"):
         lines += [""] + summary["study_comparison"]
     t = summary["timings"]
@@ -370,5 +425,9 @@ def report_markdown(summary: dict, evaluations: dict) -> str:
         md += ["", f"## {name} rollouts", "", SETS[name], "", markdown_table(header, rows), "",
                f"Details, intervals, calibration and plots: [{name}/metrics.md]({name}/metrics.md), "
                f"![ROC]({name}/roc.png) ![best-of-N]({name}/best_of_n.png) ![traces]({name}/traces.png)"]  # fmt: skip
+    if summary.get("step_selection"):
+        from .steering import step_selection_markdown
+
+        md += ["", "## Step-level selection (the critic in the agent loop)", ""] + step_selection_markdown(summary["step_selection"])
     md += ["", "Timings (s): " + ", ".join(f"{k} {v}" for k, v in summary["timings"].items())]
     return "\n".join(md) + "\n"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from ..utils import atomic_write_text, write_jsonl  # noqa: F401 - write_jsonl re-exported for recipes
+from ..utils import atomic_write_text, write_json, write_jsonl  # noqa: F401 - write_jsonl re-exported for recipes
 from .rollout import encode, episode_tokens, make_rollout_func, play, render, success_reward
 from .world import (
     ID_DIGITS,
@@ -68,8 +68,8 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "seeds tasks, demonstrations, initialisation, training, sampling"})
     num_threads: int = field(
         default=2,
-        metadata={"help": "torch CPU threads. Set OMP_WAIT_POLICY=PASSIVE before torch starts (the recipes do): on a "
-                          "busy machine spinning OpenMP threads ran this tiny model up to 10x slower"},
+        metadata={"help": "torch CPU threads. Call utils.openmp_wait_policy() before torch starts (the CLI and the "
+                          "recipes do): on a busy machine spinning OpenMP threads ran this tiny model up to 10x slower"},
     )
     # tasks (disjoint splits of one seeded stream of reservation ids)
     n_train_tasks: int = field(default=400, metadata={"help": "tasks for demonstrations and GRPO prompts"})
@@ -131,8 +131,8 @@ class DemoConfig:
     # GRPO
     grpo_steps: int = field(
         default=80,
-        metadata={"help": "GRPO optimizer steps. Over seeds 0-4 greedy success rose +26.5 to +53 points (README: the "
-                          "study); before the curriculum, 100 steps gave seed 3 +18.5, not more than 80"},
+        metadata={"help": "GRPO optimizer steps. Over seeds 0-4 greedy success rose +26.5 to +53 points (docs/study.md); "
+                          "before the curriculum, 100 steps gave seed 3 +18.5, not more than 80"},
     )
     grpo_lr: float = field(default=6e-4, metadata={"help": "GRPO learning rate"})
     grpo_p_timeout: float | None = field(
@@ -166,6 +166,13 @@ class DemoConfig:
                           "chooses one by 5-fold CV: the study's full table. About a minute more on 2 CPU cores; "
                           "evaluation only (stages 1-5 are the same either way)"},
     )
+    steer_tasks: int = field(
+        default=48,
+        metadata={"help": "step-level selection (the critic in the agent loop, demo/steering.py): the first N tasks of "
+                          "the eval split, played by each agent choosing each turn among K = 4 and 8 candidates by every "
+                          "method; 0 skips it. About a minute on 2 idle cores at 48; the committed study ran 100 a seed "
+                          "(benchmarks/study_steering.yaml)"},
+    )
     progress: bool = field(default=False, metadata={"help": "progress bars for SFT and GRPO (the trainers' tqdm)"})
 
     @classmethod
@@ -175,7 +182,7 @@ class DemoConfig:
                     pretrain_steps=2, pretrain_batch_size=8,
                     hidden_size=32, num_layers=1, intermediate_size=64, sft_epochs=1.0, grpo_steps=2,
                     num_generations=4, prompts_per_step=2, logging_steps=1, heldout_per_task=2, heldout_eval_steps=1,
-                    n_boot=50)
+                    n_boot=50, steer_tasks=3)
         base.update(kw)
         return cls(**base)
 
@@ -531,6 +538,6 @@ def evaluate(cfg: DemoConfig, write_rollouts: bool = True) -> dict:
 
 
 def _write_json(path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=str))
+    write_json(path, obj, default=str)
 
 

@@ -21,13 +21,13 @@ import time
 from pathlib import Path
 
 # Config keys that do not change a run's results: a seed made with other values of these is still resumed.
-IGNORED_KEYS = ("out_dir", "progress", "variants")
+IGNORED_KEYS = ("out_dir", "progress", "variants", "steer_tasks")
 # Config keys added after runs were made, with the value those runs had in effect: a summary without the key compares
 # as if it held that value (a seed made before the curriculum existed trained with the world's timeouts; its
 # demonstrations gave up at every timeout alike).
-ADDED_KEYS = {"grpo_p_timeout": None, "p_give_up_after_retry": None}
+ADDED_KEYS = {"grpo_p_timeout": None, "p_give_up_after_retry": None, "steer_tasks": 0}
 # Config keys that change only stage 6 (the evaluation of saved rollouts): `--reevaluate` applies the study's values.
-EVAL_ONLY_KEYS = ("variants",)
+EVAL_ONLY_KEYS = ("variants", "steer_tasks")
 # Evaluation sets of the demo summary -> the regime they measure.
 REGIMES = {"policy": "on-policy", "reference": "off-policy"}
 # Figures where lower is better (matched as a substring of the figure's name); every other figure: higher is better.
@@ -160,7 +160,81 @@ def aggregate(summaries: list[dict]) -> dict:
     return {"seeds": seeds, "config": common, "config_varying": varying, "success": success, "table": table,
             "verdicts": verdicts(summaries), "family_verdicts": family_verdicts(summaries),
             "reductions_chosen": reductions_chosen(summaries),
+            "step_selection": step_selection_across_seeds(summaries),
             "regimes": {v: k for k, v in REGIMES.items()}}  # fmt: skip
+
+
+def step_selection_across_seeds(summaries: list[dict]) -> dict | None:
+    """The demo's step_selection blocks across seeds: per agent and budget ("reference/k4"), per method the step-level
+    and trajectory-level success (mean, spread), the agent alone, and per family member its difference from each
+    seed's best baseline with beats/ties/losses counted from each seed's paired interval. None without the blocks."""
+    blocks = [(_seed(s, i), s["step_selection"]) for i, s in enumerate(summaries) if s.get("step_selection")]
+    if not blocks:
+        return None
+    out = {"seeds": [sd for sd, _ in blocks], "tasks": sorted({b["tasks"] for _, b in blocks}), "cells": {}}
+    for agent in blocks[0][1]["agents"]:
+        for k in blocks[0][1]["budgets"]:
+            rows = [(sd, b["agents"][agent], b["agents"][agent][f"k{k}"]) for sd, b in blocks
+                    if agent in b["agents"] and f"k{k}" in b["agents"][agent]]  # fmt: skip
+            cell = {"greedy": _stats([e["greedy"] for _, e, _ in rows]), "sampled": _stats([r["sampled"] for _, _, r in rows])}
+            for level in ("step", "trajectory"):
+                methods = list(dict.fromkeys(m for _, _, r in rows for m in r[level]))
+                cell[level] = {m: _stats([r[level][m] for _, _, r in rows if m in r[level]]) for m in methods}
+                fam: dict[str, dict] = {}
+                for sd, _, r in rows:
+                    c = r[f"{level}_comparison"]
+                    for m, d in (c.get("family") or {}).items():
+                        f = fam.setdefault(m, {"differences": [], "best_baselines": [], "beats": 0, "ties": 0, "losses": 0})
+                        f["differences"].append(d["difference"])
+                        f["best_baselines"].append(c.get("best_baseline"))
+                        key = {"beats": "beats", "loses": "losses"}.get(d["verdict"], "ties")
+                        f[key] += 1
+                for f in fam.values():
+                    f["difference"] = _stats(f.pop("differences"))
+                cell[f"{level}_verdicts"] = fam
+            out["cells"][f"{agent}/k{k}"] = cell
+    return out
+
+
+def step_selection_markdown(study: dict) -> list[str]:
+    """The study's step-selection table: per agent and K, success of PA, each variant and each baseline (mean over
+    seeds), then PA minus the best baseline with beats/ties/losses."""
+    st = study.get("step_selection")
+    if not st:
+        return []
+    md = ["## Step-level selection: the critic in the agent loop", "",
+          f"Seeds {', '.join(map(str, st['seeds']))}; {', '.join(map(str, st['tasks']))} held-out tasks per seed, one "
+          "episode per task and method with the same world seed. At every step the agent samples K candidate turns and "
+          "keeps the one the method ranks highest. Cells: mean held-out success across seeds ± std. Verdicts: per seed "
+          "a paired bootstrap over tasks of the method minus that seed's best baseline (chosen on the same tasks, which "
+          "favours the baseline); beats/ties/losses count the seeds whose 95 % interval excludes zero.", ""]  # fmt: skip
+    cells = st["cells"]
+    methods = list(dict.fromkeys(m for c in cells.values() for m in c["step"]))
+    header = "| method | " + " | ".join(f"{name} step" for name in cells) + " |"
+    md += [header, "|---" * (len(cells) + 1) + "|"]
+    for m in methods:
+        md.append(f"| {m} | " + " | ".join(
+            "–" if m not in c["step"] else f"{_f(c['step'][m]['mean'])} ± {_f(c['step'][m]['std'], 3)}" for c in cells.values()) + " |")
+    md.append("| (agent alone, greedy) | " + " | ".join(f"{_f(c['greedy']['mean'])}" for c in cells.values()) + " |")
+    md.append("| (agent alone, sampled) | " + " | ".join(f"{_f(c['sampled']['mean'])}" for c in cells.values()) + " |")
+    md.append("| (trajectory best-of-K, PA) | " + " | ".join(
+        f"{_f(c['trajectory']['progress_advantage']['mean'])}" if "progress_advantage" in c["trajectory"] else "–"
+        for c in cells.values()) + " |")
+    md += ["", "Family member minus the best baseline (mean difference across seeds; beats/ties/losses):", "",
+           "| member | " + " | ".join(f"{name} step" for name in cells) + " | " + " | ".join(f"{name} trajectory" for name in cells) + " |",
+           "|---" * (2 * len(cells) + 1) + "|"]  # fmt: skip
+    family = list(dict.fromkeys(m for c in cells.values() for m in c["step_verdicts"]))
+    for m in family:
+        row = []
+        for level in ("step", "trajectory"):
+            for c in cells.values():
+                v = c[f"{level}_verdicts"].get(m)
+                row.append("–" if v is None else f"{v['difference']['mean']:+.3f} ({v['beats']}/{v['ties']}/{v['losses']})")
+        md.append(f"| {m} | " + " | ".join(row) + " |")
+    best = {name: sorted({b for b in (c["step_verdicts"].get("progress_advantage") or {}).get("best_baselines", []) if b})
+            for name, c in cells.items()}  # fmt: skip
+    md += ["", "Best baseline per seed (step level): " + "; ".join(f"{n}: {', '.join(b) or '–'}" for n, b in best.items()), ""]
+    return md
 
 
 def reductions_chosen(summaries: list[dict]) -> dict:
@@ -364,6 +438,7 @@ def study_markdown(study: dict, command: str | None = None) -> str:
                f"{s['bar_points']:.0f} on every seed: {'cleared' if s['all_seeds_clear_bar'] else 'NOT cleared'}).", ""]
     md += verdict_markdown(study)
     md += family_markdown(study)
+    md += step_selection_markdown(study)
     if study.get("reductions_chosen"):
         md += ["## The reduction 5-fold CV chose (per seed)", ""]
         for regime, picks in study["reductions_chosen"].items():
@@ -437,7 +512,7 @@ def run_study(seeds: list[int], out_dir, make_config, runner=None, command: str 
     bundle) is run again with this version's evaluation code; its models and rollouts are kept."""
     from dataclasses import asdict
 
-    from ..utils import atomic_write_text
+    from ..utils import atomic_write_text, write_json
 
     if runner is None:
         from .main import run_demo as runner
@@ -473,18 +548,19 @@ def run_study(seeds: list[int], out_dir, make_config, runner=None, command: str 
     study["command"] = command
     study["run_s"] = timings  # seeds run by this invocation
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "study.json", json.dumps(study, indent=2, default=str) + "\n")
+    write_json(out / "study.json", study, default=str)
     atomic_write_text(out / "study.md", study_markdown(study, command) + "\n")
-    atomic_write_text(out / "study_ranges.json", json.dumps(study_ranges(study), indent=2) + "\n")
+    write_json(out / "study_ranges.json", study_ranges(study))
     _say(f"wrote {out / 'study.json'} and {out / 'study.md'}")
     return study
 
 
 def main(args) -> int:
-    """`progadv study` (args: a `cli.StudyArguments`)."""
+    """`progadv study` (args: an `arguments.StudyArguments`)."""
     import warnings
 
-    from ..cli import DemoArguments, demo_config
+    from ..arguments import DemoArguments
+    from .main import demo_config
 
     warnings.filterwarnings("ignore", message=".*gradient_checkpointing.*deprecated", category=FutureWarning)
 

@@ -258,6 +258,25 @@ def fair_comparison(
     return out
 
 
+def compare_outcomes(outcomes: dict[str, Sequence[float]], *, n_boot: int = 1000, seed: int = 0) -> dict:
+    """The same verdicts for methods that need no rule: `outcomes[method]` is a per-item figure (e.g. each task's
+    success when an agent chose its steps by that method), paired across methods (the same items in the same order).
+    Progress advantage and each family member are compared with the baseline of the highest mean, by a paired
+    bootstrap of the mean difference; choosing that baseline on the same items favours it. Returns `_compare`'s
+    entry: {"methods": {m: {"value", "n"}}, "best_baseline", "difference", "difference_ci", "verdict", "family"}."""
+    arrays = {m: np.asarray(v, dtype=np.float64) for m, v in outcomes.items()}
+    n = {a.size for a in arrays.values()}
+    if len(n) > 1:
+        raise ValueError(f"compare_outcomes: methods have different numbers of items {sorted(n)}; they must be paired")
+    n = n.pop() if n else 0
+    res = {m: {"value": float(a.mean()) if a.size else float("nan"), "n": int(a.size)} for m, a in arrays.items()}
+
+    def diff(a, b):
+        return lambda idx: float(arrays[a][idx].mean() - arrays[b][idx].mean())
+
+    return _compare(res, arrays, diff, n, n_boot, seed)
+
+
 def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=None) -> dict:
     entry = {"methods": res}
     family = [m for m in res if in_family(m)]

@@ -6,13 +6,12 @@ its presence means the directory is complete.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..utils import atomic_write_text
+from ..utils import atomic_write_text, write_json
 from .plots import plot_best_of_n, plot_roc, plot_traces
 from .tables import format_markdown
 
@@ -51,5 +50,5 @@ def write_report(
     plot_roc(metrics, scores, paths[ROC_PNG], threshold=thr)
     plot_best_of_n(metrics, paths[BEST_OF_N_PNG])
     plot_traces(scores, paths[TRACES_PNG], threshold=thr)
-    atomic_write_text(paths[METRICS_JSON], json.dumps(metrics, indent=2, allow_nan=False) + "\n")
+    write_json(paths[METRICS_JSON], metrics)  # strict: NaN/inf -> null
     return paths

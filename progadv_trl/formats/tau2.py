@@ -169,8 +169,9 @@ def convert_simulation(sim: Any, record: str, *, policy: str | None = None, tool
     return rec
 
 
-def convert_results(data: Any, name: str) -> list[dict]:
-    """A whole results file (already parsed) -> one record per simulation. `name` is the file, for errors."""
+def convert_results(data: Any, name: str, *, skipped: list[RecordError] | None = None) -> list[tuple[dict, str]]:
+    """A whole results file (already parsed) -> one (record, where) per simulation; `name` is the file, for errors.
+    With `skipped`, a simulation that cannot be converted is added to it and the file goes on."""
     if not isinstance(data, dict) or not isinstance(data.get("simulations"), list):
         raise _bad(name, "simulations", 'missing: a τ²-bench results file is {"info", "tasks", "simulations": [...]}')
     info = data.get("info") if isinstance(data.get("info"), dict) else {}
@@ -184,5 +185,11 @@ def convert_results(data: Any, name: str) -> list[dict]:
     for i, sim in enumerate(data["simulations"]):
         sid = sim.get("id") if isinstance(sim, dict) else None
         record = f"{name} simulations[{i}]" + (f" (id {sid!r})" if sid is not None else "")
-        recs.append(convert_simulation(sim, record, policy=policy, tools=tools, extra_metadata=extra))
+        try:
+            recs.append((convert_simulation(sim, record, policy=policy, tools=tools, extra_metadata=extra),
+                         f"{name} simulations[{i}]"))  # validate_record adds the id
+        except TrajectoryError as e:
+            if skipped is None:
+                raise
+            skipped.extend(e.errors)
     return recs

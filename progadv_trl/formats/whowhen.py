@@ -16,7 +16,14 @@ How the logs map onto one conversation, read from the real files (tests/fixtures
   the speaker is kept as the message's `name` and, per step, as the agent in `metadata.step_agents`.
 - Code-execution output ("Computer_terminal" in AG2, "ComputerTerminal" in Magentic-One) is what a tool returned, not
   a decision, so it becomes context. It is a `user` message (with its `name`), not a `tool` message: no tool call
-  precedes it, and templates that check tool calls against tool results refuse orphan tool messages.
+  precedes it, and templates that check tool calls against tool results refuse orphan tool messages. An agent
+  addressing the terminal ("Orchestrator (-> ComputerTerminal)") is the agent's own turn: the speaker is read
+  without its parenthesised suffix.
+- A mistake labelled on a terminal's output (a few AG2 cases) is moved to the agent turn whose action produced that
+  output: the last agent turn before it, the one whose code the terminal ran. `metadata.label_moved_from` records
+  where the label was (`history_index`, `speaker`) and `metadata.label_history_index` where it is now, so an
+  evaluation can keep or leave out such cases. A label on the human's task, or on output no agent turn precedes,
+  cannot be mapped: the case is refused with that reason (`progadv convert` skips it and goes on).
 - Empty or missing content is kept as "" (an empty turn is still the agent's action).
 - `failure_step` is the labelled message's index among the agent steps; `mistake_step` (as an integer index into
   `history`), `mistake_agent`, `mistake_reason`, the split, the question and the ground truth go to `metadata`.
@@ -48,8 +55,9 @@ def agent_of(speaker: str) -> str:
 
 
 def is_tool_output(speaker: str) -> bool:
-    """Code-execution output: AG2's Computer_terminal, Magentic-One's ComputerTerminal."""
-    return "terminal" in speaker.lower()
+    """Code-execution output: AG2's Computer_terminal, Magentic-One's ComputerTerminal. An agent's turn addressed to
+    the terminal ("Orchestrator (-> ComputerTerminal)") is the agent's, so only the speaker itself is read."""
+    return "terminal" in agent_of(speaker).lower()
 
 
 def convert_case(case: Any, name: str) -> dict:
@@ -68,6 +76,7 @@ def convert_case(case: Any, name: str) -> dict:
     messages: list[dict] = []
     step_of: dict[int, int] = {}  # history index -> agent step
     speakers: list[str] = []
+    speaker_of: list[str] = []  # per history index
     for i, m in enumerate(history):
         role, content = m.get("role"), m.get("content")
         if not isinstance(role, str) or not role:
@@ -80,6 +89,7 @@ def convert_case(case: Any, name: str) -> dict:
         speaker = m.get("name", role) if split == ALGORITHM_GENERATED else role
         if not isinstance(speaker, str) or not speaker:
             raise _bad(name, f"history[{i}].name", f"must name the speaker, got {speaker!r}")
+        speaker_of.append(speaker)
         if speaker.lower() in HUMAN_ROLES and (split == HAND_CRAFTED or "name" not in m):
             messages.append({"role": "user", "content": content})
         elif is_tool_output(speaker):
@@ -101,9 +111,16 @@ def convert_case(case: Any, name: str) -> dict:
         raise _bad(name, "mistake_step", f"must hold an integer index into history, got {raw!r}") from None
     if not 0 <= k < len(history):
         raise _bad(name, "mistake_step", f"is {k} but history has {len(history)} messages (0..{len(history) - 1})")
+    moved_from = None
     if k not in step_of:
-        who = history[k].get("name") or history[k].get("role")
-        raise _bad(name, "mistake_step", f"points at history[{k}] ({who!r}), which is not an agent's turn")
+        who = speaker_of[k]
+        before = [i for i in step_of if i < k]
+        if not is_tool_output(who):
+            raise _bad(name, "mistake_step", f"points at history[{k}] ({who!r}), the task, not an agent's turn")
+        if not before:
+            raise _bad(name, "mistake_step", f"points at history[{k}] ({who!r}), tool output with no agent turn "
+                                             "before it to have produced it")  # fmt: skip
+        moved_from, k = {"history_index": k, "speaker": who}, before[-1]
     mistake_agent = case.get("mistake_agent")
     if not isinstance(mistake_agent, str) or not mistake_agent:
         raise _bad(name, "mistake_agent", f"must be a non-empty string, got {mistake_agent!r}")
@@ -111,7 +128,7 @@ def convert_case(case: Any, name: str) -> dict:
     meta = {
         "source": "whowhen",
         "split": split,
-        "mistake_step": k,
+        "mistake_step": k if moved_from is None else moved_from["history_index"],  # the dataset's label
         "mistake_agent": mistake_agent,
         "mistake_reason": case.get("mistake_reason"),
         "step_agents": [agent_of(s) for s in speakers],
@@ -120,6 +137,9 @@ def convert_case(case: Any, name: str) -> dict:
         "question_ID": case.get("question_ID"),
         "level": case.get("level"),
     }
+    if moved_from is not None:
+        meta["label_moved_from"] = moved_from
+        meta["label_history_index"] = k
     return {
         "id": f"{split}/{PurePath(name).stem}",
         "messages": messages,

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 from .. import trl_hooks
 from ..scoring import ScoringConfig, TrajectoryScore
+from . import sharded
 from .figures import label_figures, step_figures
 
 PREFIX = "eval_progadv/heldout/"  # "eval_": trackers file it with the trainer's own evaluation figures
@@ -80,13 +81,14 @@ class HeldoutSet:
         with one warning naming them."""
         if self.rendered is not None:
             return self.rendered
-        from ..rendering import render
+        from ..rendering import position_limit, render
 
         tok = trl_hooks.tokenizer(self.trainer)
+        limit, _ = position_limit(self.max_length, trl_hooks.unwrap(self.trainer))  # never past the positions
         keep, rendered, bad = [], [], []
         for traj in self.trajectories:
             try:
-                rendered.append(render(traj, tok, self.max_length))
+                rendered.append(render(traj, tok, limit))
                 keep.append(traj)
             except ValueError as e:  # ChatTemplateError: names the trajectory
                 if self.strict:
@@ -129,7 +131,8 @@ class HeldoutSet:
             if self.scorer is None:
                 self.scorer = self.make_scorer()
             device = next(trl_hooks.unwrap(self.trainer).parameters()).device
-            with trl_hooks.rng_guard(device):
+            # sharded weights (FSDP / ZeRO-3): the engine's direct decoder and head calls need the root's weights
+            with trl_hooks.rng_guard(device), sharded.scoring_context(*sharded.trainer_models(self.trainer, self.scorer.reference).values()):
                 for c in range(n_chunks):
                     part = idx[c * self.batch_size : (c + 1) * self.batch_size]
                     keep = real[c * self.batch_size : (c + 1) * self.batch_size]

@@ -70,15 +70,17 @@ class Outputs:
         heldout=None,
         heldout_figures: dict | None = None,
         success_threshold=None,
+        policy=None,
     ) -> Path:
         """Write the critic bundle: policy, `reference` (a `reference.Reference`), tokenizer, scoring config,
-        held-out figures and a Platt calibration fitted on the last held-out scores."""
+        held-out figures and a Platt calibration fitted on the last held-out scores. `policy`: a full-weight copy
+        of the trainer's model (sharded runs: `training/sharded.py`); default the trainer's model itself."""
         from ..bundle import export_bundle, fingerprint_trajectories
 
         t = self.trainer
         return export_bundle(
             out_dir,
-            trl_hooks.unwrap(t),
+            trl_hooks.unwrap(t) if policy is None else policy,
             reference,
             trl_hooks.tokenizer(t),
             scoring_config=config,

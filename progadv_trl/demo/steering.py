@@ -1,0 +1,228 @@
+"""Step-level selection in the demo world: an agent samples K candidate turns at every step of a held-out episode and
+keeps the one a method ranks highest (the critic in the agent loop, `session.py`), next to the agent alone and to
+trajectory-level best-of-K over as many sampled turns.
+
+    block = step_selection(critic, models, tokenizer, cfg)     # summary.json's "step_selection"
+
+Pairing: every method plays the same tasks with the same world seed, so two methods that chose alike so far are in
+the same state and face the same dice; candidates are sampled once per distinct state (memoised), so methods that
+reach the same state choose among the same K candidates. Success per task is then compared method against method
+(`evaluation.fair.compare_outcomes`: paired bootstrap against the best baseline).
+
+Methods: progress advantage and each variant (support statistics on), the policy and reference log-probs (mean over
+the candidate's tokens), self-certainty, DeepConf (the candidate's mean token confidence: within one turn its tail and
+bottom-10% forms are the same number, so one name stands for both) and a seeded uniform pick.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+
+import numpy as np
+import torch
+
+from ..config import VARIANTS
+from ..session import from_step
+from .rollout import EOT, encode, end_of_turn, generate_turns, parse_turn, play, render
+from .world import Episode, episode_seed
+
+STEP_BASELINES = ("policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail")
+STEER_METHODS = ("progress_advantage", *VARIANTS, *STEP_BASELINES, "random")
+# Trajectory-level best-of-K ranks whole episodes by each method's trajectory score (the theory's sum for progress
+# advantage; the baselines' own trajectory scores).
+TRAJECTORY_METHODS = ("progress_advantage", *VARIANTS, "policy_logprob", "reference_logprob", "self_certainty",
+                      "deepconf_tail", "deepconf_bottom10")  # fmt: skip
+BUDGETS = (4, 8)
+AGENTS = ("reference", "policy")
+
+
+def _candidate(tokenizer, gen: list[int], eos: int) -> tuple[dict, bool]:
+    """(assistant message, whether the turn ended): what `rollout._advance` makes of a generated turn."""
+    text = tokenizer.decode(gen, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    ended = bool(gen) and gen[-1] == eos
+    if ended:
+        text = text[: -len(EOT)]
+    msg = parse_turn(text) if ended else {"role": "assistant", "content": text}
+    return msg, ended
+
+
+def _random_pick(k: int, seed: int, task_id: str, step: int) -> int:
+    return int(np.random.default_rng([seed, zlib.crc32(f"{task_id}/{step}".encode())]).integers(k))
+
+
+@torch.no_grad()
+def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, seed: int = 0, world=None,
+          max_new_tokens: int = 24, temperature: float = 1.0, batch_size: int = 256) -> tuple[dict, dict]:
+    """Play every task once per method, choosing each turn among K sampled candidates by that method.
+
+    Returns ({method: [Episode]}, stats {"states", "candidates"}). All methods advance in lockstep; the distinct
+    states of a round are expanded together (one batched generation, one scoring call for all their candidates)."""
+    from ..evaluation.selection import pick_best
+
+    eos = end_of_turn(tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    eps = {m: [Episode(t, episode_seed(seed, "steer", t.id), world) for t in tasks] for m in methods}
+    memo: dict[tuple[int, str], tuple[list, list]] = {}
+    gen = torch.Generator().manual_seed(episode_seed(seed, "steer-sample", k))
+    was = agent.training
+    agent.eval()
+    try:
+        while True:
+            active = [(m, i) for m in methods for i, ep in enumerate(eps[m]) if not ep.done]
+            if not active:
+                break
+            need: dict[tuple[int, str], list[dict]] = {}
+            for m, i in active:
+                msgs = eps[m][i].messages
+                key = (i, json.dumps(msgs, sort_keys=True))
+                if key not in memo:
+                    need.setdefault(key, msgs)
+            keys = list(need)
+            contexts = [encode(tokenizer, render(tokenizer, need[key], True)) for key in keys for _ in range(k)]
+            gens = []
+            for s in range(0, len(contexts), batch_size):
+                g, _ = generate_turns(agent, contexts[s : s + batch_size], eos_id=eos, pad_id=pad,
+                                      max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
+                gens += g
+            # Every candidate of every new state, scored in ONE engine call: the figures a critic session gives them
+            # (tests/test_session.py checks the two agree), without hundreds of tiny per-state passes.
+            new = {key: [_candidate(tokenizer, g, eos) for g in gens[j * k : (j + 1) * k]] for j, key in enumerate(keys)}
+            recs = [{"id": f"s{j}c{c}", "messages": need[key] + [msg]}
+                    for j, key in enumerate(keys) for c, (msg, _) in enumerate(new[key])]  # fmt: skip
+            scores = critic.score(recs, support=True) if recs else []
+            for j, key in enumerate(keys):
+                memo[key] = (new[key], [from_step(ts, len(ts.steps) - 1) for ts in scores[j * k : (j + 1) * k]])
+            for m, i in active:
+                ep = eps[m][i]
+                cands, res = memo[(i, json.dumps(ep.messages, sort_keys=True))]
+                step = ep.n_steps
+                if m == "random":
+                    pick = _random_pick(k, seed, ep.task.id, step)
+                else:
+                    pick = pick_best([r.method_score(m) for r in res], f"{ep.task.id}/{step}", seed)
+                msg, ended = cands[pick]
+                ep.step(msg, unfinished=not ended)
+    finally:
+        agent.train(was)
+    return eps, {"states": len(memo), "candidates": len(memo) * k}
+
+
+def trajectory_best_of_k(critic, records: list[dict], ks=BUDGETS, methods=TRAJECTORY_METHODS, seed: int = 0) -> dict:
+    """{k: {method: per-task success of the episode the method keeps among the first k}} (tasks in record order),
+    plus {k: {"sampled": per-task mean success}}: the agent alone, sampled."""
+    from ..evaluation.selection import pick_best
+
+    scores = critic.score(records, support=True)
+    by_task: dict[str, list[tuple[dict, object]]] = {}
+    for rec, ts in zip(records, scores):
+        by_task.setdefault(rec["group"], []).append((rec, ts))
+    out = {}
+    for k in ks:
+        per = {m: [] for m in methods}
+        per["sampled"] = []
+        for g, items in by_task.items():
+            items = items[:k]
+            y = [float(r["success"]) for r, _ in items]
+            per["sampled"].append(float(np.mean(y)))
+            for m in methods:
+                per[m].append(y[pick_best([ts.method_score(m) for _, ts in items], g, seed)])
+        out[k] = per
+    return out
+
+
+def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: int | None = None) -> dict:
+    """summary.json's "step_selection" block: per agent (reference: the critic steering another model, off-policy;
+    policy: on-policy) and budget K, held-out success per method (step-level and trajectory-level best-of-K), the
+    agent alone (greedy; sampled), and each family member minus the best baseline with its paired 95 % interval."""
+    from ..evaluation.fair import compare_outcomes
+
+    tasks = cfg.tasks("eval")[: cfg.steer_tasks]
+    n_boot = cfg.n_boot if n_boot is None else n_boot
+    kw = dict(seed=cfg.seed, world=cfg.world, max_new_tokens=cfg.max_new_tokens)
+    block = {"tasks": len(tasks), "split": f"the first {len(tasks)} tasks of the eval split", "budgets": list(ks),
+             "methods": list(STEER_METHODS), "agents": {}}  # fmt: skip
+    for name in AGENTS:
+        agent = models[name]
+        # the agent alone on the same tasks and world seeds: greedy, and max(ks) sampled episodes per task
+        greedy = play(agent, tokenizer, [Episode(t, episode_seed(cfg.seed, "steer", t.id), cfg.world) for t in tasks],
+                      greedy=True, max_new_tokens=cfg.max_new_tokens)  # fmt: skip
+        eps = [Episode(t, episode_seed(cfg.seed, "steer", t.id), cfg.world) for t in tasks for _ in range(max(ks))]
+        g = torch.Generator().manual_seed(episode_seed(cfg.seed, "steer-alone", name))
+        sampled = play(agent, tokenizer, eps, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, generator=g)
+        recs = [te.record(id=f"steer-{name}-{te.episode.task.id}-{j % max(ks)}") for j, te in enumerate(sampled)]
+        traj = trajectory_best_of_k(critic, recs, ks, seed=cfg.seed)
+        entry = {"greedy": float(np.mean([te.episode.success for te in greedy]))}
+        for k in ks:
+            eps_k, stats = steer(critic, agent, tokenizer, tasks, k=k, temperature=cfg.temperature, **kw)
+            step = {m: [float(ep.success) for ep in v] for m, v in eps_k.items()}
+            decision = {m: int(sum(ep.failure_kind == "decision" for ep in v)) for m, v in eps_k.items()}
+            entry[f"k{k}"] = {
+                "sampled": float(np.mean(traj[k]["sampled"])),
+                "step": {m: float(np.mean(v)) for m, v in step.items()},
+                "step_decision_failures": decision,
+                "step_comparison": _verdicts(compare_outcomes(step, n_boot=n_boot, seed=cfg.seed)),
+                "trajectory": {m: float(np.mean(v)) for m, v in traj[k].items() if m != "sampled"},
+                "trajectory_comparison": _verdicts(compare_outcomes(
+                    {m: v for m, v in traj[k].items() if m != "sampled"}, n_boot=n_boot, seed=cfg.seed)),
+                "step_minus_trajectory_pa": float(np.mean(step["progress_advantage"]) - np.mean(traj[k]["progress_advantage"])),
+                **stats,
+            }  # fmt: skip
+        block["agents"][name] = entry
+    return block
+
+
+def _verdicts(c: dict) -> dict:
+    """The comparison without the per-method copies of the success figures (they are in "step" / "trajectory")."""
+    return {key: c.get(key) for key in ("best_baseline", "difference", "difference_ci", "verdict", "family")}
+
+
+def format_step_selection(block: dict) -> list[str]:
+    """Lines for the demo's printout and report: per agent and K, PA / best baseline / random / alone."""
+    lines = [f"step-level selection ({block['split']}; K candidates sampled at every step, one kept):"]
+    for name, e in block["agents"].items():
+        for k in block["budgets"]:
+            r = e[f"k{k}"]
+            c = r["step_comparison"]
+            ci = c.get("difference_ci")
+            best = c.get("best_baseline")
+            lines.append(
+                f"  {name:9s} K={k}: PA {r['step']['progress_advantage']:.3f}, {best} {r['step'].get(best, float('nan')):.3f}, "
+                f"random {r['step']['random']:.3f}; alone greedy {e['greedy']:.3f}, sampled {r['sampled']:.3f}; "
+                f"trajectory best-of-{k} PA {r['trajectory']['progress_advantage']:.3f}. PA - {best} "
+                f"{c.get('difference', float('nan')):+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+                + f" {c.get('verdict')}"
+            )  # fmt: skip
+    return lines
+
+
+def step_selection_markdown(block: dict) -> list[str]:
+    """A table per agent: success per method at each K (step-level; trajectory-level best-of-K), the agent alone,
+    and each family member minus the best baseline with its paired interval and verdict."""
+    from ..evaluation import markdown_table
+
+    md = [f"Held-out success on {block['split']}, one episode per task and method (same world seeds); at every step the "
+          "agent samples K candidate turns and keeps the one the method ranks highest. Trajectory-level best-of-K: K "
+          "whole episodes sampled, the one the method ranks highest kept.", ""]  # fmt: skip
+    for name, e in block["agents"].items():
+        ks = block["budgets"]
+        header = ["method"] + [f"step K={k}" for k in ks] + [f"trajectory best-of-{k}" for k in ks]
+        rows = []
+        for m in block["methods"]:
+            rows.append([m] + [_cell(e[f"k{k}"]["step"].get(m)) for k in ks]
+                        + [_cell(e[f"k{k}"]["trajectory"].get(m)) for k in ks])  # fmt: skip
+        rows.append(["(agent alone: greedy / sampled)"] + [f"{e['greedy']:.3f} / {e[f'k{k}']['sampled']:.3f}" for k in ks]
+                    + ["" for _ in ks])  # fmt: skip
+        for k in ks:
+            c = e[f"k{k}"]["step_comparison"]
+            for m, d in (c.get("family") or {}).items():
+                ci = d.get("difference_ci")
+                rows.append([f"({m} - {c['best_baseline']}, step K={k})", f"{d['difference']:+.3f}"
+                             + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {d['verdict']}"] + [""] * (2 * len(ks) - 1))  # fmt: skip
+        md += [f"**{name}** ({'off-policy: the critic steering another model' if name == 'reference' else 'on-policy: the RL policy steered by its own critic'})", "",
+               markdown_table(header, rows), ""]  # fmt: skip
+    return md
+
+
+def _cell(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
