@@ -9,6 +9,9 @@ Shapes (Qwen2 architecture, randomly initialised with `from_config`; nothing is 
   layers x width (the decoder must do ~5.6x the output layer's work per token), so a CPU-sized model is a narrow
   one; the price is that attention is a larger part of its decoder than of Qwen2.5-1.5B's (`output_share` at a
   context: 12 % vs 14 % with attention counted at 1k tokens of context).
+- "decoder": a small model whose decoder is all the work (hidden 256, 4 layers, vocabulary 2048: the output layer
+  is 12 % of a token's FLOPs) on 16 groups of 8 rollouts sharing a 316-token prompt: per-call and per-batch
+  overheads of the engine show here, where the realistic shape's long passes hide them.
 - "tiny": the benchmark's earlier shape (hidden 128, 4 layers, vocabulary 32000, untied): its output layer is most
   of the work, which is not what users run; kept as a second row.
 
@@ -29,7 +32,13 @@ SHAPES = {
                       num_key_value_heads=1, vocab_size=32768, tie_word_embeddings=True),
     "tiny": dict(hidden_size=128, num_hidden_layers=4, intermediate_size=256, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=32000, tie_word_embeddings=False),
+    "decoder": dict(hidden_size=256, num_hidden_layers=4, intermediate_size=1024, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=2048, tie_word_embeddings=False),
 }  # fmt: skip
+# The "decoder" shape's trajectories (`agent_trajectories(tok, DECODER_GROUPS, **DECODER_SET)`): a user's GRPO held-out
+# rollouts, 16 groups of 8 tool-calling rollouts sharing a ~316-token prompt (one sentence of policy, one tool).
+DECODER_GROUPS = 16
+DECODER_SET = dict(min_tokens=330, max_tokens=530, n_tools=1, policy_sentences=1)
 
 
 def qwen2_config(shape: str, tokenizer, max_position_embeddings: int = 8192):
@@ -151,9 +160,9 @@ _NAMES = ["sara_doe", "omar_kim", "ivan_lee", "mia_chen", "noah_garcia", "lucas_
 N_TOOLS = 6  # the first N_TOOLS of _TOOLS are offered: with the system prompt, a ~1.2k-token prompt
 
 
-def tool_schemas() -> list[dict]:
+def tool_schemas(n_tools: int = N_TOOLS) -> list[dict]:
     out = []
-    for name, desc, params in _TOOLS[:N_TOOLS]:
+    for name, desc, params in _TOOLS[:n_tools]:
         props = {k: {"type": t, "description": d} for k, (t, d) in params.items()}
         out.append({"type": "function", "function": {"name": name, "description": desc, "parameters": {
             "type": "object", "properties": props, "required": list(params)}}})  # fmt: skip
@@ -199,10 +208,12 @@ def _args(name: str, rng: random.Random, user: str) -> dict:
     return out
 
 
-def agent_group(group: int, n_rollouts: int, tokenizer, min_tokens: int = 1200, max_tokens: int = 2000, seed: int = 0) -> list[dict]:
+def agent_group(group: int, n_rollouts: int, tokenizer, min_tokens: int = 1200, max_tokens: int = 2000, seed: int = 0,
+                n_tools: int = N_TOOLS, policy_sentences: int | None = None) -> list[dict]:
     """`n_rollouts` trajectories sharing a prompt (system prompt with tool schemas, then one task); each rollout
     draws a target length in [min_tokens, max_tokens] (rendered with `tokenizer`) and takes turns until it reaches
-    it: tool calls with their results, a closing answer. success alternates so every group holds both labels."""
+    it: tool calls with their results, a closing answer. success alternates so every group holds both labels.
+    `n_tools`: schemas offered (and called); `policy_sentences`: the system prompt cut to its first sentences."""
     from progadv_trl.rendering import render
     from progadv_trl.trajectories import as_trajectories
 
@@ -210,22 +221,23 @@ def agent_group(group: int, n_rollouts: int, tokenizer, min_tokens: int = 1200, 
     user = f"{rng_task.choice(_NAMES)}_{rng_task.randint(100, 999)}"
     task = (f"Hi, I am {user}. I need to change my trip from {rng_task.choice(_CITIES)} next week to a later date, and "
             f"if that is not possible I want to cancel reservation {rng_task.randint(100000, 999999)} and get a refund.")  # fmt: skip
-    prompt = [{"role": "system", "content": _POLICY}, {"role": "user", "content": task}]
-    tools = tool_schemas()
+    policy = _POLICY if policy_sentences is None else ". ".join(_POLICY.split(". ")[:policy_sentences]) + "."
+    prompt = [{"role": "system", "content": policy}, {"role": "user", "content": task}]
+    tools = tool_schemas(n_tools)
     out = []
     for r in range(n_rollouts):
         rng = random.Random(seed * 100000 + group * 100 + r)
         target = rng.randint(min_tokens, max_tokens)
         msgs = list(prompt)
         while True:
-            name = rng.choice([t[0] for t in _TOOLS[:N_TOOLS]])
+            name = rng.choice([t[0] for t in _TOOLS[:n_tools]])
             thought = rng.choice(["", "Let me look that up.", f"I will check the {name.replace('_', ' ')} first."])
             msgs.append({"role": "assistant", "content": thought,
                          "tool_calls": [{"type": "function", "function": {"name": name, "arguments": _args(name, rng, user)}}]})  # fmt: skip
             msgs.append({"role": "tool", "content": _tool_result(name, rng)})
             rec = {"messages": msgs + [{"role": "assistant", "content": "I have updated your trip. Anything else?"}], "tools": tools}
             n = len(render(as_trajectories([rec])[0], tokenizer).input_ids)
-            if n >= target or n >= max_tokens - 150:
+            if n >= target or n >= max_tokens - min(150, max_tokens // 4):
                 break
         final = "Your reservation is cancelled and the refund is on its way." if r % 2 else "Your new flight is booked; anything else?"
         msgs.append({"role": "assistant", "content": final})

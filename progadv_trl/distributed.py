@@ -162,13 +162,7 @@ def _picklable(e: BaseException):
 def units(scorer, rendered) -> list:
     """The engine's own work units for `rendered`: padded batches (lists of indices) and, with `share_prefix`,
     `prefix.SharedGroup`s (a shared prompt and its continuation batches)."""
-    if hasattr(scorer, "_units"):
-        return scorer._units(rendered, scorer.reference.model_for(scorer.policy))
-    return scorer._batches(rendered)
-
-
-def _members(unit) -> list[int]:
-    return list(unit.members) if hasattr(unit, "members") else list(unit)
+    return scorer.units(rendered)
 
 
 def _cost(unit, rendered) -> float:
@@ -177,31 +171,6 @@ def _cost(unit, rendered) -> float:
         P = unit.prefix_len
         return P + sum(len(b) * (max(len(rendered[i].input_ids) for i in b) - P) for b in unit.batches)
     return len(unit) * max(len(rendered[i].input_ids) for i in unit)
-
-
-def _run_unit(scorer, rendered, unit) -> list:
-    """`scorer.token_stats` over exactly this unit, as the single-process plan runs it: the same rows in the same
-    order, padded to the same length, over the same shared prefix. (Planning a subset again could group or batch it
-    otherwise, and a different batch shape changes the last bits.)"""
-    members = sorted(_members(unit))
-    local = {i: k for k, i in enumerate(members)}
-    if hasattr(unit, "batches"):
-        import dataclasses
-
-        mine = dataclasses.replace(unit, batches=[[local[i] for i in b] for b in unit.batches])
-    else:
-        mine = [local[i] for i in unit]
-    had = "_units" in vars(scorer)
-    saved = vars(scorer).get("_units")
-    scorer._units = lambda _rendered, _ref_model: [mine]
-    try:
-        stats = scorer.token_stats([rendered[i] for i in members])
-    finally:
-        if had:
-            scorer._units = saved
-        else:
-            del scorer._units
-    return list(zip(members, stats))
 
 
 def pieces(work: list, rendered, n_ranks: int) -> list[tuple[int, object]]:
@@ -250,10 +219,8 @@ def token_stats(scorer, rendered, progress: bool = False) -> list | None:
     def local() -> list:
         out = []
         for unit in todo:
-            if hasattr(scorer, "_units"):
-                out.extend(_run_unit(scorer, rendered, unit))
-            else:
-                out.extend(zip(unit, scorer.token_stats([rendered[i] for i in unit])))
+            # each unit as the single-process plan runs it: the same bits (a subset planned again could differ)
+            out.extend(scorer.run_unit(rendered, unit))
             if bar is not None:
                 bar.update(1)
         return out

@@ -233,8 +233,11 @@ class ProgressScorer:
             batches.append(cur)
         return batches
 
-    def _units(self, rendered: list[Rendered], ref_model) -> list:
-        """Plain padded batches and `SharedGroup`s (models whose cache a continuation cannot extend: batches only)."""
+    def units(self, rendered: list[Rendered]) -> list:
+        """The work units the passes run over `rendered`: plain padded batches (lists of indices into `rendered`) and
+        `prefix.SharedGroup`s (a shared prompt and its continuation batches). Models whose cache a continuation
+        cannot extend get batches only. `run_unit` runs one; `token_stats` runs them all."""
+        ref_model = self.reference.model_for(self.policy)
         if self.share_prefix and all(full_attention(_plain_model(m).config) for m in (self.policy, ref_model)):
             groups, rest = plan(rendered, self.batch_budget())
             return groups + self._batches(rendered, rest)
@@ -243,57 +246,99 @@ class ProgressScorer:
     @torch.no_grad()
     def token_stats(self, rendered: list[Rendered], progress: bool = False) -> list[TokenStats]:
         """Run both models over the rendered trajectories; per trajectory, per action token statistics."""
-        cfg = self.config
         out: list[TokenStats | None] = [None] * len(rendered)
+        for i, st in self._each_unit(rendered, progress, self._unit_stats):
+            out[i] = st
+        return out  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def run_unit(self, rendered: list[Rendered], unit) -> list[tuple[int, TokenStats]]:
+        """Both passes over one work unit of `units(rendered)` (or a piece of one: a `SharedGroup` with some of its
+        batches): [(index into `rendered`, TokenStats)]. The same bits as `token_stats` gives those trajectories,
+        because the unit is run as the whole plan runs it (`distributed.py` deals units to ranks with it)."""
         ref_model = self.reference.model_for(self.policy)
-        units = it = self._units(rendered, ref_model)
+        with _eval_mode(self.policy), _eval_mode(ref_model):
+            return self._unit_stats(rendered, unit, ref_model)
+
+    @torch.no_grad()
+    def reference_logp(self, rendered: list[Rendered], progress: bool = False) -> list[np.ndarray]:
+        """The reference pass alone: per trajectory, the reference's log-prob of each action token (float64, in
+        `TokenStats` order), the same bits as `token_stats(rendered)[i].reference_logp`. For a sweep over references
+        (`merging.alpha_sweep`) that runs the policy's pass once. Support statistics need both passes: not here."""
+        out: list[np.ndarray | None] = [None] * len(rendered)
+        for i, logp in self._each_unit(rendered, progress, self._unit_reference):
+            out[i] = logp
+        return out  # type: ignore[return-value]
+
+    def _each_unit(self, rendered, progress, fn):
+        """fn(rendered, unit, ref_model) over every unit, in eval mode: yields its (index, value) pairs."""
+        ref_model = self.reference.model_for(self.policy)
+        units = it = self.units(rendered)
         if progress:
             from tqdm.auto import tqdm
 
             it = tqdm(units, desc="scoring", unit="batch", disable=None)
-        vocab = _plain_model(self.policy).get_output_embeddings().weight.shape[0] if self.compute_baselines else None
-        kw = dict(temperature=cfg.temperature, chunk_size=self.chunk_size)
         with _eval_mode(self.policy), _eval_mode(ref_model):
             for unit in it:
-                members = unit.members if isinstance(unit, SharedGroup) else unit
-                b_idx, p_idx, step_of, owner = [], [], [], []
-                for row, i in enumerate(members):
-                    for step, (s, e) in enumerate(rendered[i].spans):
-                        s = max(s, 1)  # position 0 has no prediction; no template starts a turn there
-                        b_idx.extend([row] * (e - s))
-                        p_idx.extend(range(s, e))
-                        step_of.extend([step] * (e - s))
-                        owner.extend([i] * (e - s))
-                index = (torch.tensor(b_idx, dtype=torch.long), torch.tensor(p_idx, dtype=torch.long))
-                padded = None if isinstance(unit, SharedGroup) else self._pad(rendered, unit)
+                yield from fn(rendered, unit, ref_model)
 
-                def run(model, **extra):
-                    if padded is not None:
-                        return taken_token_stats(model, *padded, index, **kw, **extra)
-                    states, head = _states_fn(model)
-                    return shared_token_stats(
-                        states, head, _plain_model(model).config, _device(model), rendered, unit, index,
-                        pad_id=self.pad_id, **kw, **extra,
-                    )  # fmt: skip
+    def _rows(self, rendered, members) -> tuple[tuple[torch.Tensor, torch.Tensor], np.ndarray, np.ndarray]:
+        """The unit's action tokens: (row in `members`, position) index, and each one's owner and step."""
+        b_idx, p_idx, step_of, owner = [], [], [], []
+        for row, i in enumerate(members):
+            for step, (s, e) in enumerate(rendered[i].spans):
+                s = max(s, 1)  # position 0 has no prediction; no template starts a turn there
+                b_idx.extend([row] * (e - s))
+                p_idx.extend(range(s, e))
+                step_of.extend([step] * (e - s))
+                owner.extend([i] * (e - s))
+        index = (torch.tensor(b_idx, dtype=torch.long), torch.tensor(p_idx, dtype=torch.long))
+        return index, np.array(owner, dtype=np.int64), np.array(step_of, dtype=np.int64)
 
-                support = cfg.wants_support
-                pol = run(self.policy, topk=cfg.topk, with_vocab_stats=self.compute_baselines, keep_logprobs=support)
-                # support: the policy's rows wait for the reference pass, which computes both KLs chunk by chunk
-                other = pol.pop("logprobs", None)
-                with self.reference.active(self.policy):  # the prefix cache too: computed under the same adapters
-                    ref = run(ref_model, other_logprobs=other)
-                del other  # N_action x V float32: released before the next unit
-                owner_t, step_t = np.array(owner, dtype=np.int64), np.array(step_of, dtype=np.int64)
-                arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"]}
-                if self.compute_baselines:
-                    arrays["policy_mean_logp"], arrays["policy_topk_logp"] = pol["mean_logp"], pol["topk_logp"]
-                if support:
-                    arrays["kl_policy_ref"], arrays["kl_ref_policy"] = ref["kl_other_self"], ref["kl_self_other"]
-                arrays = {k: v.double().cpu().numpy() for k, v in arrays.items()}
-                for i in members:
-                    sel = owner_t == i
-                    out[i] = TokenStats(step=step_t[sel], vocab_size=vocab, **{k: v[sel] for k, v in arrays.items()})
-        return out  # type: ignore[return-value]
+    def _pass(self, model, rendered, unit, index, padded, **extra) -> dict[str, torch.Tensor]:
+        """One model's pass over one unit (`padded`: the plain batch's tensors, None for a SharedGroup)."""
+        kw = dict(temperature=self.config.temperature, chunk_size=self.chunk_size)
+        if padded is not None:
+            return taken_token_stats(model, *padded, index, **kw, **extra)
+        states, head = _states_fn(model)
+        return shared_token_stats(
+            states, head, _plain_model(model).config, _device(model), rendered, unit, index,
+            pad_id=self.pad_id, **kw, **extra,
+        )  # fmt: skip
+
+    def _unit_stats(self, rendered, unit, ref_model) -> list[tuple[int, TokenStats]]:
+        cfg = self.config
+        members = unit.members if isinstance(unit, SharedGroup) else unit
+        index, owner, step = self._rows(rendered, members)
+        padded = None if isinstance(unit, SharedGroup) else self._pad(rendered, unit)
+        support = cfg.wants_support
+        pol = self._pass(self.policy, rendered, unit, index, padded, topk=cfg.topk,
+                         with_vocab_stats=self.compute_baselines, keep_logprobs=support)  # fmt: skip
+        # support: the policy's rows wait for the reference pass, which computes both KLs chunk by chunk
+        other = pol.pop("logprobs", None)
+        with self.reference.active(self.policy):  # the prefix cache too: computed under the same adapters
+            ref = self._pass(ref_model, rendered, unit, index, padded, other_logprobs=other)
+        del other  # N_action x V float32: released before the next unit
+        arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"]}
+        if self.compute_baselines:
+            arrays["policy_mean_logp"], arrays["policy_topk_logp"] = pol["mean_logp"], pol["topk_logp"]
+        if support:
+            arrays["kl_policy_ref"], arrays["kl_ref_policy"] = ref["kl_other_self"], ref["kl_self_other"]
+        arrays = {k: v.double().cpu().numpy() for k, v in arrays.items()}
+        vocab = _plain_model(self.policy).get_output_embeddings().weight.shape[0] if self.compute_baselines else None
+        out = []
+        for i in members:
+            sel = owner == i
+            out.append((i, TokenStats(step=step[sel], vocab_size=vocab, **{k: v[sel] for k, v in arrays.items()})))
+        return out
+
+    def _unit_reference(self, rendered, unit, ref_model) -> list[tuple[int, np.ndarray]]:
+        members = unit.members if isinstance(unit, SharedGroup) else unit
+        index, owner, _ = self._rows(rendered, members)
+        padded = None if isinstance(unit, SharedGroup) else self._pad(rendered, unit)
+        with self.reference.active(self.policy):
+            logp = self._pass(ref_model, rendered, unit, index, padded)["logp"].double().cpu().numpy()
+        return [(i, logp[owner == i]) for i in members]
 
     def _pad(self, rendered: list[Rendered], batch: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         T = max(len(rendered[i].input_ids) for i in batch)

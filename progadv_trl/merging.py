@@ -30,8 +30,9 @@ Where the weights come from, by the reference's kind (`reference.py`):
     named_adapter     (TRL's "ref" adapter) not supported: pi_alpha would need both adapters active at once.
 
 The engine runs the policy outside `Reference.active` and the reference inside it, so the policy pass always sees
-the unscaled adapter / the untouched policy. A sweep (`alpha_sweep`) costs two forward passes per alpha: the engine
-has no hook to reuse the policy's pass, and this module does not duplicate its batching to get one.
+the unscaled adapter / the untouched policy. A sweep (`alpha_sweep`) runs the policy's pass once and the reference's
+pass once per alpha (`ProgressScorer.reference_logp`); with support statistics (which need both models' rows) both
+passes run per alpha.
 """
 
 from __future__ import annotations
@@ -265,12 +266,20 @@ def alpha_sweep(
 
     `scorer_or_pair`: a `ProgressScorer`, or (policy_path, reference_path) for `ProgressScorer.from_pretrained`
     (reference_path None for a LoRA adapter directory). The scorer's own reference is back in place afterwards,
-    and a separate reference model's weights are bitwise what they were. Each alpha costs one policy and one
-    reference pass; `score_kwargs` go to `score` (with_token_ratios, skipped, progress). `density` (the fraction of
-    each tensor's task-vector entries kept) and `seed` (DARE's mask) matter only to ties and DARE.
+    and a separate reference model's weights are bitwise what they were. The trajectories are rendered once and the
+    policy's pass runs once (its statistics do not depend on the reference); each alpha costs one reference pass
+    (two passes when the scorer computes support statistics). The same numbers as `score` per alpha. `score_kwargs`:
+    with_token_ratios, skipped (filled once), progress. `density` (the fraction of each tensor's task-vector entries
+    kept) and `seed` (DARE's mask) matter only to ties and DARE.
     """
-    from .engine import ProgressScorer  # here, so engine.py may one day build a merged reference without a cycle
+    import dataclasses
 
+    # here, so engine.py may one day build a merged reference without a cycle
+    from .engine import ProgressScorer, _warn_faults, finish_score
+
+    bad = set(score_kwargs) - {"with_token_ratios", "skipped", "progress"}
+    if bad:
+        raise TypeError(f"alpha_sweep: unexpected keyword arguments {sorted(bad)}")
     check_merge(merge, density)
     alphas = [float(a) for a in alphas]
     if not alphas:
@@ -280,13 +289,23 @@ def alpha_sweep(
     else:
         policy_path, reference_path = scorer_or_pair
         scorer = ProgressScorer.from_pretrained(policy_path, reference_path)
+    progress = score_kwargs.get("progress", False)
+    trajs, rendered = scorer.render(trajectories, score_kwargs.get("skipped"))
     base = scorer.reference
     merged = merged_reference(scorer.policy, base, alpha=alphas[0], merge=merge, density=density, seed=seed)
     out: dict[float, list] = {}
+    stats = None
     try:
         for a in alphas:
             scorer.reference = merged.set_alpha(a)
-            out[a] = scorer.score(trajectories, **score_kwargs)
+            if stats is None or scorer.config.wants_support:
+                stats = scorer.token_stats(rendered, progress=progress)
+            else:  # the policy's statistics kept, the reference's replaced
+                ref = scorer.reference_logp(rendered, progress=progress)
+                stats = [dataclasses.replace(st, reference_logp=r) for st, r in zip(stats, ref, strict=True)]
+            out[a] = [finish_score(t, r, st, scorer.config, with_token_ratios=score_kwargs.get("with_token_ratios", False))
+                      for t, r, st in zip(trajs, rendered, stats)]  # fmt: skip
+            _warn_faults(out[a])
     finally:
         scorer.reference = base
         merged.release()

@@ -134,8 +134,13 @@ def shared_token_stats(
             mask[r, P : P + len(suffix)] = 1
         ids, mask = ids.to(device), mask.to(device)
         position_ids = P + (mask[:, P:].cumsum(-1) - 1).clamp(min=0)
-        # a fresh cache per batch: the forward appends the suffix's keys to it (the prefix itself is not recomputed)
-        past = DynamicCache([(k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)) for k, v in kv])
+        # a fresh cache per batch: the forward appends the suffix's keys to it (the prefix itself is not recomputed).
+        # Its layers hold broadcast views of the prefix's keys: the forward's append is the one copy per row
+        # (DynamicCache(pairs) would first copy them into every row, then copy again when appending).
+        past = DynamicCache(config=config)
+        for layer, (k, v) in zip(past.layers, kv):
+            layer.lazy_initialization(k, v)
+            layer.keys, layer.values = k.expand(len(batch), -1, -1, -1), v.expand(len(batch), -1, -1, -1)
         suf = states(ids, mask, position_ids, past_key_values=past)
         del past
         sel = (rows >= row0) & (rows < row0 + len(batch))

@@ -14,6 +14,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from .cpu import openmp_wait_policy  # noqa: F401 - its home is cpu.py; the recipes import it from here
+
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write to a temporary file beside `path`, then rename: readers see the old file or the whole new one."""
@@ -89,24 +91,3 @@ def json_safe(x: Any, *, strict: bool = False) -> Any:
     if strict:
         raise TypeError(f"cannot store a {type(x).__name__} as JSON ({x!r}): pass plain numbers, strings, lists or dicts")
     return x
-
-
-def openmp_wait_policy() -> str | None:
-    """Choose how torch's idle OpenMP threads wait, before torch starts its thread pool (a value you set wins).
-
-    The demo's tiny model runs thousands of small ops a second. On an idle 2-core machine spinning threads sampled
-    1.6x faster than sleeping ones (the whole demo: 296 s -> 258 s); with two CPU-bound jobs beside it, spinning
-    was 3x slower, and 10x in an earlier measurement. So spin (OpenMP's default) only when the 1-minute load average
-    is below half the cores; else PASSIVE. Either way the numbers are the same: only the waiting differs.
-
-    Call it before torch is imported: `progadv demo` / `study` and the recipes do."""
-    if "OMP_WAIT_POLICY" in os.environ:
-        return os.environ["OMP_WAIT_POLICY"]
-    try:
-        busy = os.getloadavg()[0] >= 0.5 * (os.cpu_count() or 1)
-    except OSError:  # no load average on this platform: the safe choice
-        busy = True
-    if busy:
-        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-        return "PASSIVE"
-    return None

@@ -98,18 +98,3 @@ def test_demo_bad_config_is_a_message(tmp_path, capsys):
         main(["demo", "--out", str(tmp_path / "o"), "--config", str(bad)])
     assert "must be a mapping" in str(e.value)
     assert not (tmp_path / "o").exists()
-
-
-def test_openmp_wait_policy_spins_only_on_an_idle_machine(monkeypatch):
-    import os
-
-    from progadv_trl.utils import openmp_wait_policy
-
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.2, 0.0, 0.0))
-    assert openmp_wait_policy() is None and "OMP_WAIT_POLICY" not in os.environ  # idle: OpenMP's spinning default
-    monkeypatch.setattr(os, "getloadavg", lambda: (1.5, 0.0, 0.0))
-    assert openmp_wait_policy() == "PASSIVE" == os.environ["OMP_WAIT_POLICY"]  # busy: threads sleep
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert openmp_wait_policy() == "ACTIVE"  # yours wins

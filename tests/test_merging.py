@@ -220,3 +220,48 @@ def test_run_evaluation_adds_each_merge_and_alpha_as_a_variant(tiny_dir, tiny_to
     assert all(n in metrics["methods"] for n in names)
     assert all(n in json.loads((tmp_path / "ev" / "metrics.json").read_text())["methods"] for n in names)
     assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_alpha_sweep_runs_the_policy_pass_once_with_the_same_numbers(tiny_dir, tiny_tokenizer, trajectories, kind):
+    """The sweep keeps the policy's pass (one run for every alpha) and gives, bit for bit, what scoring each alpha
+    with its own two passes gives (the loop the sweep used to be)."""
+    pol, ref = _pair(tiny_dir) if kind == "full" else (_lora(tiny_dir), None)
+    scorer = ProgressScorer(pol, tiny_tokenizer, ref, config=ScoringConfig(beta=0.5), batch_tokens=1500)
+    alphas = [0.25, 0.5, 0.75]
+    merged = merged_reference(scorer.policy, scorer.reference, alpha=alphas[0], merge="linear")
+    base, each = scorer.reference, {}
+    try:
+        for a in alphas:
+            scorer.reference = merged.set_alpha(a)
+            each[a] = scorer.score(trajectories, with_token_ratios=True)
+    finally:
+        scorer.reference = base
+        merged.release()
+
+    # decoder calls: of the policy and of the reference apart (full weights), of the one shared model (LoRA)
+    decoders = [pol.get_decoder(), ref.get_decoder()] if kind == "full" else [pol.get_base_model().get_decoder()]
+    calls = {id(d): [] for d in decoders}
+    hooks = [d.register_forward_hook(lambda m, *_: calls[id(m)].append(1)) for d in decoders]
+    try:
+        scorer.score(trajectories)
+        one = {k: len(v) for k, v in calls.items()}
+        for v in calls.values():
+            v.clear()
+        swept = alpha_sweep(scorer, trajectories, alphas, "linear", with_token_ratios=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    if kind == "full":
+        n_pol, n_ref = (one[id(d)] for d in decoders)
+        assert n_pol > 0 and len(calls[id(decoders[0])]) == n_pol  # the policy's pass once for every alpha
+        assert len(calls[id(decoders[1])]) == n_ref * len(alphas)  # the reference's per alpha
+    else:
+        per_pass = one[id(decoders[0])] // 2  # both passes run the shared model
+        assert len(calls[id(decoders[0])]) == per_pass * (1 + len(alphas))
+    for a in alphas:
+        for got, want in zip(swept[a], each[a], strict=True):
+            assert got.id == want.id
+            for k in ("score", "advantages", "token_log_ratios", "baselines", "step_baselines"):
+                np.testing.assert_equal(getattr(got, k), getattr(want, k))  # exact (NaN equals NaN)
+    assert not np.array_equal(_advantages(swept[0.25]), _advantages(swept[0.75]))  # the reference did move

@@ -22,6 +22,7 @@ Everything the figures come from is written next to them (rollouts as JSONL), so
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
@@ -78,14 +79,27 @@ def _say(msg: str) -> None:
 
 
 @contextmanager
-def _stage(i: int, what: str, timings: dict, key: str, cpu: dict | None = None):
+def _stage(i: int, what: str, timings: dict, key: str, cpu: dict | None = None, others: dict | None = None):
     _say(f"{i}/{N_STAGES} {what}")
+    if others is not None:  # runnable tasks beside ours now: the wait policy was fixed at start-up (cpu.py)
+        others[key] = _competition(others)
     t0, c0 = time.perf_counter(), time.process_time()
     yield
     timings[key] = round(time.perf_counter() - t0, 1)
     if cpu is not None:  # process CPU seconds (all threads): comparable across runs on a shared machine, wall is not
         cpu[key] = round(time.process_time() - c0, 1)
     _say(f"{i}/{N_STAGES} done in {timings[key]:.0f} s")
+
+
+def _competition(seen: dict) -> float | None:
+    """Other runnable tasks now (`cpu.other_runnable`); says once when they compete with spinning threads."""
+    from ..cpu import choose, cores, other_runnable, spinning
+
+    n, competes = other_runnable(), lambda x: x is not None and choose(x, cores(), cores()) is not None
+    if spinning() and competes(n) and not any(competes(x) for x in seen.values()):
+        _say(f"{n:.1f} other runnable tasks compete for {cores()} cores while OpenMP threads spin (chosen when the demo "
+             "started on an idle machine): stages may run several times slower; OMP_WAIT_POLICY=PASSIVE avoids it")
+    return None if n is None else round(n, 2)
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -99,11 +113,12 @@ def run_demo(cfg: DemoConfig) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
+    others: dict[str, float | None] = {}
     t_all, c_all = time.perf_counter(), time.process_time()
 
-    with _stage(1, "tokenizer + tiny Qwen2 model (built here, no hub), pretrained on domain snippets", timings, "assets_s", cpu):
+    with _stage(1, "tokenizer + tiny Qwen2 model (built here, no hub), pretrained on domain snippets", timings, "assets_s", cpu, others):
         build_assets(cfg.out_dir, cfg.seed, cfg)
-    with _stage(2, f"reference: SFT on {cfg.n_demos} flawed demonstrations", timings, "sft_s", cpu):
+    with _stage(2, f"reference: SFT on {cfg.n_demos} flawed demonstrations", timings, "sft_s", cpu, others):
         train_reference(cfg)
 
     holder = {}
@@ -115,7 +130,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         )  # fmt: skip
         return holder["cb"]
 
-    with _stage(3, f"GRPO, {cfg.grpo_steps} steps, beta={cfg.beta}, with ProgressAdvantageCallback", timings, "grpo_s", cpu):
+    with _stage(3, f"GRPO, {cfg.grpo_steps} steps, beta={cfg.beta}, with ProgressAdvantageCallback", timings, "grpo_s", cpu, others):
         holder["heldout"] = heldout_records(cfg)
         write_jsonl(out / "heldout_reference.jsonl", holder["heldout"])
         trainer, _ = train_policy(cfg, callbacks=[callback])
@@ -124,10 +139,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         raise RuntimeError(f"the callback did not export the critic bundle ({cb.errors} errors; see the warnings above)")
     _say(f"4/{N_STAGES} critic bundle written by the callback: {out / 'bundle'}")
 
-    with _stage(5, "success on held-out tasks (greedy and sampled) + test rollouts of both models", timings, "rollouts_s", cpu):
+    with _stage(5, "success on held-out tasks (greedy and sampled) + test rollouts of both models", timings, "rollouts_s", cpu, others):
         ev = evaluate(cfg)
 
-    with _stage(6, "scoring the test rollouts with the bundle; evaluation against the baselines", timings, "evaluate_s", cpu):
+    with _stage(6, "scoring the test rollouts with the bundle; evaluation against the baselines", timings, "evaluate_s", cpu, others):
         from ..critic import ProgressCritic
 
         critic = ProgressCritic.from_pretrained(out / "bundle")  # verified and loaded once for both sets
@@ -160,6 +175,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "timings": {**timings, "eval_sampling_s": round(ev["timings"]["eval_s"], 1),
                     "test_sampling_s": round(ev["timings"]["sampling_s"], 1)},  # fmt: skip
         "cpu_timings": cpu,
+        "openmp": {"wait_policy": os.environ.get("OMP_WAIT_POLICY", "spin (OpenMP's default)"),
+                   "other_runnable_at_stage_start": others},  # fmt: skip
         "paths": {"bundle": str(out / "bundle"), "report": str(out / "report" / "README.md"),
                   "policy": str(out / "policy"), "reference": str(out / "reference")},  # fmt: skip
         "config": asdict(cfg),

@@ -68,7 +68,12 @@ def parse_turn(text: str) -> dict:
 def env_text(tokenizer, upto_assistant: list[dict], after: list[dict], done: bool, tools=None) -> str:
     """What the template writes between the end of an assistant turn ("<|im_end|>") and the next turn's start."""
     a = render(tokenizer, upto_assistant, tools=tools)
-    b = render(tokenizer, after, add_generation_prompt=not done, tools=tools)
+    return env_segment(a, render(tokenizer, after, add_generation_prompt=not done, tools=tools), done)
+
+
+def env_segment(a: str, b: str, done: bool) -> str:
+    """`env_text` from the two renderings: `a` through the assistant turn, `b` through what follows it (with the
+    generation prompt unless `done`). Callers that already hold them skip two template renders."""
     if not a.endswith(EOT + "\n") or not b.startswith(a):
         raise ValueError("the chat template is not prefix-stable for this conversation; use TRL's qwen2_5 template")
     seg = "\n" + b[len(a):]
@@ -79,17 +84,25 @@ def episode_tokens(tokenizer, messages: list[dict], tools=None) -> tuple[list[in
     """A finished conversation -> (prompt_ids, completion_ids, env_mask), each assistant turn tokenized canonically.
     Used for the SFT demonstrations and to check that a record reproduces the generated tokens."""
     idx = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-    prompt = encode(tokenizer, render(tokenizer, messages[: idx[0]], add_generation_prompt=True, tools=tools))
+    texts: dict[tuple[int, bool], str] = {}
+
+    def text(n: int, gen: bool) -> str:  # each prefix rendered once: a turn's "after" is the next turn's "before"
+        if (n, gen) not in texts:
+            texts[n, gen] = render(tokenizer, messages[:n], add_generation_prompt=gen, tools=tools)
+        return texts[n, gen]
+
+    prompt = encode(tokenizer, text(idx[0], True))
     comp, mask = [], []
     for k, mi in enumerate(idx):
-        before = render(tokenizer, messages[:mi], add_generation_prompt=True, tools=tools)
-        upto = render(tokenizer, messages[: mi + 1], tools=tools)
+        before = text(mi, True)
+        upto = text(mi + 1, False)
         act = encode(tokenizer, upto[len(before):].rstrip("\n"))
         comp += act
         mask += [1] * len(act)
         nxt = idx[k + 1] if k + 1 < len(idx) else len(messages)
         if nxt > mi + 1 or k + 1 < len(idx):
-            env = encode(tokenizer, env_text(tokenizer, messages[: mi + 1], messages[:nxt], k + 1 == len(idx), tools))
+            done = k + 1 == len(idx)
+            env = encode(tokenizer, env_segment(upto, text(nxt, not done), done))
             comp += env
             mask += [0] * len(env)
     return prompt, comp, mask
@@ -104,6 +117,9 @@ class TokenEpisode:
     logprobs: list[float] = field(default_factory=list)
     canonical: list[bool] = field(default_factory=list)  # per turn: generated text == the template's rendering
     tools: list[dict] | None = None
+    # the template's rendering of the conversation so far with the generation prompt (what the next turn continues):
+    # kept so each turn renders the template twice, not four times
+    text: str | None = field(default=None, repr=False)
 
     @property
     def ids(self) -> list[int]:
@@ -180,10 +196,10 @@ def play(model, tokenizer, episodes: list[Episode], *, temperature: float = 1.0,
     was_training = model.training
     model.eval()  # no dropout, and gradient checkpointing (which disables the KV cache) stays off
     try:
-        tes = [
-            TokenEpisode(ep, encode(tokenizer, render(tokenizer, ep.messages, True, tools)), tools=tools)
-            for ep in episodes
-        ]
+        tes = []
+        for ep in episodes:
+            text = render(tokenizer, ep.messages, True, tools)
+            tes.append(TokenEpisode(ep, encode(tokenizer, text), tools=tools, text=text))
         while True:
             active = [te for te in tes if not te.episode.done]
             if not active:
@@ -210,18 +226,23 @@ def _advance(tokenizer, te: TokenEpisode, gen: list[int], lp: list[float], eos: 
     # A turn cut off by max_new_tokens is no action, whatever it says so far: the world counts it a mistake.
     msg = parse_turn(text) if ended else {"role": "assistant", "content": text}
     before, tools = ep.messages, te.tools
-    canon = render(tokenizer, before + [msg], tools=tools)[len(render(tokenizer, before, True, tools)):]
+    head = te.text if te.text is not None else render(tokenizer, before, True, tools)
+    upto = ep.messages + [{"role": "assistant", **msg}]
+    upto_text = render(tokenizer, upto, tools=tools)  # = render(before + [msg]): msg is an assistant message
+    canon = upto_text[len(head):]
     te.canonical.append(ended and canon.rstrip("\n") == text + EOT)
     te.completion_ids += gen
     te.env_mask += [1] * len(gen)
     te.logprobs += lp
-    upto = ep.messages + [{"role": "assistant", **msg}]
     ep.step(msg, unfinished=not ended)
+    te.text = None
     if len(ep.messages) > len(upto) or not ep.done:
-        env = encode(tokenizer, env_text(tokenizer, upto, ep.messages, ep.done, tools))
+        after = render(tokenizer, ep.messages, add_generation_prompt=not ep.done, tools=tools)
+        env = encode(tokenizer, env_segment(upto_text, after, ep.done))
         te.completion_ids += env
         te.env_mask += [0] * len(env)
         te.logprobs += [0.0] * len(env)
+        te.text = None if ep.done else after
 
 
 def make_rollout_func(tasks: list[Task], *, seed: int = 0, world: WorldConfig | None = None, max_new_tokens: int = 40,
