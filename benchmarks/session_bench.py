@@ -45,16 +45,9 @@ def _alternatives(turn: dict, rng: random.Random, k: int) -> list[dict]:
     return out
 
 
-def _common(seqs) -> int:
-    n = min(len(s) for s in seqs)
-    for i in range(n):
-        if any(s[i] != seqs[0][i] for s in seqs[1:]):
-            return i
-    return n
-
-
 def bench_session(ctx, args, k: int = 4) -> dict:
     from progadv_trl.engine import ProgressScorer
+    from progadv_trl.prefix import _common_prefix
     from progadv_trl.rendering import render
     from progadv_trl.scoring import ScoringConfig
     from progadv_trl.session import CriticSession
@@ -84,7 +77,7 @@ def bench_session(ctx, args, k: int = 4) -> dict:
             scores = scorer.score(recs)
             out.append([ts.steps[-1].advantage for ts in scores])
             ids = [render(t, tok).input_ids for t in as_trajectories(recs)]
-            P = _common(ids)
+            P = _common_prefix(ids)
             read += 2 * (P + sum(len(x) - P for x in ids))  # both models: the shared state once, each continuation
         return out, read
 

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from .engine import _device, _eval_mode, _plain_model, _states_fn
-from .prefix import full_attention
+from .prefix import _common_prefix, full_attention
 from .rendering import render_step
 from .scoring import TokenStats, TrajectoryScore, score_from_token_stats, token_logprob_stats
 from .trajectories import Trajectory, validate_messages
@@ -104,14 +104,6 @@ def from_step(ts: TrajectoryScore, step: int) -> CandidateScore:
     )  # fmt: skip
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
-
-
 class CriticSession:
     """A conversation both models have read, ready to score candidate next assistant turns. Build it with
     `ProgressCritic.session(messages, tools=None)` (or `CriticSession(scorer, messages, tools)`).
@@ -160,7 +152,7 @@ class CriticSession:
             # no room left for a candidate in the model's positions: the engine truncates from here on
             self.overflow, self._ids, self._kv = True, [], {"policy": None, "reference": None}
             return
-        c = _common_prefix(ids, self._ids)
+        c = _common_prefix([ids, self._ids])
         if c == len(ids) == len(self._ids):
             return
         for who in ("policy", "reference"):
@@ -235,7 +227,7 @@ class CriticSession:
         cfg = self.scorer.config
         # Each candidate runs from one token before its span (or where its rendering leaves the cached ids, if
         # earlier): that token's state predicts the span's first token.
-        q = min(min(_common_prefix(ids, self._ids), s) - 1 for _, ids, (s, e) in items)
+        q = min(min(_common_prefix([ids, self._ids]), s) - 1 for _, ids, (s, e) in items)
         q = max(q, 0)
         seqs = [ids[q:] for _, ids, _ in items]
         offs = np.cumsum([0] + [len(s) for s in seqs])

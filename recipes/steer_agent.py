@@ -29,7 +29,7 @@ from trl import TrlParser  # noqa: E402
 
 from progadv_trl import ProgressCritic  # noqa: E402
 from progadv_trl.demo import TOOL_SCHEMAS, make_tasks, write_jsonl  # noqa: E402
-from progadv_trl.demo.rollout import EOT, end_of_turn, parse_turn, render  # noqa: E402
+from progadv_trl.demo.rollout import decode_turn, end_of_turn, render  # noqa: E402
 from progadv_trl.demo.world import Episode, WorldConfig, episode_seed  # noqa: E402
 
 METHODS = ("progress_advantage", "policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail")
@@ -62,14 +62,8 @@ def candidates(model, tok, messages, tools, a: SteerArguments, gen: torch.Genera
     torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))  # generate() draws from the global RNG
     out = model.generate(ids, do_sample=True, temperature=a.temperature, top_k=0, top_p=1.0, max_new_tokens=a.max_turn_tokens,
                          num_return_sequences=a.k, eos_token_id=eos, pad_token_id=tok.pad_token_id or eos)  # fmt: skip
-    res = []
-    for row in out[:, ids.shape[1]:].tolist():
-        ended = eos in row
-        row = row[: row.index(eos) + 1] if ended else row
-        text = tok.decode(row, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        text = text[: -len(EOT)] if ended else text
-        res.append((parse_turn(text) if ended else {"role": "assistant", "content": text}, ended))
-    return res
+    rows = [row[: row.index(eos) + 1] if eos in row else row for row in out[:, ids.shape[1]:].tolist()]
+    return [decode_turn(tok, row, eos)[:2] for row in rows]
 
 
 def steer_episode(critic, model, tok, task, a: SteerArguments, world, tools) -> dict:

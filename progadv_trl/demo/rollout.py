@@ -217,14 +217,19 @@ def play(model, tokenizer, episodes: list[Episode], *, temperature: float = 1.0,
     return tes
 
 
-def _advance(tokenizer, te: TokenEpisode, gen: list[int], lp: list[float], eos: int) -> None:
-    ep = te.episode
+def decode_turn(tokenizer, gen: list[int], eos: int) -> tuple[dict, bool, str]:
+    """A generated turn -> (assistant message, whether it ended with `eos`, its text without the end-of-turn token).
+    A turn cut off by max_new_tokens is no action, whatever it says so far: the world counts it a mistake."""
     text = tokenizer.decode(gen, skip_special_tokens=False, clean_up_tokenization_spaces=False)
     ended = bool(gen) and gen[-1] == eos
     if ended:
         text = text[: -len(EOT)]
-    # A turn cut off by max_new_tokens is no action, whatever it says so far: the world counts it a mistake.
-    msg = parse_turn(text) if ended else {"role": "assistant", "content": text}
+    return (parse_turn(text) if ended else {"role": "assistant", "content": text}), ended, text
+
+
+def _advance(tokenizer, te: TokenEpisode, gen: list[int], lp: list[float], eos: int) -> None:
+    ep = te.episode
+    msg, ended, text = decode_turn(tokenizer, gen, eos)
     before, tools = ep.messages, te.tools
     head = te.text if te.text is not None else render(tokenizer, before, True, tools)
     upto = ep.messages + [{"role": "assistant", **msg}]

@@ -24,7 +24,7 @@ import torch
 
 from ..config import VARIANTS
 from ..session import from_step
-from .rollout import EOT, encode, end_of_turn, generate_turns, parse_turn, play, render
+from .rollout import decode_turn, encode, end_of_turn, generate_turns, play, render
 from .world import Action, Episode, episode_seed, parse_action
 
 STEP_BASELINES = ("policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail")
@@ -35,16 +35,6 @@ TRAJECTORY_METHODS = ("progress_advantage", *VARIANTS, "policy_logprob", "refere
                       "deepconf_tail", "deepconf_bottom10")  # fmt: skip
 BUDGETS = (4, 8)
 AGENTS = ("reference", "policy")
-
-
-def _candidate(tokenizer, gen: list[int], eos: int) -> tuple[dict, bool]:
-    """(assistant message, whether the turn ended): what `rollout._advance` makes of a generated turn."""
-    text = tokenizer.decode(gen, skip_special_tokens=False, clean_up_tokenization_spaces=False)
-    ended = bool(gen) and gen[-1] == eos
-    if ended:
-        text = text[: -len(EOT)]
-    msg = parse_turn(text) if ended else {"role": "assistant", "content": text}
-    return msg, ended
 
 
 def _random_pick(k: int, seed: int, task_id: str, step: int) -> int:
@@ -76,9 +66,9 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
                 break
             need: dict[tuple[int, str], list[dict]] = {}
             expected: dict[tuple[int, str], Action] = {}
+            state = {(m, i): (i, json.dumps(eps[m][i].messages, sort_keys=True)) for m, i in active}
             for m, i in active:
-                msgs = eps[m][i].messages
-                key = (i, json.dumps(msgs, sort_keys=True))
+                msgs, key = eps[m][i].messages, state[(m, i)]
                 if key not in memo:
                     need.setdefault(key, msgs)
                     expected[key] = eps[m][i].expected()
@@ -91,7 +81,7 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
                 gens += g
             # Every candidate of every new state, scored in ONE engine call: the figures a critic session gives them
             # (tests/test_session.py checks the two agree), without hundreds of tiny per-state passes.
-            new = {key: [_candidate(tokenizer, g, eos) for g in gens[j * k : (j + 1) * k]] for j, key in enumerate(keys)}
+            new = {key: [decode_turn(tokenizer, g, eos)[:2] for g in gens[j * k : (j + 1) * k]] for j, key in enumerate(keys)}
             recs = [{"id": f"s{j}c{c}", "messages": need[key] + [msg]}
                     for j, key in enumerate(keys) for c, (msg, _) in enumerate(new[key])]  # fmt: skip
             scores = critic.score(recs, support=True) if recs else []
@@ -102,7 +92,7 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
                 actions[key] = [f"{expected[key]} -> {parse_action(msg) if ended else 'unfinished'}" for msg, ended in new[key]]
             for m, i in active:
                 ep = eps[m][i]
-                cands, res = memo[(i, json.dumps(ep.messages, sort_keys=True))]
+                cands, res = memo[state[(m, i)]]
                 step = ep.n_steps
                 if m == "random":
                     pick = _random_pick(k, seed, ep.task.id, step)
