@@ -317,10 +317,11 @@ class ScriptedLM(torch.nn.Module):
     """A stand-in causal LM that writes the policy's correct turn token by token, read off the conversation text:
     lets us check play() and the records against exact expectations without training anything."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, chatty: bool = False):
         super().__init__()
         self.tok, self.dummy = tok, torch.nn.Parameter(torch.zeros(1))
         self.training = False
+        self.chatty = chatty  # a few words before the calls for odd ids: turns of different lengths in one batch
 
     def _next(self, seq):
         text = self.tok.decode(seq, skip_special_tokens=False)
@@ -336,17 +337,23 @@ class ScriptedLM(torch.nn.Module):
             target = tool_call_message("issue_refund", rid)
         else:
             target = say_message("done")
+        if self.chatty and int(rid[-1]) % 2 and target.get("tool_calls"):
+            target = {**target, "content": "One moment, please."}
         full = render(self.tok, [{"role": "system", "content": "x"}, target])
         want = encode(self.tok, full[full.index("<|im_start|>assistant\n") + len("<|im_start|>assistant\n"):].rstrip("\n"))
         got = encode(self.tok, gen)
         return want[len(got)] if len(got) < len(want) else self.tok.pad_token_id  # rows already done get pads
 
+    class Cache(list):  # a row's "cache" is its tokens so far (the unmasked ones)
+        def batch_select_indices(self, idx):
+            self[:] = [self[i] for i in idx.tolist()]
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
         if past_key_values is None:
-            past_key_values = [[t for t, a in zip(row, am) if a] for row, am in zip(input_ids.tolist(), attention_mask.tolist())]
-        else:
-            for row, t in zip(past_key_values, input_ids[:, -1].tolist()):
-                row.append(t)
+            past_key_values = self.Cache([] for _ in range(len(input_ids)))
+        n = input_ids.shape[1]  # the new columns: a context, a turn's new tokens, or one sampled token
+        for row, ids, am in zip(past_key_values, input_ids.tolist(), attention_mask[:, -n:].tolist()):
+            row.extend(t for t, a in zip(ids, am) if a)
         logits = torch.full((len(past_key_values), 1, len(self.tok)), -30.0)
         for i, row in enumerate(past_key_values):
             logits[i, 0, self._next(row)] = 30.0
@@ -374,6 +381,95 @@ def test_play_records_reproduce_generated_tokens(demo_tok):
         eot = end_of_turn(demo_tok)  # every agent turn ends with its own end-of-turn token, inside env_mask=1
         assert sum(c == eot and k for c, k in zip(te.completion_ids, te.env_mask)) == te.episode.n_steps
         assert len(te.logprobs) == len(te.completion_ids) == len(te.env_mask)
+
+
+class Guided(torch.nn.Module):
+    """A real tiny transformer (its KV cache, masks and positions are what play() manages) nudged towards the
+    scripted turn (ScriptedLM's next token gets +BIAS), so that episodes last several turns and end at different ones."""
+
+    BIAS = 12.0
+
+    class Cache:
+        def __init__(self, kv, rows):
+            self.kv, self.rows = kv, rows
+
+        def batch_select_indices(self, idx):
+            self.kv.batch_select_indices(idx)
+            self.rows = [self.rows[i] for i in idx.tolist()]
+
+    def __init__(self, model, tok):
+        super().__init__()
+        self.model, self.script = model, ScriptedLM(tok, chatty=True)
+        self.seen = {}  # the model's own next-token logits inside play(), keyed by the tokens before that position
+
+    def bias(self, seq):
+        return self.script._next(seq)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None, use_cache=True):
+        cache = past_key_values or self.Cache(None, [[] for _ in range(len(input_ids))])
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         past_key_values=cache.kv, use_cache=True)
+        n = input_ids.shape[1]
+        for row, ids, am in zip(cache.rows, input_ids.tolist(), attention_mask[:, -n:].tolist()):
+            row.extend(t for t, a in zip(ids, am) if a)
+        logits = out.logits[:, -1:].clone()
+        for i, row in enumerate(cache.rows):
+            self.seen.setdefault(tuple(row), logits[i, 0].clone())
+            logits[i, 0, self.bias(row)] += self.BIAS
+        return type("Out", (), {"logits": logits, "past_key_values": self.Cache(out.past_key_values, cache.rows)})()
+
+
+def test_play_keeps_one_cache_per_episode_and_its_log_probs_are_the_models(fast_run):
+    """play() runs only each turn's new tokens over the episode's KV cache (rows leave the batch as their episodes
+    end; later turns read earlier turns' cache, pads masked). The log-probs it reports must be the model's own,
+    recomputed here by one plain forward over each finished episode's tokens."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(fast_run.path("reference"))
+    model = AutoModelForCausalLM.from_pretrained(fast_run.path("reference")).eval()
+    guided = Guided(model, tok)
+    eps = [Episode(t, seed=i) for i, t in enumerate(make_tasks(10, 3))]
+    tes = play(guided, tok, eps, max_new_tokens=24, generator=torch.Generator().manual_seed(0), batch_size=4)
+    turns = [te.episode.n_steps for te in tes]
+    assert max(turns) >= 3 and len(set(turns)) > 1  # several turns, and episodes that end at different turns
+    lengths = {len(te.episode.messages[2].get("content") or "") for te in tes}
+    assert len(lengths) > 1  # first turns of different lengths: the shorter rows' pads sit in the cache after them
+    checked = 0
+    for te in tes:
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([te.ids])).logits[0]
+        n0 = len(te.prompt_ids)
+        gen = [n0 + i for i, k in enumerate(te.env_mask) if k]
+        assert len(gen) >= te.episode.n_steps
+        for p in gen:  # the cached pass's logits at every generated position = the plain pass's
+            assert torch.allclose(guided.seen[tuple(te.ids[:p])], logits[p - 1], atol=1e-4), (te.episode.task.id, p)
+            row = logits[p - 1].double()
+            row[guided.bias(te.ids[:p])] += Guided.BIAS
+            want = torch.log_softmax(row, -1)[te.ids[p]].item()
+            assert abs(te.logprobs[p - n0] - want) < 1e-4, (te.episode.task.id, p)
+            checked += 1
+    assert checked > 100
+
+
+def test_generate_turns_repeat_runs_each_context_once(fast_run):
+    """Step selection's K candidates of a state: one prefill of the state, its cache copied K times. The turns equal
+    those from the state written out K times (greedy: the same tokens; log-probs to float rounding)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from progadv_trl.demo.rollout import generate_turns
+
+    tok = AutoTokenizer.from_pretrained(fast_run.path("reference"))
+    model = AutoModelForCausalLM.from_pretrained(fast_run.path("reference")).eval()
+    ctx = [encode(tok, render(tok, Episode(t, seed=0).messages, True)) for t in make_tasks(3, 4)]
+    ctx[1] = ctx[1][:-5]  # contexts of different lengths: left padding is repeated with them
+    kw = dict(eos_id=end_of_turn(tok), pad_id=tok.pad_token_id, max_new_tokens=6, greedy=True)
+    calls = []
+    model.register_forward_pre_hook(lambda m, a, k: calls.append(k["input_ids"].shape), with_kwargs=True)
+    toks, lps = generate_turns(model, ctx, repeat=3, **kw)
+    assert calls[0][0] == 3 and all(c[0] == 9 for c in calls[1:])  # the prefill ran 3 rows, the decoding 9
+    want_t, want_l = generate_turns(model, [c for c in ctx for _ in range(3)], **kw)
+    assert toks == want_t
+    assert max(abs(a - b) for x, y in zip(lps, want_l) for a, b in zip(x, y)) < 1e-4
 
 
 # ----------------------------------------------------------------------------------------------------------------

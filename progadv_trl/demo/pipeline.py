@@ -54,10 +54,11 @@ from .world import (
 ADDED_TOKENS = ['{"name": "', '", "arguments": {"id": "', '"}}', "get_reservation", "cancel_reservation", "issue_refund",
                 "R"]
 EXTRA_SPECIALS = ["<tool_response>", "</tool_response>"]
-# Attention kernel of the demo's models. At this size (head dim 24, one token a step with a KV cache) the plain
-# implementation sampled episodes ~1.6x faster on 2 CPU cores than the default SDPA, with no loss elsewhere; the
-# checkpoints do not record it, so every load passes it.
-ATTN = "eager"
+# Attention kernel of the demo's models (the checkpoints do not record it, so every load passes it). SDPA, torch's
+# fused kernel: on 2 CPU cores (torch 2.13, transformers 5.23) it cost 0.5-0.6x the CPU seconds of the plain "eager"
+# kernel for an SFT batch's forward + backward, 0.4-0.5x for a prefill, 0.65-0.75x for playing whole episodes
+# (benchmarks/demo_cpu.py). Eager had been chosen for sampling speed under an older stack; it no longer wins anywhere.
+ATTN = "sdpa"
 
 
 @dataclass

@@ -134,27 +134,32 @@ class TokenEpisode:
         return rec
 
 
-@torch.no_grad()
-def generate_turns(model, contexts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
-                   temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None):
-    """One assistant turn for each context: left-padded batch, KV cache, stop at `eos_id`.
-
-    Returns (token lists including the eos when reached, per-token log-probs under the sampling distribution). Samples
-    from the full softmax at `temperature` (no top-k/top-p): that is the distribution GRPO's loss assumes."""
-    device = next(model.parameters()).device
-    B = len(contexts)
-    L = max(len(c) for c in contexts)
+def _left_pad(rows: list[list[int]], pad_id: int, starts: list[int] | None = None):
+    """(ids, attention mask, position ids) of token lists left-padded to the longest; row i's positions continue
+    from starts[i] (0: a fresh context)."""
+    B, L = len(rows), max(len(r) for r in rows)
     ids = torch.full((B, L), pad_id, dtype=torch.long)
     attn = torch.zeros((B, L), dtype=torch.long)
-    for i, c in enumerate(contexts):
-        ids[i, L - len(c):] = torch.tensor(c)
-        attn[i, L - len(c):] = 1
-    ids, attn = ids.to(device), attn.to(device)
-    pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    past = out.past_key_values
-    logits = out.logits[:, -1, :].float()
-    next_pos = pos[:, -1:] + 1
+    pos = torch.zeros((B, L), dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r:
+            s = starts[i] if starts else 0
+            ids[i, L - len(r):] = torch.tensor(r)
+            attn[i, L - len(r):] = 1
+            pos[i, L - len(r):] = torch.arange(s, s + len(r))
+    return ids, attn, pos
+
+
+def _sample(model, logits, past, attn, next_pos, *, eos_id, pad_id, max_new_tokens, temperature, greedy, generator):
+    """The decoding loop after a forward that left `past` (the KV cache) and `logits` (each row's next-token logits,
+    [B, V]): one token a step over the cache until every row wrote `eos_id` or `max_new_tokens` were written. A
+    row's tokens after its eos are pads, masked out of the cache (`play`'s next turn reads it again).
+
+    Returns (token lists including the eos when reached, their log-probs under the sampling distribution, the cache,
+    its attention mask, how many tokens were fed into the cache: every sampled token but the last step's)."""
+    device = attn.device
+    B = attn.shape[0]
+    logits = logits.float()
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     toks, lps = [], []
     for t in range(max_new_tokens):
@@ -166,31 +171,56 @@ def generate_turns(model, contexts: list[list[int]], *, eos_id: int, pad_id: int
         nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
         toks.append(nxt)
         lps.append(logp.gather(-1, nxt[:, None]).squeeze(-1))
+        live = ~finished  # rows for which `nxt` is a real token
         finished = finished | (nxt == eos_id)
         if bool(finished.all()) or t + 1 == max_new_tokens:
             break
-        attn = torch.cat([attn, attn.new_ones((B, 1))], dim=1)  # finished rows write pads nobody reads
+        attn = torch.cat([attn, live[:, None].long()], dim=1)
         out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=past, use_cache=True)
         past = out.past_key_values
         logits = out.logits[:, -1, :].float()
         next_pos = next_pos + 1
-    toks = torch.stack(toks, 1).tolist()
-    lps = torch.stack(lps, 1).tolist()
+    fed = len(toks) - 1
     res_t, res_l = [], []
-    for i in range(B):
-        seq, lp = toks[i], lps[i]
+    for seq, lp in zip(torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()):
         if eos_id in seq:
             n = seq.index(eos_id) + 1
             seq, lp = seq[:n], lp[:n]
         res_t.append(seq)
         res_l.append(lp)
-    return res_t, res_l
+    return res_t, res_l, past, attn, fed
+
+
+@torch.no_grad()
+def generate_turns(model, contexts: list[list[int]], *, eos_id: int, pad_id: int, max_new_tokens: int,
+                   temperature: float = 1.0, greedy: bool = False, generator: torch.Generator | None = None,
+                   repeat: int = 1):
+    """One assistant turn for each context (`repeat` turns each, rows in context order): left-padded batch, KV
+    cache, stop at `eos_id`. A context is run once however many turns it gets; its cache is then copied per turn.
+
+    Returns (token lists including the eos when reached, per-token log-probs under the sampling distribution). Samples
+    from the full softmax at `temperature` (no top-k/top-p): that is the distribution GRPO's loss assumes."""
+    device = next(model.parameters()).device
+    ids, attn, pos = (x.to(device) for x in _left_pad(contexts, pad_id))
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
+    past, logits = out.past_key_values, out.logits[:, -1, :]
+    if repeat > 1:
+        past.batch_repeat_interleave(repeat)
+        logits = logits.repeat_interleave(repeat, dim=0)
+        attn, pos = attn.repeat_interleave(repeat, dim=0), pos.repeat_interleave(repeat, dim=0)
+    toks, lps, *_ = _sample(model, logits, past, attn, pos[:, -1:] + 1, eos_id=eos_id, pad_id=pad_id,
+                            max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, generator=generator)
+    return toks, lps
 
 
 def play(model, tokenizer, episodes: list[Episode], *, temperature: float = 1.0, greedy: bool = False,
          max_new_tokens: int = 40, generator: torch.Generator | None = None, batch_size: int = 256,
          tools: list[dict] | None = None) -> list[TokenEpisode]:
-    """Run episodes to the end with `model` as the agent, all in lockstep (one batched generation per turn)."""
+    """Run episodes to the end with `model` as the agent, all in lockstep (one batched generation per turn).
+
+    Each batch of up to `batch_size` episodes keeps one KV cache for the whole episode: a turn runs only the tokens
+    added since the last (the previous turn's last token and the environment's reply), not the conversation again.
+    Re-running the whole context every turn cost as much as all the decoding steps together."""
     eos = end_of_turn(tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     was_training = model.training
@@ -200,21 +230,40 @@ def play(model, tokenizer, episodes: list[Episode], *, temperature: float = 1.0,
         for ep in episodes:
             text = render(tokenizer, ep.messages, True, tools)
             tes.append(TokenEpisode(ep, encode(tokenizer, text), tools=tools, text=text))
-        while True:
-            active = [te for te in tes if not te.episode.done]
-            if not active:
-                break
-            for s in range(0, len(active), batch_size):
-                chunk = active[s : s + batch_size]
-                gens, lps = generate_turns(
-                    model, [te.ids for te in chunk], eos_id=eos, pad_id=pad, max_new_tokens=max_new_tokens,
-                    temperature=temperature, greedy=greedy, generator=generator,
-                )
-                for te, g, lp in zip(chunk, gens, lps):
-                    _advance(tokenizer, te, g, lp, eos)
+        for s in range(0, len(tes), batch_size):
+            _play_batch(model, tokenizer, tes[s : s + batch_size], eos=eos, pad=pad, temperature=temperature,
+                        greedy=greedy, max_new_tokens=max_new_tokens, generator=generator)  # fmt: skip
     finally:
         model.train(was_training)
     return tes
+
+
+@torch.no_grad()
+def _play_batch(model, tokenizer, tes: list[TokenEpisode], *, eos, pad, **sampling) -> None:
+    device = next(model.parameters()).device
+    rows = [te for te in tes if not te.episode.done]
+    cached = [0] * len(rows)  # tokens of each row's episode already in the cache
+    past, mask = None, None
+    while rows:
+        new = [te.ids[c:] for te, c in zip(rows, cached)]
+        ids, attn, pos = (x.to(device) for x in _left_pad(new, pad, cached))
+        attn = attn if mask is None else torch.cat([mask, attn], dim=1)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, past_key_values=past, use_cache=True)
+        next_pos = torch.tensor([[c + len(x)] for c, x in zip(cached, new)], device=device)
+        gens, lps, past, mask, fed = _sample(model, out.logits[:, -1, :], out.past_key_values, attn, next_pos,
+                                             eos_id=eos, pad_id=pad, **sampling)
+        keep = []
+        for r, (te, g, lp) in enumerate(zip(rows, gens, lps)):
+            cached[r] += len(new[r]) + min(len(g), fed)
+            _advance(tokenizer, te, g, lp, eos)
+            if not te.episode.done:
+                keep.append(r)
+        if len(keep) < len(rows):
+            if keep:
+                idx = torch.tensor(keep, device=device)
+                past.batch_select_indices(idx)
+                mask = mask[idx]
+            rows, cached = [rows[r] for r in keep], [cached[r] for r in keep]
 
 
 def decode_turn(tokenizer, gen: list[int], eos: int) -> tuple[dict, bool, str]:

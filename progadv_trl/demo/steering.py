@@ -73,10 +73,10 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
                     need.setdefault(key, msgs)
                     expected[key] = eps[m][i].expected()
             keys = list(need)
-            contexts = [encode(tokenizer, render(tokenizer, need[key], True)) for key in keys for _ in range(k)]
-            gens = []
-            for s in range(0, len(contexts), batch_size):
-                g, _ = generate_turns(agent, contexts[s : s + batch_size], eos_id=eos, pad_id=pad,
+            contexts = [encode(tokenizer, render(tokenizer, need[key], True)) for key in keys]
+            gens, per = [], max(1, batch_size // k)  # each state's K candidates: one prefill, K sampled turns
+            for s in range(0, len(contexts), per):
+                g, _ = generate_turns(agent, contexts[s : s + per], eos_id=eos, pad_id=pad, repeat=k,
                                       max_new_tokens=max_new_tokens, temperature=temperature, generator=gen)
                 gens += g
             # Every candidate of every new state, scored in ONE engine call: the figures a critic session gives them
