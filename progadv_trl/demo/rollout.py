@@ -25,6 +25,11 @@ import torch
 
 from .world import Episode, Task, WorldConfig, episode_seed
 
+# Decoding batches up to this many rows run on one intra-op thread. One token a step over a small batch is too little
+# work to share: on 2 CPU cores a GRPO step's 32 episodes played as fast on one thread as on two, for 0.55x the CPU
+# seconds (the second thread spun between the ops); at 200 rows two threads were 1.3x faster (benchmarks/demo_cpu.py).
+ONE_THREAD_ROWS = 64
+
 _CALL_RE = re.compile(r"^(?:(.*)\n)?<tool_call>\n(.*)\n</tool_call>$", re.DOTALL)
 
 
@@ -162,24 +167,31 @@ def _sample(model, logits, past, attn, next_pos, *, eos_id, pad_id, max_new_toke
     logits = logits.float()
     finished = torch.zeros(B, dtype=torch.bool, device=device)
     toks, lps = [], []
-    for t in range(max_new_tokens):
-        logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
-        if greedy:
-            nxt = logp.argmax(-1)
-        else:
-            nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
-        nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
-        toks.append(nxt)
-        lps.append(logp.gather(-1, nxt[:, None]).squeeze(-1))
-        live = ~finished  # rows for which `nxt` is a real token
-        finished = finished | (nxt == eos_id)
-        if bool(finished.all()) or t + 1 == max_new_tokens:
-            break
-        attn = torch.cat([attn, live[:, None].long()], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        logits = out.logits[:, -1, :].float()
-        next_pos = next_pos + 1
+    threads = torch.get_num_threads()
+    if device.type == "cpu" and B <= ONE_THREAD_ROWS:
+        torch.set_num_threads(1)
+    try:
+        for t in range(max_new_tokens):
+            logp = torch.log_softmax(logits / (1.0 if greedy else temperature), dim=-1)
+            if greedy:
+                nxt = logp.argmax(-1)
+            else:
+                nxt = torch.multinomial(logp.exp(), 1, generator=generator).squeeze(-1)
+            nxt = torch.where(finished, torch.full_like(nxt, pad_id), nxt)
+            toks.append(nxt)
+            lps.append(logp.gather(-1, nxt[:, None]).squeeze(-1))
+            live = ~finished  # rows for which `nxt` is a real token
+            finished = finished | (nxt == eos_id)
+            if bool(finished.all()) or t + 1 == max_new_tokens:
+                break
+            attn = torch.cat([attn, live[:, None].long()], dim=1)
+            out = model(input_ids=nxt[:, None], attention_mask=attn, position_ids=next_pos, past_key_values=past,
+                        use_cache=True)  # fmt: skip
+            past = out.past_key_values
+            logits = out.logits[:, -1, :].float()
+            next_pos = next_pos + 1
+    finally:
+        torch.set_num_threads(threads)
     fed = len(toks) - 1
     res_t, res_l = [], []
     for seq, lp in zip(torch.stack(toks, 1).tolist(), torch.stack(lps, 1).tolist()):
