@@ -1,4 +1,5 @@
-"""The demo's heavy passes under each attention kernel, interleaved in one process: CPU-second ratios (sdpa / eager).
+"""The demo's heavy passes under each attention kernel, and its decoding on one or two threads, interleaved in one
+process: CPU-second ratios (sdpa / eager; one thread / two).
 
     python benchmarks/demo_cpu.py runs/demo --json benchmarks/results/demo_cpu.json
 
@@ -11,6 +12,8 @@ is the median CPU seconds (process_time: all threads) of each, and their ratio. 
   with);
 - play_32 / play_200: whole episodes played by the policy (`rollout.play`), 32 (a GRPO step's rollouts) and 200 (the
   greedy evaluation of the eval split).
+Then "decode_threads": play_32 and play_200 (SDPA) with every decoding step on one intra-op thread
+(`rollout.ONE_THREAD_ROWS` above the batch) against two (below it): what sets ONE_THREAD_ROWS.
 """
 
 from __future__ import annotations
@@ -113,6 +116,30 @@ def main(argv=None) -> dict:
             "wall_ratio_sdpa_over_eager": round(medw["sdpa"] / medw["eager"], 3),
         }  # fmt: skip
         print(name, out["passes"][name], flush=True)
+    from progadv_trl.demo import rollout
+
+    keep = rollout.ONE_THREAD_ROWS
+    out["decode_threads"] = {}
+    try:
+        for n in (32, 200):
+            cpu, wall = {1: [], 2: []}, {1: [], 2: []}
+            for _ in range(args.reps + 1):  # the first round warms up
+                for th in (1, 2):
+                    rollout.ONE_THREAD_ROWS = 10**6 if th == 1 else 0
+                    t, c = time.perf_counter(), time.process_time()
+                    episodes("sdpa", n)
+                    wall[th].append(time.perf_counter() - t)
+                    cpu[th].append(time.process_time() - c)
+            med = {th: statistics.median(v[1:]) for th, v in cpu.items()}
+            medw = {th: statistics.median(v[1:]) for th, v in wall.items()}
+            out["decode_threads"][f"play_{n}"] = {
+                "cpu_s": {f"{k}_thread": round(v, 4) for k, v in med.items()},
+                "wall_s": {f"{k}_thread": round(v, 4) for k, v in medw.items()},
+                "cpu_ratio_one_over_two": round(med[1] / med[2], 3), "wall_ratio_one_over_two": round(medw[1] / medw[2], 3),
+            }  # fmt: skip
+            print("decode_threads", n, out["decode_threads"][f"play_{n}"], flush=True)
+    finally:
+        rollout.ONE_THREAD_ROWS = keep
     if args.json:
         write_json(args.json, out)
     return out
