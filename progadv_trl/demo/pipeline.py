@@ -55,9 +55,10 @@ ADDED_TOKENS = ['{"name": "', '", "arguments": {"id": "', '"}}', "get_reservatio
                 "R"]
 EXTRA_SPECIALS = ["<tool_response>", "</tool_response>"]
 # Attention kernel of the demo's models (the checkpoints do not record it, so every load passes it). SDPA, torch's
-# fused kernel: on 2 CPU cores (torch 2.13, transformers 5.23) it cost 0.5-0.6x the CPU seconds of the plain "eager"
-# kernel for an SFT batch's forward + backward, 0.4-0.5x for a prefill, 0.65-0.75x for playing whole episodes
-# (benchmarks/demo_cpu.py). Eager had been chosen for sampling speed under an older stack; it no longer wins anywhere.
+# fused kernel: on 2 CPU cores (torch 2.13, transformers 5.23) it cost 0.55x the CPU seconds of the plain "eager"
+# kernel for an SFT batch's forward + backward, 0.73x for a prefill, 0.72-0.81x for playing whole episodes, and the
+# same for a pretraining batch of short snippets (benchmarks/results/demo_cpu.json). Eager had been chosen for
+# sampling speed under an older stack.
 ATTN = "sdpa"
 
 

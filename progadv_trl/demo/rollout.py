@@ -25,9 +25,10 @@ import torch
 
 from .world import Episode, Task, WorldConfig, episode_seed
 
-# Decoding batches up to this many rows run on one intra-op thread. One token a step over a small batch is too little
-# work to share: on 2 CPU cores a GRPO step's 32 episodes played as fast on one thread as on two, for 0.55x the CPU
-# seconds (the second thread spun between the ops); at 200 rows two threads were 1.3x faster (benchmarks/demo_cpu.py).
+# Decoding batches up to this many rows run on one intra-op thread. One token a step over a small batch is little
+# work to share: on 2 CPU cores a GRPO step's 32 episodes cost 0.55-0.8x the CPU seconds on one thread, at the same
+# to 1.2x the wall time (the second thread mostly spins between the ops); at 200 rows two threads were 1.3x faster
+# (benchmarks/demo_cpu.py, "decode_threads"; benchmarks/results/demo_cpu.json).
 ONE_THREAD_ROWS = 64
 
 _CALL_RE = re.compile(r"^(?:(.*)\n)?<tool_call>\n(.*)\n</tool_call>$", re.DOTALL)
