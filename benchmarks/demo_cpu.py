@@ -19,7 +19,6 @@ Then "decode_threads": play_32 and play_200 (SDPA) with every decoding step on o
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import statistics
 import sys
@@ -29,14 +28,14 @@ from pathlib import Path
 import torch
 
 
-def _batch(xs, pad, left=False):
+def _batch(xs, pad):
+    """Right-padded (ids, attention mask): a training batch."""
     L = max(map(len, xs))
     ids = torch.full((len(xs), L), pad)
     att = torch.zeros_like(ids)
     for i, x in enumerate(xs):
-        sl = slice(L - len(x), L) if left else slice(0, len(x))
-        ids[i, sl] = torch.tensor(x)
-        att[i, sl] = 1
+        ids[i, : len(x)] = torch.tensor(x)
+        att[i, : len(x)] = 1
     return ids, att
 
 
@@ -44,7 +43,7 @@ def main(argv=None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from progadv_trl.demo.pipeline import DemoConfig, demonstrations, pretraining_snippet, sft_dataset
-    from progadv_trl.demo.rollout import play
+    from progadv_trl.demo.rollout import _left_pad, play
     from progadv_trl.demo.world import Episode, episode_seed
     from progadv_trl.cpu import keep_freed_memory, openmp_wait_policy
     from progadv_trl.utils import write_json
@@ -80,8 +79,8 @@ def main(argv=None) -> dict:
     @torch.no_grad()
     def prefill(kernel):
         m = models[kernel, "policy"].eval()
-        ids, att = _batch(prefixes, pad, left=True)
-        m(input_ids=ids, attention_mask=att, position_ids=(att.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+        ids, att, pos = _left_pad(prefixes, pad)  # the sampler's own batch
+        m(input_ids=ids, attention_mask=att, position_ids=pos, use_cache=True)
 
     def episodes(kernel, n):
         eps = [Episode(tasks[i % len(tasks)], episode_seed(0, "bench", i), cfg.world) for i in range(n)]

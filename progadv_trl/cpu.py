@@ -11,7 +11,8 @@ What can change when: GNU OpenMP (torch's wheels bundle libgomp) reads OMP_WAIT_
 Setting it after `import torch` changes nothing (measured: the same 4 steps/s as never setting it), so the choice is
 made once, before torch is imported, from what runs at that moment. The thread count can change later
 (`torch.set_num_threads`), but it changes how reductions split their work, so the figures would depend on the load;
-the demo keeps its threads and only reports, stage by stage, whether other work competed (`other_runnable`).
+the demo never sets its threads from the load (only from a decoding batch's size, `demo/rollout.ONE_THREAD_ROWS`) and
+reports, stage by stage, whether other work competed (`other_runnable`).
 
 The reading: runnable tasks on the machine (`/proc/loadavg`'s running count, a Linux instant figure) minus this
 process's own running threads, averaged over a few samples. The 1-minute load average, used before, lags: right

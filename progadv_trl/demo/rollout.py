@@ -148,11 +148,10 @@ def _left_pad(rows: list[list[int]], pad_id: int, starts: list[int] | None = Non
     attn = torch.zeros((B, L), dtype=torch.long)
     pos = torch.zeros((B, L), dtype=torch.long)
     for i, r in enumerate(rows):
-        if r:
-            s = starts[i] if starts else 0
-            ids[i, L - len(r):] = torch.tensor(r)
-            attn[i, L - len(r):] = 1
-            pos[i, L - len(r):] = torch.arange(s, s + len(r))
+        s = starts[i] if starts else 0
+        ids[i, L - len(r):] = torch.tensor(r, dtype=torch.long)
+        attn[i, L - len(r):] = 1
+        pos[i, L - len(r):] = torch.arange(s, s + len(r))
     return ids, attn, pos
 
 
@@ -216,12 +215,11 @@ def generate_turns(model, contexts: list[list[int]], *, eos_id: int, pad_id: int
     device = next(model.parameters()).device
     ids, attn, pos = (x.to(device) for x in _left_pad(contexts, pad_id))
     out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True)
-    past, logits = out.past_key_values, out.logits[:, -1, :]
+    past, logits, next_pos = out.past_key_values, out.logits[:, -1, :], pos[:, -1:] + 1
     if repeat > 1:
         past.batch_repeat_interleave(repeat)
-        logits = logits.repeat_interleave(repeat, dim=0)
-        attn, pos = attn.repeat_interleave(repeat, dim=0), pos.repeat_interleave(repeat, dim=0)
-    toks, lps, *_ = _sample(model, logits, past, attn, pos[:, -1:] + 1, eos_id=eos_id, pad_id=pad_id,
+        logits, attn, next_pos = (x.repeat_interleave(repeat, dim=0) for x in (logits, attn, next_pos))
+    toks, lps, *_ = _sample(model, logits, past, attn, next_pos, eos_id=eos_id, pad_id=pad_id,
                             max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy, generator=generator)
     return toks, lps
 
