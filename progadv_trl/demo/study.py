@@ -305,13 +305,15 @@ def family_verdicts(summaries: list[dict]) -> dict:
             regime = REGIMES.get(set_name, set_name)
             for m, row in (ev.get("methods") or {}).items():
                 for app in APPLICATIONS:
-                    d, ci = row.get(f"fair_{app}_minus_best_baseline"), row.get(f"fair_{app}_minus_best_baseline_ci")
-                    if d is None or not ci or None in ci:
-                        continue
-                    v = out.setdefault(regime, {}).setdefault(m, {}).setdefault(
-                        app, {"beats": 0, "ties": 0, "loses": 0, "differences": []})
-                    v[_verdict(ci)] += 1
-                    v["differences"].append(float(d))
+                    # against the best baseline; a variant also against plain progress advantage ("app vs PA")
+                    for key, against in ((app, "best_baseline"), (f"{app} vs PA", "progress_advantage")):
+                        d, ci = row.get(f"fair_{app}_minus_{against}"), row.get(f"fair_{app}_minus_{against}_ci")
+                        if d is None or not ci or None in ci:
+                            continue
+                        v = out.setdefault(regime, {}).setdefault(m, {}).setdefault(
+                            key, {"beats": 0, "ties": 0, "loses": 0, "differences": []})
+                        v[_verdict(ci)] += 1
+                        v["differences"].append(float(d))
     for members in out.values():
         for apps in members.values():
             for v in apps.values():
@@ -326,10 +328,12 @@ def family_markdown(study: dict) -> list[str]:
         return []
     n = len(study["seeds"])
     md = ["## Progress-advantage variants against the best baseline", "",
-          f"Per cell: the member's out-of-fold figure minus the best baseline's, mean over seeds [min, max]; then "
-          f"beats/ties/loses over the {n} seeds (each seed's paired 95 % interval).", ""]  # fmt: skip
+          f"Per cell: the member's out-of-fold figure minus the best baseline's (columns \"... vs PA\": minus plain "
+          f"progress advantage's), mean over seeds [min, max]; then beats/ties/loses over the {n} seeds (each seed's "
+          f"paired 95 % interval).", ""]  # fmt: skip
     for regime, members in fam.items():
         apps = [a for a in APPLICATIONS if any(a in v for v in members.values())]
+        apps += [f"{a} vs PA" for a in APPLICATIONS if any(f"{a} vs PA" in v for v in members.values())]
         md += [f"### {regime}", "", "| member | " + " | ".join(apps) + " |", "|---" * (len(apps) + 1) + "|"]
         for m, v in members.items():
             cells = ["–" if a not in v else f"{v[a]['mean']:+.3f} [{v[a]['min']:+.3f}, {v[a]['max']:+.3f}] "
