@@ -121,3 +121,14 @@ def test_config_checks_alpha_and_records_it():
         ScoringConfig(plausibility_alpha=0.0)
     p = ScoringConfig(variant=PLAUSIBLE, plausibility_alpha=0.3).variant_params()
     assert p["name"] == PLAUSIBLE and p["params"]["plausibility_alpha"] == 0.3 and "plausibility_alpha_source" in p["params"]
+
+
+def test_held_out_figures_of_the_plausible_variant_are_advantages_not_the_ordering_offset():
+    from progadv_trl.training.figures import step_figures
+
+    cfg = ScoringConfig(beta=1.0)
+    a = score_from_token_stats(_stats([0, 1, 2], [-0.1, -5.0, -0.1], [-0.1, -0.1, -0.1], ref=[-1, -9, -2]), 3, cfg)
+    fig = step_figures([a], "p/", 3, method=PLAUSIBLE)
+    # the plausible steps' advantages (0.9 and 1.9); the implausible step is counted by `implausible`, not averaged
+    assert fig["p/step_advantage_mean"] == pytest.approx(1.4) and fig["p/implausible"] == pytest.approx(1 / 3)
+    assert "p/score_mean" not in fig

@@ -198,8 +198,15 @@ def step_selection_across_seeds(summaries: list[dict]) -> dict | None:
                         f["best_baselines"].append(c.get("best_baseline"))
                         key = {"beats": "beats", "loses": "losses"}.get(d["verdict"], "ties")
                         f[key] += 1
+                        vs = d.get("vs_progress_advantage")
+                        if vs:  # a variant against plain progress advantage, paired over the same tasks
+                            g = f.setdefault("vs_progress_advantage", {"differences": [], "beats": 0, "ties": 0, "losses": 0})
+                            g["differences"].append(vs["difference"])
+                            g[{"beats": "beats", "loses": "losses"}.get(vs["verdict"], "ties")] += 1
                 for f in fam.values():
                     f["difference"] = _stats(f.pop("differences"))
+                    if "vs_progress_advantage" in f:
+                        f["vs_progress_advantage"]["difference"] = _stats(f["vs_progress_advantage"].pop("differences"))
                 cell[f"{level}_verdicts"] = fam
             out["cells"][f"{agent}/k{k}"] = cell
     return out
@@ -229,17 +236,21 @@ def step_selection_markdown(study: dict) -> list[str]:
     md.append("| (trajectory best-of-K, PA) | " + " | ".join(
         f"{_f(c['trajectory']['progress_advantage']['mean'])}" if "progress_advantage" in c["trajectory"] else "–"
         for c in cells.values()) + " |")
-    md += ["", "Family member minus the best baseline (mean difference across seeds; beats/ties/losses):", "",
+    md += ["", "Family member minus the best baseline (rows \"− progress_advantage\": minus plain progress advantage; mean "
+           "difference across seeds; beats/ties/losses):", "",
            "| member | " + " | ".join(f"{name} step" for name in cells) + " | " + " | ".join(f"{name} trajectory" for name in cells) + " |",
            "|---" * (2 * len(cells) + 1) + "|"]  # fmt: skip
     family = list(dict.fromkeys(m for c in cells.values() for m in c["step_verdicts"]))
     for m in family:
-        row = []
-        for level in ("step", "trajectory"):
-            for c in cells.values():
-                v = c[f"{level}_verdicts"].get(m)
-                row.append("–" if v is None else f"{v['difference']['mean']:+.3f} ({v['beats']}/{v['ties']}/{v['losses']})")
-        md.append(f"| {m} | " + " | ".join(row) + " |")
+        for against in ("best", "vs_progress_advantage"):
+            row = []
+            for level in ("step", "trajectory"):
+                for c in cells.values():
+                    v = c[f"{level}_verdicts"].get(m)
+                    v = v if against == "best" or v is None else v.get(against)
+                    row.append("–" if v is None else f"{v['difference']['mean']:+.3f} ({v['beats']}/{v['ties']}/{v['losses']})")
+            if against == "best" or any(x != "–" for x in row):
+                md.append(f"| {m}{'' if against == 'best' else ' − progress_advantage'} | " + " | ".join(row) + " |")
     if any("candidate_ranking" in c for c in cells.values()):
         md += ["", "Within-state ranking: over the states whose K candidates hold both the correct action and a mistake, "
                "the share of (correct, mistake) pairs each method orders correctly (0.5: chance; mean across seeds):", "",
