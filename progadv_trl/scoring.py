@@ -265,15 +265,20 @@ class StepScore:
     advantage: float  # NaN (null in JSON) when truncation cut every token of the step
     tokens: int  # tokens scored
     truncated: bool  # some of this step's own tokens were cut by max_length
+    # What of the message the chat template renders nowhere ("reasoning", "content", "tool_calls"): not scored
+    dropped: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "index": self.index,
             "message_index": self.message_index,
             "advantage": _json_float(self.advantage),
             "tokens": self.tokens,
             "truncated": self.truncated,
         }
+        if self.dropped:
+            d["dropped"] = list(self.dropped)
+        return d
 
 
 @dataclass
@@ -300,6 +305,8 @@ class TrajectoryScore:
     step_variants: dict[str, list[float]] = field(default_factory=dict)
     # Support diagnostics (`support_report`): {"threshold", "out_of_support" (share of flagged steps), "steps": [...]}.
     support: dict | None = None
+    # "as_generated" when each step was scored in the context the model read (rendering.render_as_generated)
+    rendering: str | None = None
 
     @property
     def out_of_support(self) -> float:
@@ -342,7 +349,7 @@ class TrajectoryScore:
                 "steps": [{k: (_json_float(v) if isinstance(v, float) else v) for k, v in st.items()}
                           for st in self.support["steps"]],
             }  # fmt: skip
-        for key in ("group", "success", "failure_step", "truncation", "metadata", "error"):
+        for key in ("group", "success", "failure_step", "truncation", "metadata", "error", "rendering"):
             val = getattr(self, key)
             if val is not None:
                 d[key] = val
@@ -360,6 +367,7 @@ class TrajectoryScore:
                 advantage=nan if s["advantage"] is None else s["advantage"],
                 tokens=s["tokens"],
                 truncated=s["truncated"],
+                dropped=list(s.get("dropped") or []),
             )
             for s in d["steps"]
         ]
@@ -379,6 +387,7 @@ class TrajectoryScore:
             variants={k: (nan if v is None else v) for k, v in (d.get("variants") or {}).items()},
             step_variants={k: [nan if x is None else x for x in v] for k, v in (d.get("step_variants") or {}).items()},
             support=_support_from_json(d.get("support")),
+            rendering=d.get("rendering"),
         )
 
 
