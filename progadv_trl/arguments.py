@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import MERGES, PAPER_TOKEN_REDUCTIONS, SELECTION_METRICS, STEP_REDUCTIONS, TOKEN_REDUCTIONS, VARIANTS
+from .config import MERGES, PAPER_TOKEN_REDUCTIONS, RENDERINGS, SELECTION_METRICS, STEP_REDUCTIONS, TOKEN_REDUCTIONS, VARIANTS
 from .formats import FORMATS
 
 @dataclass
@@ -53,6 +53,15 @@ class ScoringArguments:
                                                                 "(best-of-N, success prediction, attribution); with "
                                                                 "export: recorded in the bundle"})  # fmt: skip
 
+    rendering: str | None = field(default=None, metadata={"choices": RENDERINGS,
+                                                          "help": "whole: the conversation rendered once; as_generated: "
+                                                                  "each step in the context the model read (for "
+                                                                  "templates that rewrite earlier turns, e.g. drop "
+                                                                  "reasoning); auto (default): whole where exact, else "
+                                                                  "as generated"})  # fmt: skip
+    strict: bool = field(default=False, metadata={"help": "refuse a step whose tool calls, content or reasoning the "
+                                                          "chat template renders nowhere (default: flag it `dropped`)"})  # fmt: skip
+
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"argument --max-length: must be at least 2, got {self.max_length}")
@@ -64,10 +73,11 @@ class ScoringArguments:
 
     def overrides(self) -> dict:
         """The ScoringConfig fields given on the command line."""
-        keys = ("beta", "token_reduction", "step_reduction", "temperature", "support_threshold", "clip", "variant")
+        keys = ("beta", "token_reduction", "step_reduction", "temperature", "support_threshold", "clip", "variant", "rendering")
         over = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        if self.support:
-            over["support"] = True
+        for flag in ("support", "strict"):
+            if getattr(self, flag):
+                over[flag] = True
         return over
 
 
