@@ -235,7 +235,6 @@ def test_session_candidates_equal_the_step_scored_as_generated(tiny_models, tiny
     from progadv_trl.session import CriticSession, from_step
 
     pol, ref = tiny_models
-    pol.config._attn_implementation = ref.config._attn_implementation = "sdpa"
     tok = with_template(tiny_tokenizer, "qwen3")
     scorer = ProgressScorer(pol, tok, ref)
     msgs = conversation(0)["messages"]
