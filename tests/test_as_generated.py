@@ -153,6 +153,29 @@ def test_shared_context_runs_once(tiny_models, tiny_tokenizer):
     np.testing.assert_allclose(shared.advantages, alone.advantages, atol=1e-5, rtol=0)
 
 
+def test_chains_are_work_units_ranks_can_share(tiny_models, tiny_tokenizer):
+    """`progadv score` under torchrun deals the engine's units to ranks by cost: a chain costs its distinct tokens,
+    and running the dealt pieces one by one (as ranks do) gives the numbers of one process."""
+    from progadv_trl import distributed
+    from progadv_trl.prefix import Chain
+
+    pol, ref = tiny_models
+    scorer = ProgressScorer(pol, with_template(tiny_tokenizer, "qwen3"), ref)
+    recs = [conversation(i) for i in range(3)] + [{"id": "w", "messages": conversation(9)["messages"][:5],
+                                                   "tools": [WEATHER_TOOL]}]  # fmt: skip
+    trajs, rendered = scorer.render(recs)
+    assert rendered[3].rows is None  # one user turn: nothing rewritten, whole
+    work = scorer.units(rendered)
+    chains = [u for u in work if isinstance(u, Chain)]
+    assert sorted(c.index for c in chains) == [0, 1, 2]
+    assert all(distributed._cost(c, rendered) == distinct_tokens(rendered[c.index].rows) for c in chains)
+    one = scorer.token_stats(rendered)
+    for _, unit in distributed.pieces(work, rendered, 2):
+        for i, st in scorer.run_unit(rendered, unit):
+            np.testing.assert_array_equal(st.log_ratio, one[i].log_ratio)
+            np.testing.assert_array_equal(st.step, one[i].step)
+
+
 def test_whole_refuses_and_names_the_way_out(tiny_tokenizer):
     t = as_trajectories([conversation(0)])[0]
     with pytest.raises(ChatTemplateError, match="as_generated") as e:
