@@ -122,7 +122,7 @@ def _char_span(traj: Trajectory, tokenizer, full: str, mi: int) -> tuple[int, in
     before, upto = _turn_text(traj, tokenizer, mi)
     if not full.startswith(before) or not full.startswith(upto) or len(upto) < len(before):
         if not upto.startswith(before):
-            _refuse_not_generated(traj, mi, before, upto)
+            latest_turn(traj, mi, before, upto)  # refuses the turns that cannot be rebuilt at all
         raise NotPrefixPreserving(
             f"{traj.label}: the chat template renders message {mi} differently in the whole conversation "
             "than in its prefix (e.g. it strips the reasoning of earlier turns), so the whole conversation is not what "
@@ -137,13 +137,42 @@ def _char_span(traj: Trajectory, tokenizer, full: str, mi: int) -> tuple[int, in
     return len(before), max(end, len(before))
 
 
-def _refuse_not_generated(traj: Trajectory, mi: int, before: str, upto: str):
-    i = next((k for k, (a, b) in enumerate(zip(before, upto)) if a != b), min(len(before), len(upto)))
+def latest_turn(traj: Trajectory, mi: int, before: str, upto: str) -> str:
+    """What the model wrote after `before` (the generation prompt) for message `mi`, from `upto` (the template's
+    rendering with `mi` the latest turn): usually `upto` past `before`. Two templates write it otherwise, and the turn
+    is still exact:
+    - a prefill (DeepSeek-R1 distills, DeepSeek-V3: the prompt ends "<think>\n", the turn is rendered without its
+      reasoning): when `content` holds the model's raw output, `<think>` block included, the model wrote `content`
+      past the prefill, then the template's end of turn;
+    - a rewrite of the history the prompt holds (gpt-oss drops the analysis of an earlier tool-call turn once the
+      latest turn is a final answer): the turn is cut out of `upto` after the prompt's own tail (the previous
+      message and the assistant header), found there unchanged.
+    Anything else is refused: the tokens the model produced cannot be rebuilt from the record."""
+    if upto.startswith(before):
+        return upto[len(before) :]
+    P = next((k for k, (a, b) in enumerate(zip(before, upto)) if a != b), min(len(before), len(upto)))
+    prefill, rendered = before[P:], upto[P:]
+    content = traj.messages[mi].get("content") or ""
+    answer = content.split("</think>")[-1]
+    if "</think>" in content and content.startswith(prefill) and rendered.startswith(answer):
+        return content[len(prefill) :] + rendered[len(answer) :]
+    prev = traj.messages[mi - 1].get("content") if mi > 0 else None
+    at = before.rfind(prev) if isinstance(prev, str) and prev else -1
+    if at > P:
+        # the longest tail of the prompt, from the previous message on, that `upto` holds unchanged after P
+        lo, hi = P, at  # before[hi:] is found, or nothing is; the found tails grow as the start moves left
+        if upto.find(before[hi:], P) >= 0:
+            while lo < hi:
+                mid = (lo + hi) // 2
+                lo, hi = (lo, mid) if upto.find(before[mid:], P) >= 0 else (mid + 1, hi)
+            tail = before[hi:]
+            return upto[upto.find(tail, P) + len(tail) :]
     raise ChatTemplateError(
         f"{traj.label}: the chat template does not write message {mi} as a continuation of its own generation prompt "
-        f"(the prompt ends {before[max(0, i - 30):][:60]!r}, the rendered turn reads {upto[max(0, i - 30):][:60]!r} "
+        f"(the prompt ends {before[max(0, P - 30):][:60]!r}, the rendered turn reads {upto[max(0, P - 30):][:60]!r} "
         "there), so the tokens the model produced for it cannot be rebuilt from the record; it is refused rather than "
-        "scored as a sequence the model did not produce. Use the template's *_training.jinja version if TRL ships one",
+        "scored as a sequence the model did not produce. A template that prefills the turn (\"<think>\\n\") needs the "
+        "model's raw output in `content`, its <think> block included",
         _record(traj),
         f"messages[{mi}]",
     )
@@ -211,12 +240,11 @@ def render_as_generated(traj: Trajectory, tokenizer, max_length: int | None = No
     asst = traj.assistant_message_indices
     for j, mi in enumerate(asst):
         before, upto = _turn_text(traj, tokenizer, mi)
-        if not upto.startswith(before):
-            _refuse_not_generated(traj, mi, before, upto)
-        end = max(len(upto.rstrip()), len(before))
-        if lost := dropped_parts(traj.messages[mi], upto[len(before) : end]):
+        row = before + latest_turn(traj, mi, before, upto)
+        end = max(len(row.rstrip()), len(before))
+        if lost := dropped_parts(traj.messages[mi], row[len(before) : end]):
             dropped[j] = lost
-        ids, starts, ends = _encode(traj, tokenizer, upto[:end])
+        ids, starts, ends = _encode(traj, tokenizer, row[:end])
         row = Rendered(ids, [_token_span(starts, ends, len(before), end)], [mi])
         if max_length is not None and len(ids) > max_length:
             row = truncate(row, max_length)
@@ -463,5 +491,11 @@ def render_step(traj: Trajectory, tokenizer, message_index: int) -> tuple[list[i
     loop (`session.py`) scores a candidate next turn this way, so its span is the one `render` finds for it."""
     full = _template(tokenizer, traj.messages, traj.tools, traj)
     ids, starts, ends = _encode(traj, tokenizer, full)
-    # The latest turn: its context is the generation prompt, so this is the as-generated row whatever the template.
-    return ids, _token_span(starts, ends, *_char_span(traj, tokenizer, full, message_index))
+    # The latest turn: its context is the generation prompt, so this is the as-generated row whatever the template...
+    try:
+        return ids, _token_span(starts, ends, *_char_span(traj, tokenizer, full, message_index))
+    except NotPrefixPreserving:  # ... unless the template writes it otherwise (a prefill): its as-generated row
+        before, upto = _turn_text(traj, tokenizer, message_index)
+        row = before + latest_turn(traj, message_index, before, upto)
+        ids, starts, ends = _encode(traj, tokenizer, row)
+        return ids, _token_span(starts, ends, len(before), max(len(row.rstrip()), len(before)))

@@ -183,15 +183,70 @@ def test_whole_refuses_and_names_the_way_out(tiny_tokenizer):
     assert e.value.field.startswith("messages[")
 
 
-@pytest.mark.parametrize("name,mi", [("gptoss", 4), ("deepseek_r1_distill", 2)])
+@pytest.mark.parametrize("name,mi", [("deepseek_r1_distill", 2), ("qwen3_5_nothink", 2)])
 def test_a_turn_that_does_not_continue_its_generation_prompt_is_refused(name, mi, tiny_tokenizer):
-    """gpt-oss at its second turn, DeepSeek-R1 distills at their first: the latest turn is not written after the
-    template's own generation prompt, so the tokens the model produced cannot be rebuilt; never guessed."""
+    """DeepSeek-R1 distills prefill "<think>\\n" and render the turn without it; Qwen3.5 no-think prefills an empty
+    think block that a turn with reasoning cannot follow. Without the raw output in `content`, the tokens the model
+    produced cannot be rebuilt: refused, never guessed."""
     t = as_trajectories([conversation(0)])[0]
     for rendering in ("auto", "as_generated"):
         with pytest.raises(ChatTemplateError, match="continuation of its own generation prompt") as e:
             render(t, with_template(tiny_tokenizer, name), rendering=rendering)
         assert e.value.field == f"messages[{mi}]"
+
+
+HARMONY = {  # gpt-oss: what the model writes after the prompt's "<|start|>assistant", per turn of conversation()
+    2: "<|channel|>analysis<|message|>I should call the tool.<|end|><|start|>assistant to=functions.get_weather"
+       '<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>',
+    4: "<|channel|>analysis<|message|>The tool says sunny.<|end|><|start|>assistant<|channel|>final<|message|>It is "
+       "sunny in city 0.<|return|>",
+    6: "<|channel|>analysis<|message|>No forecast tool here.<|end|><|start|>assistant<|channel|>final<|message|>I "
+       "cannot tell tomorrow.<|return|>",
+}  # fmt: skip
+R1 = {  # a DeepSeek-R1 distill after its prompt's "<think>\n": the raw output, then the end of turn
+    2: "I know this one.\n</think>\n\nIt is sunny.<｜end▁of▁sentence｜>",
+    4: "Still no tool.\n</think>\n\nNo idea.<｜end▁of▁sentence｜>",
+}
+
+
+def _rebuilt_case(name):
+    if name == "gptoss":  # gpt-oss drops an earlier turn's analysis once the latest turn is a final answer
+        rec = conversation(0)
+        rec["messages"][4] = {"role": "assistant", "content": "It is sunny in city 0.", "reasoning_content": "The tool says sunny."}
+        return rec, HARMONY, {**{}, "thinking": True}
+    msgs = [{"role": "system", "content": "You are a helpful agent."}, {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "<think>\nI know this one.\n</think>\n\nIt is sunny."},
+            {"role": "user", "content": "Tomorrow?"},
+            {"role": "assistant", "content": "<think>\nStill no tool.\n</think>\n\nNo idea."}]  # fmt: skip
+    return {"id": "r1", "messages": msgs, "tools": None}, R1, {}
+
+
+@pytest.mark.parametrize("name", ["gptoss", "deepseek_r1_distill"])
+def test_turns_the_template_writes_otherwise_are_rebuilt_exactly(name, tiny_models, tiny_tokenizer, models64):
+    """gpt-oss at its second turn and a DeepSeek-R1 distill at every turn do not write the latest turn as an
+    extension of their generation prompt; the turn is rebuilt (module `rendering.latest_turn`) and scored in the
+    prompt's context: checked against the expected text, written out by hand, and a float64 scoring of it."""
+    pol, ref = tiny_models
+    tok = with_template(tiny_tokenizer, name)
+    rec, expected, _ = _rebuilt_case(name)
+    msgs = rec["messages"]
+    r = render(as_trajectories([rec])[0], tok)
+    assert r.rows is not None and r.dropped == {}
+    sc = ProgressScorer(pol, tok, ref).score([rec])[0]
+    pol64, ref64 = models64
+    for j, mi in enumerate(r.message_indices):
+        s, e = r.spans[j]
+        assert tok.decode(r.rows[j].input_ids[s:e]) == expected[mi]
+        raw = [{**m, "thinking": m["reasoning_content"]} if m.get("reasoning_content") else m for m in msgs[:mi]]
+        ctx = tok.apply_chat_template(raw, tools=rec["tools"], tokenize=False, add_generation_prompt=True)
+        ids = tok(ctx + expected[mi], add_special_tokens=False).input_ids
+        a = len(tok(ctx, add_special_tokens=False).input_ids)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            lp = torch.log_softmax(pol64(x).logits[0].double(), -1)
+            lr = torch.log_softmax(ref64(x).logits[0].double(), -1)
+        want = float((lp[a - 1 : -1].gather(-1, x[0, a:, None]) - lr[a - 1 : -1].gather(-1, x[0, a:, None])).sum())
+        np.testing.assert_allclose(sc.steps[j].advantage, want, atol=1e-4, rtol=0)
 
 
 def test_truncated_rows_are_flagged(tiny_models, tiny_tokenizer):

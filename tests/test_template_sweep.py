@@ -6,8 +6,8 @@ reasoning: each takes one of the paths docs/supported.md lists, and this test pi
 - refused, cannot render: the template cannot render the conversation at all (no system or tool role, roles that
   must alternate); the message carries the template's own reason.
 - refused, not a continuation: the template does not write the latest turn after its own generation prompt (it
-  prefills `<think>` and then writes the turn without it, or opens the turn another way), so the tokens the model
-  produced cannot be rebuilt; refused rather than guessed.
+  prefills `<think>` and then writes the turn without it, and the record has no raw output with its `<think>` block
+  in `content`), so the tokens the model produced cannot be rebuilt; refused rather than guessed.
 Render only, on a tiny tokenizer: no model runs here (tests/test_as_generated.py checks the numbers).
 """
 
@@ -38,7 +38,7 @@ EXPECTED = {
     "gemma4_v3": ("as_generated", {1: ["reasoning"], 2: ["reasoning"]}),
     "gemma4_v4": ("as_generated", {1: ["reasoning"], 2: ["reasoning"]}), "gemma4_v5": ("as_generated", {}),
     "glm4moe": ("as_generated", {}), "glm4moe_training": ("as_generated", {}),
-    "gptoss": (NOT_CONTINUED, {}), "gptoss_training": (NOT_CONTINUED, {}),
+    "gptoss": ("as_generated", {}), "gptoss_training": ("as_generated", {}),
     "lfm2": ("whole", {0: ["reasoning", "tool_calls"], 1: ["reasoning"], 2: ["reasoning"]}),
     "lfm2_2_5": ("as_generated", {}), "lfm2_2_5_v2": ("as_generated", {}),
     "lfm2_training": ("whole", {0: ["reasoning", "tool_calls"], 1: ["reasoning"], 2: ["reasoning"]}),
