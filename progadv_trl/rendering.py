@@ -491,8 +491,7 @@ def render_step(traj: Trajectory, tokenizer, message_index: int) -> tuple[list[i
     loop (`session.py`) scores a candidate next turn this way, so its span is the one `render` finds for it."""
     full = _template(tokenizer, traj.messages, traj.tools, traj)
     ids, starts, ends = _encode(traj, tokenizer, full)
-    # The latest turn: its context is the generation prompt, so this is the as-generated row whatever the template...
-    try:
+    try:  # the latest turn: its context is the generation prompt, so this is its as-generated row...
         return ids, _token_span(starts, ends, *_char_span(traj, tokenizer, full, message_index))
     except NotPrefixPreserving:  # ... unless the template writes it otherwise (a prefill): its as-generated row
         before, upto = _turn_text(traj, tokenizer, message_index)
