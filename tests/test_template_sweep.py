@@ -7,7 +7,8 @@ reasoning: each takes one of the paths docs/supported.md lists, and this test pi
   must alternate); the message carries the template's own reason.
 - refused, not a continuation: the template does not write the latest turn after its own generation prompt (it
   prefills `<think>` and then writes the turn without it, and the record has no raw output with its `<think>` block
-  in `content`), so the tokens the model produced cannot be rebuilt; refused rather than guessed.
+  in `content`), so the tokens the model produced cannot be rebuilt; refused rather than guessed. Those templates
+  are also given the conversation in their own convention (OWN_CONVENTION), where they score it.
 Render only, on a tiny tokenizer: no model runs here (tests/test_as_generated.py checks the numbers).
 """
 
@@ -70,6 +71,15 @@ EXPECTED = {
 }  # fmt: skip
 
 
+# The templates refused above, given the conversation in their own convention: DeepSeek's raw output in `content`
+# (its <think> block included, the reasoning_content left out), Qwen3.5 no-think without reasoning.
+OWN_CONVENTION = {
+    "deepseek_r1_distill": ("as_generated", {0: ["tool_calls"]}), "deepseek_r1_distill_training": ("whole", {0: ["tool_calls"]}),
+    "deepseekv3": ("as_generated", {}), "deepseekv3_training": ("as_generated", {}),
+    "qwen3_5_nothink": ("as_generated", {}), "qwen3_5_nothink_training": ("whole", {}),
+}  # fmt: skip
+
+
 def text_templates() -> list[str]:
     import trl
 
@@ -120,14 +130,29 @@ def test_the_sweep_covers_every_text_template():
     assert sorted(EXPECTED) == text_templates()
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
-def test_template_takes_its_path(name, base_tokenizer, traj):
+def own_convention(name: str) -> list[dict]:
+    if name.startswith("qwen3_5_nothink"):
+        return [{k: v for k, v in m.items() if k != "reasoning_content"} for m in MESSAGES]
+    out = []
+    for m in MESSAGES:
+        m = dict(m)
+        if m.get("reasoning_content"):
+            m["content"] = "<think>\n" + m.pop("reasoning_content") + "\n</think>\n\n" + m["content"]
+        out.append(m)
+    return out
+
+
+@pytest.mark.parametrize("name,convention", [(n, False) for n in sorted(EXPECTED)] + [(n, True) for n in sorted(OWN_CONVENTION)])
+def test_template_takes_its_path(name, convention, base_tokenizer, traj):
+    from conftest import WEATHER_TOOL
     from progadv_trl.demo.tiny import chat_template
 
     tok = copy.copy(base_tokenizer)
     tok.chat_template = chat_template(name)
+    if convention:
+        traj = as_trajectories([{"id": "sweep", "messages": own_convention(name), "tools": [WEATHER_TOOL]}])[0]
     path, r, why = outcome(tok, traj)
-    want_path, want_dropped = EXPECTED[name]
+    want_path, want_dropped = (OWN_CONVENTION if convention else EXPECTED)[name]
     assert path == want_path, why
     if r is None:
         assert "trajectory 'sweep'" in why and len(why) > 80  # names the record and says why
@@ -137,11 +162,12 @@ def test_template_takes_its_path(name, base_tokenizer, traj):
         ids = r.rows[j].input_ids if r.rows else r.input_ids
         s, e = r.spans[j]
         text = tok.decode(ids[s:e])
-        msg, lost = traj.messages[mi], r.dropped.get(j, [])
-        assert e > s
-        assert (msg["reasoning_content"] in text) != ("reasoning" in lost), text
+        msg, lost = MESSAGES[mi], r.dropped.get(j, [])
+        reasoning_given = "<think>" in traj.messages[mi]["content"] or traj.messages[mi].get("reasoning_content")
+        if reasoning_given:
+            assert (msg["reasoning_content"] in text) != ("reasoning" in lost), text
         assert (not msg["content"] or msg["content"] in text) != ("content" in lost), text
-        assert ("get_weather" in text) == ("tool_calls" in traj.messages[mi] and "tool_calls" not in lost), text
+        assert ("get_weather" in text) == ("tool_calls" in msg and "tool_calls" not in lost), text
         if NEXT[mi]:
             assert NEXT[mi] not in text  # nothing of the next message leaks in
         assert "You are a helpful agent" not in text and "Weather in Paris?" not in text
@@ -149,5 +175,6 @@ def test_template_takes_its_path(name, base_tokenizer, traj):
 
 def test_docs_table_lists_every_template_and_its_path():
     text = (ROOT / "docs" / "supported.md").read_text(encoding="utf-8")
-    rows = dict(re.findall(r"^\| `([a-z0-9_]+)` \| ([^|]+?) \|", text, flags=re.M))
-    assert {k: v for k, v in rows.items() if k in EXPECTED} == {k: p for k, (p, _) in EXPECTED.items()}
+    rows = {n: (p, own) for n, p, own in re.findall(r"^\| `([a-z0-9_]+)` \| ([^|]+?) \| [^|]* \| ([^|]+?) \|", text, flags=re.M)}
+    assert {k: v[0] for k, v in rows.items() if k in EXPECTED} == {k: p for k, (p, _) in EXPECTED.items()}
+    assert {k: v[1] for k, v in rows.items() if v[1] != "-"} == {k: p for k, (p, _) in OWN_CONVENTION.items()}
