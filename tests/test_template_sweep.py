@@ -168,6 +168,7 @@ def test_template_takes_its_path(name, convention, base_tokenizer, traj):
             assert (msg["reasoning_content"] in text) != ("reasoning" in lost), text
         assert (not msg["content"] or msg["content"] in text) != ("content" in lost), text
         assert ("get_weather" in text) == ("tool_calls" in msg and "tool_calls" not in lost), text
+        assert "{'city'" not in text  # arguments written as JSON (or the template's own syntax), never a Python repr
         if NEXT[mi]:
             assert NEXT[mi] not in text  # nothing of the next message leaks in
         assert "You are a helpful agent" not in text and "Weather in Paris?" not in text
