@@ -340,6 +340,26 @@ def test_cli_takes_rendering_and_strict():
         parse(["score", "t.jsonl", "--policy", "p", "-o", "o.jsonl", "--rendering", "sometimes"])
 
 
+def test_progadv_score_on_a_qwen3_checkpoint(tiny_dir, tiny_tokenizer, tmp_path, capsys):
+    """The command a new user runs: one notice, as the command's own line, and every step scored as generated."""
+    import shutil
+
+    from progadv_trl.cli import main
+
+    tok = with_template(tiny_tokenizer, "qwen3")
+    for who in ("policy", "reference"):
+        shutil.copytree(tiny_dir[who], tmp_path / who)
+        tok.save_pretrained(tmp_path / who)
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(conversation(i)) for i in range(2)) + "\n")
+    assert main(["score", "--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"),
+                 str(tmp_path / "t.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert err.count("progadv: the chat template (TRL's qwen3.jinja) rewrites earlier turns") == 1
+    assert "UserWarning" not in err
+    lines = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text().splitlines()]
+    assert [x["rendering"] for x in lines] == ["as_generated"] * 2 and all(len(x["steps"]) == 3 for x in lines)
+
+
 def test_tau2_keeps_reasoning_where_the_log_has_it():
     from progadv_trl.formats.tau2 import convert_simulation
 
