@@ -309,18 +309,22 @@ def test_a_tool_call_the_template_drops_is_flagged_warned_and_refused_when_stric
 # The agent loop, the CLI, the converter
 
 
-def test_session_candidates_equal_the_step_scored_as_generated(tiny_models, tiny_tokenizer):
+@pytest.mark.parametrize("name,cut", [("qwen3", 6), ("gptoss", 4)])
+def test_session_candidates_equal_the_step_scored_as_generated(name, cut, tiny_models, tiny_tokenizer):
+    """qwen3 after a second user turn (the template now strips earlier reasoning); gpt-oss after a tool result, where a
+    final answer's rendering drops the analysis of the tool-call turn before it (the turn is rebuilt)."""
     from progadv_trl.session import CriticSession, from_step
 
     pol, ref = tiny_models
-    tok = with_template(tiny_tokenizer, "qwen3")
+    tok = with_template(tiny_tokenizer, name)
     scorer = ProgressScorer(pol, tok, ref)
     msgs = conversation(0)["messages"]
-    state = msgs[:5] + [msgs[5]]  # after the second user turn: the template now strips earlier reasoning
-    session = CriticSession(scorer, msgs[:3], [WEATHER_TOOL])
-    session.append(msgs[3:6])  # the history as the template rewrites it
+    state = msgs[:cut]
+    session = CriticSession(scorer, state[:3], [WEATHER_TOOL])
+    session.append(state[3:])  # the history as the template rewrites it
     assert session.cached
-    cands = [msgs[6], {"role": "assistant", "content": "", "tool_calls": [CALL], "reasoning_content": "Check again."}]
+    cands = [{"role": "assistant", "content": "It is sunny.", "reasoning_content": "The tool answered."},
+             {"role": "assistant", "content": "", "tool_calls": [CALL], "reasoning_content": "Check again."}]  # fmt: skip
     got = session.score(cands)
     recs = [{"id": f"c{i}", "messages": state + [c], "tools": [WEATHER_TOOL]} for i, c in enumerate(cands)]
     want = [from_step(ts, len(ts.steps) - 1) for ts in scorer.score(recs)]
