@@ -197,8 +197,9 @@ class ProgressScorer:
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def render(self, trajectories, skipped: list | None = None) -> tuple[list[Trajectory], list[Rendered]]:
-        """Validate and render. With `skipped` (a list), trajectories the chat template cannot render are left out
-        and their RecordErrors appended to it; without, the first one raises ChatTemplateError."""
+        """Validate and render (whole or as generated, as `config.rendering` says; notices once per scorer). With
+        `skipped` (a list), trajectories the chat template cannot render are left out and their RecordErrors appended
+        to it; without, the first one raises ChatTemplateError."""
         trajs = as_trajectories(trajectories)
         # never past the models' positions: without max_length, a longer trajectory is cut there and flagged
         limit, why = position_limit(self.max_length, self.policy, self.reference.model)
