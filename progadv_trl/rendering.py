@@ -10,9 +10,9 @@ Two ways to render (`ScoringConfig.rendering`; "auto" picks per trajectory):
 - as generated: for a template that rewrites history (Qwen3, gpt-oss, Phi-3, Nemotron 3 drop the reasoning of earlier
   turns), the whole conversation is not what the model read. Step t is then its own row: the context the model read,
   `render(messages[:t], add_generation_prompt=True)`, followed by the turn as the template writes it when it is the
-  latest one (`render(messages[:t + 1])` past that context, reasoning included), tokenized once. A template that does
-  not write the latest turn as a continuation of its own generation prompt (deepseek_r1_distill prefills `<think>`
-  and then drops the reasoning) cannot tell which tokens the model produced: it is refused, never guessed.
+  latest one (`render(messages[:t + 1])` past that context, reasoning included); the prompt is tokenized alone, as
+  the model read it, and the turn alone after it. Where the template does not write the latest turn after its
+  generation prompt, `latest_turn` rebuilds it (a prefill, a rewritten history) or refuses it, never guesses.
   `prefix.Chain` runs a trajectory's rows over one KV cache, so shared context is computed once.
 
 Nothing dropped silently: a step whose tool calls, content or reasoning the template writes nowhere in its span is
@@ -106,8 +106,7 @@ def _template(tokenizer, messages, tools, traj: Trajectory, **kw) -> str:
 
 
 def _turn_text(traj: Trajectory, tokenizer, mi: int) -> tuple[str, str]:
-    """(the context the model read before message `mi`, that context + the turn as the template writes it when it is
-    the latest one)."""
+    """(the context the model read before message `mi`, the template's rendering with `mi` as the latest turn)."""
     msgs, tools = traj.messages, traj.tools
     upto = _template(tokenizer, msgs[: mi + 1], tools, traj)
     if mi > 0:
@@ -239,13 +238,10 @@ def render_as_generated(traj: Trajectory, tokenizer, max_length: int | None = No
     rows, dropped = [], {}
     asst = traj.assistant_message_indices
     for j, mi in enumerate(asst):
-        before, upto = _turn_text(traj, tokenizer, mi)
-        row = before + latest_turn(traj, mi, before, upto)
-        end = max(len(row.rstrip()), len(before))
-        if lost := dropped_parts(traj.messages[mi], row[len(before) : end]):
+        ids, span, turn = _generated_row(traj, tokenizer, mi)
+        if lost := dropped_parts(traj.messages[mi], turn):
             dropped[j] = lost
-        ids, starts, ends = _encode(traj, tokenizer, row[:end])
-        row = Rendered(ids, [_token_span(starts, ends, len(before), end)], [mi])
+        row = Rendered(ids, [span], [mi])
         if max_length is not None and len(ids) > max_length:
             row = truncate(row, max_length)
         rows.append(row)
@@ -258,6 +254,16 @@ def render_as_generated(traj: Trajectory, tokenizer, max_length: int | None = No
                 "context_cut_steps": [j for j, r in enumerate(rows) if r.truncation and not r.truncated_steps]}  # fmt: skip
     return Rendered(rows[-1].input_ids if rows else [], [r.spans[0] for r in rows], asst,
                     frozenset(j for j, r in enumerate(rows) if r.truncated_steps), info, rows, dropped)  # fmt: skip
+
+
+def _generated_row(traj: Trajectory, tokenizer, mi: int) -> tuple[list[int], tuple[int, int], str]:
+    """(ids, span, the turn's text) of message `mi` as generated: the prompt tokenized alone, as the model read it,
+    then the turn's own text tokenized alone (its tokens were sampled after the prompt's, never merged across it;
+    whitespace the template writes after the end-of-turn token was not generated)."""
+    before, upto = _turn_text(traj, tokenizer, mi)
+    turn = latest_turn(traj, mi, before, upto).rstrip()
+    ctx, own = _encode(traj, tokenizer, before)[0], _encode(traj, tokenizer, turn)[0]
+    return ctx + own, (len(ctx), len(ctx) + len(own)), turn
 
 
 def _encode(traj: Trajectory, tokenizer, text: str) -> tuple[list[int], list[int], list[int]]:
@@ -486,15 +492,9 @@ def check_same_tokenizer(a, b, names: tuple[str, str] = ("policy", "reference"),
 
 
 def render_step(traj: Trajectory, tokenizer, message_index: int) -> tuple[list[int], tuple[int, int]]:
-    """(token ids of the whole conversation, [start, end) of assistant message `message_index`'s own tokens): what
-    `render` gives for that one step, locating only its span (one step's template work, not every turn's). The agent
-    loop (`session.py`) scores a candidate next turn this way, so its span is the one `render` finds for it."""
-    full = _template(tokenizer, traj.messages, traj.tools, traj)
-    ids, starts, ends = _encode(traj, tokenizer, full)
-    try:  # the latest turn: its context is the generation prompt, so this is its as-generated row...
-        return ids, _token_span(starts, ends, *_char_span(traj, tokenizer, full, message_index))
-    except NotPrefixPreserving:  # ... unless the template writes it otherwise (a prefill): its as-generated row
-        before, upto = _turn_text(traj, tokenizer, message_index)
-        row = before + latest_turn(traj, message_index, before, upto)
-        ids, starts, ends = _encode(traj, tokenizer, row)
-        return ids, _token_span(starts, ends, len(before), max(len(row.rstrip()), len(before)))
+    """(token ids of the conversation up to and including assistant message `message_index`, [start, end) of that
+    message's own tokens) for the latest turn: its generation prompt, then the turn (its as-generated row), one step's
+    template work. The agent loop (`session.py`) scores a candidate next turn this way: the figures `render` gives
+    that step as generated, and whole too wherever the tokenizer merges nothing across the prompt's end."""
+    ids, span, _ = _generated_row(traj, tokenizer, message_index)
+    return ids, span

@@ -13,12 +13,13 @@ of them; ranking whole trajectories pays for all three (docs/steering.md has the
 Exactness: a candidate's figures are those `critic.score` gives its step when the candidate is appended to the
 conversation and the whole is scored (the same chat-template rendering, spans and `scoring` functions; tests check
 1e-5). How: the cache holds the tokens of `apply_chat_template(messages)`; each candidate's conversation is rendered
-whole and tokenized once (`rendering.render_step`), its common prefix with the cached ids is kept, and the rest runs
-on top of the cache starting one token before the candidate's span, so the state that predicts the span's first token
-is computed in the same pass (no hidden state has to be stored). Where a template rewrites earlier text (drops the
-reasoning of earlier turns), the cache follows the history as the template rewrites it, the common prefix is shorter
-and more is recomputed; a candidate, the latest turn, is read in its generation prompt's context as the model read it,
-so its figures are those of its step scored as generated (`rendering.render_as_generated`).
+as generated (`rendering.render_step`: its generation prompt, then the turn), its common prefix with the cached ids
+is kept, and the rest runs on top of the cache starting one token before the candidate's span, so the state that
+predicts the span's first token is computed in the same pass (no hidden state has to be stored). Where a template
+rewrites earlier text (drops the reasoning of earlier turns), the cache follows the history as the template rewrites
+it, the common prefix is shorter and more is recomputed; a candidate, the latest turn, is read in its generation
+prompt's context as the model read it, so its figures are those of its step scored as generated
+(`rendering.render_as_generated`).
 
 Cost: K candidates share one read-only cache. They run as ONE packed row (a 4D attention mask lets each candidate
 see the cache and its own earlier tokens only, with position ids restarting at the state's end), so the cache is
