@@ -11,7 +11,7 @@ from .trajectories import Trajectory
 
 def distinct_tokens(rows: list[Rendered]) -> int:
     """Tokens a trajectory's as-generated rows hold that the previous row does not begin with: what running them over
-    one KV cache (`prefix.Chain`) costs, and the least any scorer of these rows must compute."""
+    one KV cache (`prefix.Chain`) costs per model, each shared token once (the benchmark's bound counts these)."""
     n, prev = 0, []
     for r in rows:
         ids = r.input_ids
