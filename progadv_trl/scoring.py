@@ -306,6 +306,8 @@ class StepScore:
     truncated: bool  # some of this step's own tokens were cut by max_length
     # nats its least plausible token falls below the policy's top choice (`step_gaps`); None where not computed
     gap: float | None = None
+    # What of the message the chat template renders nowhere ("reasoning", "content", "tool_calls"): not scored
+    dropped: list[str] = field(default_factory=list)
 
     def to_dict(self, alpha: float | None = None) -> dict:
         d = {
@@ -320,6 +322,8 @@ class StepScore:
             if alpha is not None and math.isfinite(self.gap):
                 short = float(shortfalls(np.array([self.gap]), alpha)[0])
                 d["plausible"], d["shortfall"] = short == 0.0, short
+        if self.dropped:
+            d["dropped"] = list(self.dropped)
         return d
 
 
@@ -365,6 +369,8 @@ class TrajectoryScore:
             return float("nan")
         g = g[~np.isnan(g)]
         return float(np.mean(shortfalls(g, alpha) > 0))
+    # "as_generated" when each step was scored in the context the model read (rendering.render_as_generated)
+    rendering: str | None = None
 
     @property
     def out_of_support(self) -> float:
@@ -407,7 +413,8 @@ class TrajectoryScore:
                 "steps": [{k: (_json_float(v) if isinstance(v, float) else v) for k, v in st.items()}
                           for st in self.support["steps"]],
             }  # fmt: skip
-        for key in ("plausibility_alpha", "group", "success", "failure_step", "truncation", "metadata", "error"):
+        for key in ("plausibility_alpha", "group", "success", "failure_step", "truncation", "metadata", "error",
+                    "rendering"):
             val = getattr(self, key)
             if val is not None:
                 d[key] = val
@@ -426,6 +433,7 @@ class TrajectoryScore:
                 tokens=s["tokens"],
                 truncated=s["truncated"],
                 gap=(nan if s["gap"] is None else s["gap"]) if "gap" in s else None,
+                dropped=list(s.get("dropped") or []),
             )
             for s in d["steps"]
         ]
@@ -446,6 +454,7 @@ class TrajectoryScore:
             step_variants={k: [nan if x is None else x for x in v] for k, v in (d.get("step_variants") or {}).items()},
             support=_support_from_json(d.get("support")),
             plausibility_alpha=d.get("plausibility_alpha"),
+            rendering=d.get("rendering"),
         )
 
 
