@@ -76,8 +76,8 @@ def main() -> None:
     hf_logging.disable_progress_bar()
     over = {k: _value(v) for k, v in (s.split("=", 1) for s in a.set)}
     if a.noisy:
-        over["noisy"] = True
-    cfg = DemoConfig.from_dict({"out_dir": a.out, "seed": a.seed, **over})
+        over["free_form"] = True
+    cfg = DemoConfig(**{"out_dir": a.out, "seed": a.seed, **over})
     times = {}
 
     def stage(name, fn):
@@ -93,6 +93,13 @@ def main() -> None:
     trainer, _ = stage("grpo", lambda: train_policy(cfg))
     rewards = [round(h["reward"], 2) for h in trainer.state.log_history if "reward" in h]
     tok, models = load_models(cfg)
+    # the last step's policy beside the kept one (TRL keeps the latest checkpoint beside the best): what the demo
+    # kept before it chose a checkpoint on the validation split
+    last = cfg.path("grpo_run") / f"checkpoint-{trainer.state.global_step}"
+    if cfg.val_steps and (last / "config.json").exists():
+        from transformers import AutoModelForCausalLM
+
+        models["last_step"] = AutoModelForCausalLM.from_pretrained(last).eval()
     res = {}
 
     def ev():
@@ -113,6 +120,7 @@ def main() -> None:
     gain = 100 * (res["policy"]["greedy"] - res["reference"]["greedy"])
     out = {"seed": a.seed, "over": over, "reference": res["reference"]["greedy"], "policy": res["policy"]["greedy"],
            "gain_points": round(gain, 1), "sampled": {k: v.get("sampled") for k, v in res.items()},
+           "last_step": res.get("last_step", {}).get("greedy"), "kept": trainer.state.best_model_checkpoint,
            "times_wall_cpu": times, "reward_curve": rewards,
            "p_tool_call": {k: v["p_tool_call"] for k, v in res.items()},
            "fails": {k: v["fails"] for k, v in res.items()}}
