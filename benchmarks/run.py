@@ -38,8 +38,9 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   capture_flush_pct: the callback's flush at each logging step, timed alone, as a share of the step.
   heldout_eval_s: one held-out evaluation of the callback (its own `eval_progadv/heldout/seconds`).
 - *_cputime: the same ratios from this process's CPU seconds (all threads) instead of wall seconds.
-- step_session_speedup, step_session_bound, step_session_fraction_of_bound, append_s_per_1k_tokens,
-  kv_copy_share_of_score: the critic in the agent loop (realistic shape only), see `benchmarks/session_bench.py`.
+- step_session_speedup, step_session_bound, step_session_fraction_of_bound (and *_cputime),
+  step_session_forward_calls: the critic in the agent loop (realistic and decoder shapes); append_s_per_1k_tokens,
+  kv_copy_share_of_score (realistic): see `benchmarks/session_bench.py`.
 - two_process_speedup: scoring time in one process (all cores as threads) / under torchrun with 2 processes (the
   cores split between them), timed inside the processes from after loading to the gathered result.
 """
@@ -91,7 +92,8 @@ ROWS = [
     "baseline_extra_cost_ratio", "baseline_extra_cost_ratio_cputime", "prefix_sharing_speedup",
     "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio", "capture_overhead_pct",
     "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
-    "two_process_speedup", "step_session_speedup", "step_session_bound", "step_session_fraction_of_bound",
+    "two_process_speedup", "step_session_speedup", "step_session_speedup_cputime", "step_session_bound",
+    "step_session_fraction_of_bound", "step_session_fraction_of_bound_cputime", "step_session_forward_calls",
     "append_s_per_1k_tokens", "kv_copy_share_of_score", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
 ]  # fmt: skip
 
@@ -763,8 +765,8 @@ def main(argv=None) -> int:
             res["shapes"][shape] = out
             for part, fn in (("scoring", bench_scoring), ("memory", bench_memory), ("dist", bench_two_process),
                              ("capture", bench_capture), ("session", bench_session)):  # fmt: skip
-                if part == "session" and shape != "realistic":
-                    continue  # one realistic agent episode is what the session benchmark is about
+                if part == "session" and shape not in ("realistic", "decoder"):
+                    continue  # an agent episode on a realistic and on a small, decoder-bound model
                 if part in skip:
                     continue
                 ts = time.perf_counter()
