@@ -12,6 +12,8 @@ the decoder shapes); keys:
   beside wall seconds (`*_cputime`).
 - step_session_bound: tokens B's forward passes read / tokens A's read (both models); step_session_fraction_of_bound:
   the first over the second (target >= 0.7 on a CPU). step_session_forward_calls: A's forward calls (both models).
+  step_session_a_tokens_per_s / _b_: tokens each path's passes read per second (their ratio is the fraction of the
+  bound); step_session_peak_memory_mb: each path's largest GPU allocation (GPU only).
 - append_s_per_1k_tokens: {"1k": s, "4k": s}: seconds per 1k appended tokens (a ~512-token tool result), append and
   `flush()` (the new tokens run), at a context of ~1k and ~4k tokens (both models).
 - kv_copy_s_4k / kv_copy_share_of_score: seconds to materialise K = 4 copies of both models' 4k-token caches (what
@@ -92,10 +94,10 @@ def bench_session(ctx, args, k: int = 4) -> dict:
         return out, read
 
     path_a(), path_b()  # warm-up (allocator, template compilation)
-    wall, cpu = {"a": [], "b": []}, {"a": [], "b": []}
+    wall, cpu, peak = {"a": [], "b": []}, {"a": [], "b": []}, {}
     for _ in range(SESSION_ROUNDS):  # alternating: the machine's load drifts alike for both
         for name, fn in (("a", path_a), ("b", path_b)):
-            w, c, res = _timed(fn)
+            w, c, res = _timed(fn, args.device, peak, name)
             wall[name].append(w)
             cpu[name].append(c)
             if name == "a":
@@ -115,6 +117,8 @@ def bench_session(ctx, args, k: int = 4) -> dict:
         "step_session_a_s_rounds": wall["a"], "step_session_b_s_rounds": wall["b"],
         "step_session_tokens_a": read_a, "step_session_tokens_b": read_b, "step_session_bound": bound,
         "step_session_forward_calls": calls_a, "step_session_max_abs_diff": diff,
+        "step_session_a_tokens_per_s": read_a / ta, "step_session_b_tokens_per_s": read_b / tb,
+        "step_session_peak_memory_mb": peak or None,
         "step_session_fraction_of_bound": tb / ta / bound, "step_session_fraction_of_bound_cputime": cb / ca / bound,
     }  # fmt: skip
     if ctx["shape"] == "realistic":
@@ -171,8 +175,16 @@ def _append_and_copy(scorer, tok, tools, k: int) -> dict:
     return res
 
 
-def _timed(fn):
-    """(wall seconds, this process's CPU seconds, result)."""
+def _timed(fn, device="cpu", peak: dict | None = None, label: str = ""):
+    """(wall seconds, this process's CPU seconds, result); on a GPU the largest allocation goes to peak[label]."""
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     t, c = time.perf_counter(), time.process_time()
     out = fn()
+    if cuda:
+        torch.cuda.synchronize()
+        if peak is not None:
+            peak[label] = max(peak.get(label, 0.0), torch.cuda.max_memory_allocated() / 2**20)
     return time.perf_counter() - t, time.process_time() - c, out
