@@ -732,6 +732,7 @@ def main(argv=None) -> int:
     p.add_argument("--capture-steps", type=int, default=7)
     p.add_argument("--capture-repeat", type=int, default=2)
     p.add_argument("--heldout-n", type=int, default=4)
+    p.add_argument("--session-rounds", type=int, default=3, help="alternating rounds of the session benchmark's two paths")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="the engine's batch_tokens (default: the engine's own, 2048 on a CPU)")
     p.add_argument("--engine-batches-floor", action="store_true",

@@ -3,12 +3,12 @@ K whole conversations with `critic.score` at every turn. Called by `run.py` (par
 the decoder shapes); keys:
 
 - step_session_speedup: time of path B / time of path A over one agent episode with K = 4 candidates at every agent
-  turn (the realistic shape: 13 turns, 3.4k tokens; the decoder shape: 5 turns, ~0.9k tokens on the small,
-  decoder-bound model, where per-call costs show). A: one `CriticSession`; at each turn `score(K candidates)`, then
+  turn (the realistic shape: 13 turns, 3.4k tokens; the decoder shape: 5 turns, 2.2k tokens with the realistic
+  1.2k-token prompt, on the small, decoder-bound model, where per-call costs show). A: one `CriticSession`; at each turn `score(K candidates)`, then
   `append(chosen turn)` and `append(tool result)` as the agent loop does (two appends: lazy, they run with the next
   score). B: `ProgressScorer.score` of the K (state + candidate) conversations at each turn (the engine shares their
   common prompt within the call, so B reads each state once per turn, not K times). Asserted: both paths give the
-  same advantages (1e-4). The two paths alternate, `SESSION_ROUNDS` times each; the median counts, CPU seconds
+  same advantages (1e-4). The two paths alternate, `--session-rounds` (3) times each; the median counts, CPU seconds
   beside wall seconds (`*_cputime`).
 - step_session_bound: tokens B's forward passes read / tokens A's read (both models); step_session_fraction_of_bound:
   the first over the second (target >= 0.7 on a CPU). step_session_forward_calls: A's forward calls (both models).
@@ -27,14 +27,12 @@ import random
 import statistics
 import time
 
-import numpy as np
 import torch
 
 import workload as W
 
-SESSION_ROUNDS = 3  # alternating rounds of each path; the median counts
-# The episodes: (min_tokens, max_tokens, agent_group keywords) of the one rollout; the decoder shape's is the decoder
-# set's prompt (one tool, one policy sentence) grown to 5 agent turns.
+# The episodes: (min_tokens, max_tokens, agent_group keywords) of the one rollout: the realistic prompt (policy, six
+# tool schemas, a task: 1.2k tokens) and tool-calling turns; 13 agent turns on the realistic shape, 5 on the decoder's.
 EPISODES = {"realistic": (2500, 3500, {}), "decoder": (2000, 2300, {})}
 
 
@@ -93,9 +91,11 @@ def bench_session(ctx, args, k: int = 4) -> dict:
             read += 2 * (P + sum(len(x) - P for x in ids))  # both models: the shared state once, each continuation
         return out, read
 
-    path_a(), path_b()  # warm-up (allocator, template compilation)
+    # warm-up (allocator, template compilation): the session's whole path, the engine on one conversation
+    path_a()
+    scorer.score([{"id": "w", "messages": msgs[: turns[-1]] + [cands[turns[-1]][0]], "tools": tools}])
     wall, cpu, peak = {"a": [], "b": []}, {"a": [], "b": []}, {}
-    for _ in range(SESSION_ROUNDS):  # alternating: the machine's load drifts alike for both
+    for _ in range(args.session_rounds):  # alternating: the machine's load drifts alike for both
         for name, fn in (("a", path_a), ("b", path_b)):
             w, c, res = _timed(fn, args.device, peak, name)
             wall[name].append(w)

@@ -140,6 +140,21 @@ def test_lazy_appends_equal_eager_ones(critics, kind):
     assert lazy.forward_calls == 6
 
 
+def test_a_long_pending_context_runs_alone_with_the_same_figures(critics, monkeypatch):
+    """Over `PENDING_ALONE` pending tokens, a score runs them in their own causal pass first (two calls per model):
+    the figures are those of the one packed call."""
+    from progadv_trl import session as S
+
+    critic = critics["full"]
+    msgs = _state(5, n_turns=3)
+    one = critic.session(msgs, tools=[WEATHER_TOOL])
+    want = one.score(CANDIDATES)
+    monkeypatch.setattr(S, "PENDING_ALONE", 16)
+    two = critic.session(msgs, tools=[WEATHER_TOOL])
+    _same(two.score(CANDIDATES), want)
+    assert one.forward_calls == 2 and two.forward_calls == 4 and two.tokens_read == one.tokens_read
+
+
 def test_incremental_tokenization_equals_whole(tiny_tokenizer):
     """The session tokenizes only the text an append or a candidate adds (from the last special token the two
     renderings share); the ids, offsets and spans must be those of tokenizing and rendering the whole."""
