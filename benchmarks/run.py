@@ -38,8 +38,9 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
   capture_flush_pct: the callback's flush at each logging step, timed alone, as a share of the step.
   heldout_eval_s: one held-out evaluation of the callback (its own `eval_progadv/heldout/seconds`).
 - *_cputime: the same ratios from this process's CPU seconds (all threads) instead of wall seconds.
-- step_session_speedup, step_session_bound, step_session_fraction_of_bound, append_s_per_1k_tokens,
-  kv_copy_share_of_score: the critic in the agent loop (realistic shape only), see `benchmarks/session_bench.py`.
+- step_session_speedup, step_session_bound, step_session_fraction_of_bound (and *_cputime),
+  step_session_forward_calls: the critic in the agent loop (realistic and decoder shapes); append_s_per_1k_tokens,
+  kv_copy_share_of_score (realistic): see `benchmarks/session_bench.py`.
 - as_generated_fraction_of_bound, as_generated_sharing_speedup: scoring as generated (a template that rewrites
   earlier turns) against its distinct-token bound (realistic shape only), see `benchmarks/as_generated_bench.py`.
 - two_process_speedup: scoring time in one process (all cores as threads) / under torchrun with 2 processes (the
@@ -95,8 +96,11 @@ ROWS = [
     "baseline_extra_cost_ratio", "baseline_extra_cost_ratio_cputime", "prefix_sharing_speedup",
     "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio", "capture_overhead_pct",
     "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
-    "two_process_speedup", "step_session_speedup", "step_session_bound", "step_session_fraction_of_bound",
-    "append_s_per_1k_tokens", "kv_copy_share_of_score", "as_generated_fraction_of_bound", "as_generated_sharing_speedup", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
+    "two_process_speedup", "step_session_speedup", "step_session_speedup_cputime", "step_session_bound",
+    "step_session_fraction_of_bound", "step_session_fraction_of_bound_cputime", "step_session_forward_calls",
+    "append_s_per_1k_tokens", "kv_copy_share_of_score", "as_generated_fraction_of_bound",
+    "as_generated_sharing_speedup", "engine_tokens_per_s", "naive_tokens_per_s", "floor_tokens_per_s",
+    "step_session_a_tokens_per_s", "step_session_b_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
 ]  # fmt: skip
 
 
@@ -106,6 +110,7 @@ def _sync(device):
 
 
 CPU_TIMES: dict[str, list[float]] = {}  # label -> this process's CPU seconds (all threads) per timed call
+PEAK_MB: dict[str, float] = {}  # label -> the largest GPU memory allocated during any of its timed calls (GPU only)
 
 
 def _timed(fn, device, label: str | None = None):
@@ -113,12 +118,17 @@ def _timed(fn, device, label: str | None = None):
     ratios). On a shared machine a process that waits for a core loses wall time, not CPU time: where the two
     ratios disagree, the CPU one is the steadier; where they agree, the host itself ran slower or faster."""
     _sync(device)
+    cuda = str(device).startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     t, c = time.perf_counter(), time.process_time()
     out = fn()
     _sync(device)
     dt, dc = time.perf_counter() - t, time.process_time() - c
     if label:
         CPU_TIMES.setdefault(label, []).append(dc)
+        if cuda:
+            PEAK_MB[label] = max(PEAK_MB.get(label, 0.0), torch.cuda.max_memory_allocated() / 2**20)
         print(f"  {label}: {dt:.2f} s wall, {dc:.2f} s CPU", file=sys.stderr, flush=True)
     return dt, out
 
@@ -410,11 +420,11 @@ def bench_scoring(ctx, args) -> dict:
         check = _check_float32(ctx, trajs[:2], rendered[:2], _groups(tj[:2], rendered[:2]), dev)
     for name, d in check.items():
         assert d <= 1e-4, f"{name} and engine step advantages differ by {d:.2e} (> 1e-4, float32)"
-    best = {k: min(v) if v else float("nan") for k, v in times.items()}
+    best = {k: statistics.median(v) if v else float("nan") for k, v in times.items()}  # (the median of the rounds)
     labels = {"naive": "naive", "engine": "engine", "baselines": "engine+baselines",
               "noshare": "engine share_prefix=False", "floor": "floor (prefix once, batch 1)",
               "floor_batched": "floor (engine batches)"}  # fmt: skip
-    cpu = {k: min(CPU_TIMES.pop(v)) if CPU_TIMES.get(v) else float("nan") for k, v in labels.items()}
+    cpu = {k: statistics.median(CPU_TIMES.pop(v)) if CPU_TIMES.get(v) else float("nan") for k, v in labels.items()}
     floor_cpu = cpu["floor"]
     if times["floor_batched"] and not any(P for _, P in groups):
         floor_cpu = min(floor_cpu, cpu["floor_batched"])
@@ -443,7 +453,10 @@ def bench_scoring(ctx, args) -> dict:
         "logits_peak_memory_ratio": engine_logits / plain, "logits_engine_rows": engine_logits // V,
         "logits_plain_rows": plain // V,
         "naive_max_abs_diff": diff_naive, "floor_max_abs_diff": diff_floor, "float32_check_max_abs_diff": max(check.values()),
-        "engine_tokens_per_s": n_tokens / best["engine"], "engine_s": best["engine"], "engine_baselines_s": best["baselines"],
+        "engine_tokens_per_s": n_tokens / best["engine"], "naive_tokens_per_s": n_tokens / naive_t,
+        "floor_tokens_per_s": n_tokens / floor_t,
+        "peak_memory_mb": {k: PEAK_MB.pop(v, None) for k, v in labels.items()} if dev.startswith("cuda") else None,
+        "engine_s": best["engine"], "engine_baselines_s": best["baselines"],
         "engine_noshare_s": best["noshare"] if share else None, "naive_s": naive_t, "floor_s": floor_t,
         "floor_prefix_batch1_s": best["floor"], "floor_engine_batches_s": best["floor_batched"],
         "output_share": W.output_share(ctx["cfg"]), "output_share_at_mean_context": W.output_share(ctx["cfg"], int(mean_ctx)),
@@ -724,6 +737,7 @@ def main(argv=None) -> int:
     p.add_argument("--capture-steps", type=int, default=7)
     p.add_argument("--capture-repeat", type=int, default=2)
     p.add_argument("--heldout-n", type=int, default=4)
+    p.add_argument("--session-rounds", type=int, default=3, help="alternating rounds of the session benchmark's two paths")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="the engine's batch_tokens (default: the engine's own, 2048 on a CPU)")
     p.add_argument("--engine-batches-floor", action="store_true",
@@ -769,8 +783,10 @@ def main(argv=None) -> int:
             for part, fn in (("scoring", bench_scoring), ("memory", bench_memory), ("dist", bench_two_process),
                              ("capture", bench_capture), ("session", bench_session),
                              ("as_generated", bench_as_generated)):  # fmt: skip
-                if part in ("session", "as_generated") and shape != "realistic":
-                    continue  # one realistic agent episode is what these benchmarks are about
+                if part == "session" and shape not in ("realistic", "decoder"):
+                    continue  # an agent episode on a realistic and on a small, decoder-bound model
+                if part == "as_generated" and shape != "realistic":
+                    continue  # one realistic agent episode is what this benchmark is about
                 if part in skip:
                     continue
                 ts = time.perf_counter()

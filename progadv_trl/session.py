@@ -1,10 +1,10 @@
 """The critic in the agent loop: score K candidate next turns at one state, over a cached conversation.
 
     critic = ProgressCritic.from_pretrained("runs/demo/bundle")
-    session = critic.session(messages, tools=tools)      # both models read the conversation once (KV caches)
+    session = critic.session(messages, tools=tools)      # renders the conversation; nothing runs yet
     results = session.score(candidates)                  # one CandidateScore per candidate, in order
     k = session.choose(candidates)                       # the index the critic ranks highest (pick_best's tie rule)
-    session.append(candidates[k]); session.append(tool_result)   # extends the caches by the new tokens only
+    session.append(candidates[k]); session.append(tool_result)   # render and record: they run with the next score
 
 Why one state: among candidates a_1..a_K at the same state s, beta * log pi_theta(a|s)/pi_ref(a|s) ranks them by
 Q*(s,a) - V*(s), and V*(s), the on-policy offset KL(pi_theta||pi_ref)(s) and the luck still to come are shared by all
@@ -12,21 +12,29 @@ of them; ranking whole trajectories pays for all three (docs/steering.md has the
 
 Exactness: a candidate's figures are those `critic.score` gives its step when the candidate is appended to the
 conversation and the whole is scored (the same chat-template rendering, spans and `scoring` functions; tests check
-1e-5). How: the cache holds the tokens of `apply_chat_template(messages)`; each candidate's conversation is rendered
-as generated (`rendering.render_step`: its generation prompt, then the turn), its common prefix with the cached ids
-is kept, and the rest runs on top of the cache starting one token before the candidate's span, so the state that
+1e-5). How: the cache holds a prefix of the tokens of the conversation as the template writes it now
+(`rendering.chat_text`, tokenized incrementally by `incremental.tokenize` at each append); each candidate is rendered
+as generated (`rendering.render_step`: its generation prompt, then the turn), its common prefix with the state's ids
+is the state, the rest is the candidate's own, run starting one token before the candidate's span, so the state that
 predicts the span's first token is computed in the same pass (no hidden state has to be stored). Where a template
-rewrites earlier text (drops the reasoning of earlier turns), the cache follows the history as the template rewrites
+rewrites earlier text (drops the reasoning of earlier turns), the state follows the history as the template rewrites
 it, the common prefix is shorter and more is recomputed; a candidate, the latest turn, is read in its generation
 prompt's context as the model read it, so its figures are those of its step scored as generated
 (`rendering.render_as_generated`).
 
-Cost: K candidates share one read-only cache. They run as ONE packed row (a 4D attention mask lets each candidate
-see the cache and its own earlier tokens only, with position ids restarting at the state's end), so the cache is
-read once and copied once per model, not K times (a batch of K rows over an expanded cache materialises K copies in
-every layer's concatenation: benchmarks/README.md measures both). Models whose attention cannot take a custom 4D
-mask, or whose cache a continuation cannot extend (sliding-window, linear attention), take the engine's path:
-`scorer.score` on the K whole conversations (exact, slower).
+Cost: one forward call per model per `score`, whatever was appended since. `append` only renders and records (the
+new text is tokenized from the last special token it shares with the old: `rendering.tokenize`); the tokens the cache
+does not hold yet ("pending") run at the head of the next `score`'s ONE packed row, the K candidates after them: a
+4D attention mask lets the pending tokens see the cache and each other causally, and each candidate the cache, the
+pending tokens and its own earlier tokens only, with position ids restarting at the state's end for every
+candidate. The states of the span's first tokens are computed in that pass (none is stored), the pending tokens'
+keys and values join the cache, the candidates' are cut off. So the cache is read once and copied once per model
+per score, not K times (a batch of K rows over an expanded cache materialises K copies in every layer's
+concatenation: benchmarks/README.md measures both), and a 5-turn episode costs 5 calls per model, not 2 per append
+and 2 per score. `flush()` runs the pending tokens alone, and so does a score whose pending context is over
+`PENDING_ALONE` tokens (a long conversation's first score): the dense mask would cost more than the call. Models whose attention cannot take a custom 4D mask, or
+whose cache a continuation cannot extend (sliding-window, linear attention), take the engine's path: `scorer.score`
+on the K whole conversations (exact, slower).
 
 Truncation: when a conversation outgrows `max_length` (the bundle's) or the model's `max_position_embeddings`, no
 cache can hold it; those candidates are scored by the engine with that limit (`rendering.truncate`: start and most
@@ -43,6 +51,7 @@ import torch
 
 from .engine import _device, _eval_mode, _plain_model, _states_fn
 from .prefix import _common_prefix, full_attention
+from .incremental import Tokens, tokenize
 from .rendering import chat_text, render_step
 from .scoring import TokenStats, TrajectoryScore, score_from_token_stats, shortfalls, token_logprob_stats
 from .trajectories import Trajectory, validate_messages
@@ -50,6 +59,11 @@ from .trajectories import Trajectory, validate_messages
 # Attention implementations that take a custom 4D float mask as given (transformers' masking_utils returns a 4D
 # mask unchanged; eager adds it, SDPA passes it on). Others (flash attention, flex) take the engine's path.
 PACKED_ATTENTION = ("eager", "sdpa")
+# Above this many pending tokens, they run in their own causal pass before the candidates' (two calls per model for
+# that score): the packed row's mask is dense, so the pending tokens would attend over twice the pairs a causal pass
+# computes, and a call more is nothing next to such a pass. Measured on the decoder shape (CPU), a 1.2k-token state
+# and 4 candidates: 0.52 CPU s in one call, 0.42 in two. Below it (an agent's turn and a tool result), one call.
+PENDING_ALONE = 1024
 
 
 @dataclass
@@ -127,8 +141,13 @@ class CriticSession:
     """A conversation both models have read, ready to score candidate next assistant turns. Build it with
     `ProgressCritic.session(messages, tools=None)` (or `CriticSession(scorer, messages, tools)`).
 
-    Counters for benchmarks: `tokens_read` (tokens fed to forward passes, per model, so `append` costs the new tokens
-    and `score` the candidates' tokens plus one), `forward_calls`.
+    Lazy: the conversation and each `append` are rendered and recorded; their tokens run with the next `score`, in
+    the same packed row as the candidates (pending context first, the K candidates over it), or at `flush()`. So
+    one `score` after any number of appends is one forward call per model: on a small or fast model (and on a GPU,
+    where small steps are launch-bound) the calls, not the tokens, were the cost.
+
+    Counters for benchmarks: `tokens_read` (tokens fed to forward passes, per model: the pending context once and
+    each candidate's own tokens), `forward_calls`.
     """
 
     def __init__(self, scorer, messages: list[dict], tools: list[dict] | None = None):
@@ -144,63 +163,85 @@ class CriticSession:
         self.cached = all(full_attention(c) for c in cfgs) and all(
             getattr(c, "_attn_implementation", None) in PACKED_ATTENTION for c in cfgs
         )
-        self._ids: list[int] = []
+        self._state: Tokens | None = None  # the conversation's text and tokens (rendered at each append)
+        self._kv_ids: list[int] = []  # the tokens whose keys and values the caches hold: a prefix of the state's
         self._kv: dict[str, list | None] = {"policy": None, "reference": None}
         self.tokens_read = 0
         self.forward_calls = 0
         self.overflow = False  # the conversation outgrew `limit`: every candidate goes through the engine, truncated
-        self._sync()
+        self._render()
 
     # -- the state -----------------------------------------------------------------------------------------------
-    def _state_ids(self) -> list[int]:
-        # The history as the template writes it now (a template that rewrites earlier turns, e.g. drops their
-        # reasoning, rewrites the cache from there: what the model reads next). chat_text: reasoning under the
-        # template's key, dict arguments as JSON strings where the template needs them.
-        text = chat_text(self.scorer.tokenizer, self.messages, self.tools)
-        return list(self.scorer.tokenizer(text, add_special_tokens=False)["input_ids"])
+    @property
+    def _ids(self) -> list[int]:
+        """The conversation's token ids (what the caches will hold once every pending token has run)."""
+        return self._state.ids if self._state is not None else []
+
+    @property
+    def pending(self) -> int:
+        """Tokens of the conversation the caches do not hold yet (they run with the next `score` or `flush`)."""
+        return len(self._ids) - _common_prefix([self._ids, self._kv_ids]) if self._state is not None else 0
 
     def append(self, message: dict | list[dict]) -> None:
-        """Extend the state by one message (or several): a user turn, a tool result, the chosen assistant turn. The
-        caches grow by the new tokens only (from where the new rendering first differs from the cached one)."""
+        """Extend the state by one message (or several): a user turn, a tool result, the chosen assistant turn.
+        Renders and records only: the new tokens (from where the new rendering first differs from the old) run with
+        the next `score` or `flush`."""
         new = message if isinstance(message, list) else [message]
         self.messages = self.messages + validate_messages(new, "session.append", start=len(self.messages))
-        self._sync()
+        self._render()
 
-    def _sync(self) -> None:
+    def _render(self) -> None:
         if not self.cached or self.overflow:
             return
-        ids = self._state_ids()
-        if self.limit is not None and len(ids) >= self.limit:
+        # The history as the template writes it now (a template that rewrites earlier turns, e.g. drops their
+        # reasoning, rewrites the state from there: what the model reads next). chat_text: reasoning under the
+        # template's key, dict arguments as JSON strings where the template needs them.
+        text = chat_text(self.scorer.tokenizer, self.messages, self.tools)
+        # only the new text is tokenized (from the last special token the two renderings share)
+        self._state = tokenize(self.scorer.tokenizer, text, self._state, "session")
+        if self.limit is not None and len(self._state.ids) >= self.limit:
             # no room left for a candidate in the model's positions: the engine truncates from here on
-            self.overflow, self._ids, self._kv = True, [], {"policy": None, "reference": None}
-            return
-        c = _common_prefix([ids, self._ids])
-        if c == len(ids) == len(self._ids):
-            return
-        for who in ("policy", "reference"):
-            self._kv[who] = self._extend(who, self._kv[who], c, ids)
-        self._ids = ids
+            self.overflow, self._state, self._kv_ids, self._kv = True, None, [], {"policy": None, "reference": None}
 
     @torch.no_grad()
-    def _extend(self, who: str, kv, keep: int, ids: list[int]):
+    def flush(self) -> None:
+        """Run the pending tokens now (one forward call per model), so that the next `score` reads only candidates."""
+        if not self.pending:
+            return
+        ids, keep = self._ids, _common_prefix([self._ids, self._kv_ids])
+        flat, pos = ids[keep:], list(range(keep, len(ids)))
+        for who in ("policy", "reference"):
+            model = self.scorer.policy if who == "policy" else self._ref_model
+            self._forward(who, model, keep, flat, pos, mask=None, keep_after=len(ids))
+        self._kv_ids = list(ids)
+
+    def _forward(self, who, model, keep: int, flat: list[int], pos: list[int], mask, keep_after: int) -> torch.Tensor:
+        """One pass of `model` over `flat` on top of the cache cut at `keep` (a 4D float `mask`, or None: causal);
+        the cache then holds the first `keep_after` positions. Returns the final states ([N, H], or logits for a
+        full-forward model)."""
         from transformers import DynamicCache
 
-        model = self.scorer.policy if who == "policy" else self._ref_model
         states, _ = _states_fn(model)
         dev = _device(model)
         cfg = _plain_model(model).config
-        cache = DynamicCache(config=cfg) if not keep or kv is None else DynamicCache([(k[:, :, :keep], v[:, :, :keep]) for k, v in kv])
-        keep = cache.get_seq_length()
-        new = torch.tensor([ids[keep:]], device=dev)
-        mask = torch.ones((1, len(ids)), dtype=torch.long, device=dev)
-        pos = torch.arange(keep, len(ids), device=dev)[None]
+        cache = DynamicCache(config=cfg)
+        if keep:  # views of the session's tensors: the forward's concatenation is the one copy
+            for layer, (k, v) in zip(cache.layers, self._kv[who]):
+                layer.lazy_initialization(k, v)
+                layer.keys, layer.values = k[:, :, :keep], v[:, :, :keep]
+        ids = torch.tensor([flat], device=dev)
+        position_ids = torch.tensor([pos], device=dev)
+        if mask is None:
+            mask = torch.ones((1, keep + len(flat)), dtype=torch.long, device=dev)
         with _eval_mode(model), self._active(who):
-            states(new, mask, pos, past_key_values=cache)
-        if cache.get_seq_length() != len(ids):
+            h = states(ids, mask, position_ids, past_key_values=cache)
+        if cache.get_seq_length() != keep + len(flat):
             raise RuntimeError("this model did not fill the KV cache it was given; sessions cannot cache it")
-        self.tokens_read += new.shape[1]
+        # the candidates' keys are cut off; what is kept is the state's (a view, the session's own from now on)
+        self._kv[who] = [(layer.keys[:, :, :keep_after], layer.values[:, :, :keep_after]) for layer in cache.layers]
+        self.tokens_read += len(flat)
         self.forward_calls += 1
-        return [(layer.keys, layer.values) for layer in cache.layers]
+        return h[0]
 
     def _active(self, who: str):
         import contextlib
@@ -220,7 +261,8 @@ class CriticSession:
     @torch.no_grad()
     def score(self, candidates: list[dict]) -> list[CandidateScore]:
         """One CandidateScore per candidate next assistant message ({"content", "tool_calls"?}; "role" may be
-        omitted), in their order. The cache is read, never changed: scoring again gives the same numbers."""
+        omitted), in their order. The pending context runs in the same pass; the candidates never enter the
+        cache: scoring again gives the same numbers."""
         cands = [{"role": "assistant", **c} if isinstance(c, dict) and "role" not in c else c for c in candidates]
         trajs = [self._trajectory(c, i) for i, c in enumerate(cands)]
         if not trajs:
@@ -228,12 +270,17 @@ class CriticSession:
         out: list[CandidateScore | None] = [None] * len(trajs)
         packed, engine = [], []
         for i, t in enumerate(trajs):
-            ids, span = render_step(t, self.scorer.tokenizer, len(self.messages))
-            if self.cached and not self.overflow and (self.limit is None or len(ids) <= self.limit):
-                packed.append((i, ids, span))
-            else:
-                engine.append(i)
+            if self.cached and not self.overflow:
+                # as generated: its generation prompt, then the turn (a template that rewrites history is read as
+                # the model read it; on a prefix-preserving one, the same ids as the whole conversation)
+                ids, span = render_step(t, self.scorer.tokenizer, len(self.messages))
+                if self.limit is None or len(ids) <= self.limit:
+                    packed.append((i, ids, span))
+                    continue
+            engine.append(i)
         if packed:
+            if self.pending > PENDING_ALONE:
+                self.flush()
             for (i, _, _), res in zip(packed, self._score_packed(packed)):
                 out[i] = res
         if engine:
@@ -247,30 +294,35 @@ class CriticSession:
 
     def _score_packed(self, items) -> list[CandidateScore]:
         cfg = self.scorer.config
-        # Each candidate runs from one token before its span (or where its rendering leaves the cached ids, if
-        # earlier): that token's state predicts the span's first token.
-        q = min(min(_common_prefix([ids, self._ids]), s) - 1 for _, ids, (s, e) in items)
-        q = max(q, 0)
-        seqs = [ids[q:] for _, ids, _ in items]
-        offs = np.cumsum([0] + [len(s) for s in seqs])
-        N = int(offs[-1])
-        flat = [t for s in seqs for t in s]
-        pos = [q + j for s in seqs for j in range(len(s))]
+        state = self._ids
+        # The row: the state's pending tokens [c, d) first (they enter the cache), then each candidate from d, where
+        # the candidates' renderings leave the state's. c: what the cache holds, and at most one token before every
+        # span, so the state that predicts a span's first token is computed in this pass (none is stored).
+        d = min(_common_prefix([ids, state]) for _, ids, _ in items)
+        c = min(_common_prefix([state, self._kv_ids]), d, *(max(s, 1) - 1 for _, _, (s, e) in items))
+        seqs = [ids[d:] for _, ids, _ in items]
+        offs = np.cumsum([d - c] + [len(s) for s in seqs])
+        flat = state[c:d] + [t for s in seqs for t in s]
+        pos = list(range(c, d)) + [d + j for s in seqs for j in range(len(s))]
+        seg = np.repeat(np.arange(len(offs)), np.diff(np.concatenate([[0], offs])))  # 0: the state, k + 1: candidate k
         # rows of the packed sequence that predict an action token, and the tokens they predict
         rows, targets, lens = [], [], []
         for k, (_, ids, (s, e)) in enumerate(items):
             s = max(s, 1)
-            rows.extend(int(offs[k]) + p - 1 - q for p in range(s, e))
+            rows.extend(p - 1 - c if p - 1 < d else int(offs[k]) + p - 1 - d for p in range(s, e))
             targets.extend(ids[s:e])
             lens.append(e - s)
         kw = dict(temperature=cfg.temperature, chunk_size=self.scorer.chunk_size)
         support = cfg.wants_support
-        res = {}
+        res, masks = {}, {}
         for who in ("policy", "reference"):
             model = self.scorer.policy if who == "policy" else self._ref_model
             states, head = _states_fn(model)
             dev = _device(model)
-            h = self._run_packed(who, model, states, dev, q, flat, pos, offs)
+            dtype = _mask_dtype(model)
+            if (dev, dtype) not in masks:
+                masks[dev, dtype] = _packed_mask(seg, c, dev, dtype)
+            h = self._forward(who, model, c, flat, pos, masks[dev, dtype], keep_after=d)
             idx = torch.tensor(rows, dtype=torch.long, device=dev)
             tgt = torch.tensor(targets, dtype=torch.long, device=dev)
             with self._active(who):
@@ -279,6 +331,7 @@ class CriticSession:
                                                    with_vocab_stats=self.scorer.compute_baselines, **kw)
                 else:
                     res[who] = token_logprob_stats(h[idx], head, tgt, other_logprobs=res["policy"].pop("logprobs", None), **kw)
+        self._kv_ids = state[:d]
         pol, ref = res["policy"], res["reference"]
         vocab = _plain_model(self.scorer.policy).get_output_embeddings().weight.shape[0] if self.scorer.compute_baselines else None
         arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"], "policy_top1_logp": pol["top1_logp"]}
@@ -289,42 +342,9 @@ class CriticSession:
         arrays = {k: v.double().cpu().numpy() for k, v in arrays.items()}
         out, a = [], 0
         for n in lens:
-            st = TokenStats(step=np.zeros(n, dtype=np.int64), vocab_size=vocab, **{k: v[a : a + n] for k, v in arrays.items()})
+            out.append(_candidate(arrays, a, n, vocab, cfg))
             a += n
-            ts = score_from_token_stats(st, 1, cfg)
-            res_k = from_step(ts, 0)
-            # the sums straight from the token log-probs (from_step's mean * n would round twice)
-            res_k.policy_logprob, res_k.reference_logprob = float(st.policy_logp.sum()), float(st.reference_logp.sum())
-            res_k.log_ratio = float(st.log_ratio.sum())
-            if ts.error:
-                res_k.policy_logprob = res_k.reference_logprob = res_k.log_ratio = float("nan")
-            out.append(res_k)
         return out
-
-    def _run_packed(self, who, model, states, dev, q, flat, pos, offs) -> torch.Tensor:
-        """Final states of the packed candidates ([N, H], or logits for a full-forward model) over the cache cut at q."""
-        from transformers import DynamicCache
-
-        N = len(flat)
-        kv = self._kv[who]
-        cache = DynamicCache([(k[:, :, :q], v[:, :, :q]) for k, v in kv]) if q else DynamicCache(config=_plain_model(model).config)
-        dtype = next(model.parameters()).dtype
-        if not dtype.is_floating_point:
-            dtype = torch.float32
-        # a token sees the whole cache and its own candidate's earlier tokens; nothing of the other candidates
-        seg = torch.as_tensor(np.repeat(np.arange(len(offs) - 1), np.diff(offs)), device=dev)
-        own = (seg[:, None] == seg[None, :]) & torch.ones((N, N), dtype=torch.bool, device=dev).tril()
-        allowed = torch.cat([torch.ones((N, q), dtype=torch.bool, device=dev), own], dim=1)
-        mask = torch.zeros((1, 1, N, q + N), dtype=dtype, device=dev)
-        mask.masked_fill_(~allowed[None, None], torch.finfo(dtype).min)
-        ids = torch.tensor([flat], device=dev)
-        position_ids = torch.tensor([pos], device=dev)
-        with _eval_mode(model), self._active(who):
-            h = states(ids, mask, position_ids, past_key_values=cache)
-        del cache  # the concatenated copy; the session's own tensors are untouched
-        self.tokens_read += N
-        self.forward_calls += 1
-        return h[0]
 
     def choose(self, candidates: list[dict], method: str | None = None, *, seed: int = 0) -> int:
         """Index of the candidate `method` ranks highest (default: the critic's variant; any baseline too), by the
@@ -336,8 +356,37 @@ class CriticSession:
         return pick_best([r.method_score(method) for r in results], "session", seed)
 
     def __repr__(self) -> str:
-        return (f"CriticSession(messages={len(self.messages)}, cached_tokens={len(self._ids)}, cached={self.cached}, "
-                f"overflow={self.overflow})")
+        return (f"CriticSession(messages={len(self.messages)}, cached_tokens={len(self._kv_ids)}, pending={self.pending}, "
+                f"cached={self.cached}, overflow={self.overflow})")
+
+
+def _candidate(arrays: dict[str, np.ndarray], a: int, n: int, vocab: int | None, cfg) -> CandidateScore:
+    """One candidate's figures from its tokens [a, a + n) of the packed pass's per-token arrays."""
+    st = TokenStats(step=np.zeros(n, dtype=np.int64), vocab_size=vocab, **{k: v[a : a + n] for k, v in arrays.items()})
+    ts = score_from_token_stats(st, 1, cfg)
+    res = from_step(ts, 0)
+    # the sums straight from the token log-probs (from_step's mean * n would round twice)
+    res.policy_logprob, res.reference_logprob = float(st.policy_logp.sum()), float(st.reference_logp.sum())
+    res.log_ratio = float(st.log_ratio.sum())
+    if ts.error:
+        res.policy_logprob = res.reference_logprob = res.log_ratio = float("nan")
+    return res
+
+
+def _mask_dtype(model) -> torch.dtype:
+    dtype = next(model.parameters()).dtype
+    return dtype if dtype.is_floating_point else torch.float32
+
+
+def _packed_mask(seg: np.ndarray, keep: int, dev, dtype) -> torch.Tensor:
+    """[1, 1, N, keep + N] additive mask of a packed row: every token sees the cache (`keep` positions) and earlier
+    tokens of its own segment and of the state's (segment 0); nothing of the other candidates."""
+    seg = torch.as_tensor(seg, device=dev)
+    N = seg.numel()
+    own = ((seg[:, None] == seg[None, :]) | (seg[None, :] == 0)) & torch.ones((N, N), dtype=torch.bool, device=dev).tril()
+    mask = torch.zeros((1, 1, N, keep + N), dtype=dtype, device=dev)
+    mask[0, 0, :, keep:].masked_fill_(~own, torch.finfo(dtype).min)
+    return mask
 
 
 def _position_limit(max_length: int | None, configs) -> int | None:
