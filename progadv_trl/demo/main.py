@@ -12,6 +12,9 @@
    the policy (on-policy) and from the reference (off-policy, as the paper scores another model's runs)
 6. both sets scored with the bundle and evaluated against the baselines -> DIR/report/{policy,reference}/, the
    training curves DIR/report/training.png, DIR/report/README.md and DIR/summary.json
+5b. with `reward_models`: an ORM and a PRM of the reference's size trained on train-split rollouts of both models
+   (demo/reward_models.py), evaluated and steering beside the critic as baselines `orm`, `prm` -> DIR/{orm,prm},
+   summary["reward_models"] (each one's cost; the critic's is zero)
 7. step-level selection (`steer_tasks` > 0): each agent samples K candidate turns at every step of held-out episodes
    and keeps the one each method ranks highest through a critic session (demo/steering.py) -> summary["step_selection"]
 
@@ -71,6 +74,8 @@ def demo_config(args: DemoArguments) -> DemoConfig:
         given["seed"] = args.seed
     if args.noisy:
         given["free_form"] = True
+    if getattr(args, "reward_models", False):
+        given["reward_models"] = True
     return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
 
 
@@ -142,11 +147,17 @@ def run_demo(cfg: DemoConfig) -> dict:
     with _stage(5, "success on held-out tasks (greedy and sampled) + test rollouts of both models", timings, "rollouts_s", cpu, others):
         ev = evaluate(cfg)
 
+    rms, rm_block = None, None
+    if cfg.reward_models:
+        with _stage("5b", f"reward models for the comparison: ORM and PRM on {cfg.rm_rollouts} train-split rollouts "
+                    "of each model", timings, "reward_models_s", cpu, others):  # fmt: skip
+            rms, rm_block = run_reward_models(cfg)
+
     with _stage(6, "scoring the test rollouts with the bundle; evaluation against the baselines", timings, "evaluate_s", cpu, others):
         from ..critic import ProgressCritic
 
         critic = ProgressCritic.from_pretrained(out / "bundle")  # verified and loaded once for both sets
-        evaluations = {name: evaluate_set(critic, ev["rollouts"][name]["path"], out / "report" / name, cfg)
+        evaluations = {name: evaluate_set(critic, ev["rollouts"][name]["path"], out / "report" / name, cfg, rms)
                        for name in SETS}  # fmt: skip
         curves = training_curves(cb.history, trainer.state.log_history, out / "report" / "training.png")
 
@@ -154,7 +165,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     if cfg.steer_tasks:
         with _stage(7, f"step-level selection: {cfg.steer_tasks} held-out tasks, K = 4 and 8, every method, both agents",
                     timings, "steer_s", cpu):  # fmt: skip
-            steering = run_step_selection(critic, cfg)
+            steering = run_step_selection(critic, cfg, rms)
 
     timings["total_s"] = round(time.perf_counter() - t_all, 1)
     cpu["total_s"] = round(time.process_time() - c_all, 1)
@@ -183,6 +194,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     }
     if steering is not None:
         summary["step_selection"] = steering
+    if rm_block is not None:
+        summary["reward_models"] = rm_block
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
@@ -207,11 +220,14 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
     summary["config"] = {**summary["config"], **eval_overrides}
     cfg = DemoConfig(**summary["config"])
     critic = ProgressCritic.from_pretrained(out / "bundle")
-    evaluations = {name: evaluate_set(critic, summary["test_rollouts"][name]["path"], out / "report" / name, cfg)
+    rms = None
+    if cfg.reward_models:  # trained from the run's saved reference and policy: nothing else of the run changes
+        rms, summary["reward_models"] = run_reward_models(cfg)
+    evaluations = {name: evaluate_set(critic, summary["test_rollouts"][name]["path"], out / "report" / name, cfg, rms)
                    for name in SETS}  # fmt: skip
     summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
     if cfg.steer_tasks:
-        summary["step_selection"] = run_step_selection(critic, cfg)
+        summary["step_selection"] = run_step_selection(critic, cfg, rms)
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
@@ -224,20 +240,33 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
 # Evaluation of one rollout set
 
 
-def run_step_selection(critic, cfg: DemoConfig) -> dict:
-    """Stage 7: the critic in the agent loop (demo/steering.py), both agents, on the first `steer_tasks` eval tasks."""
+def run_step_selection(critic, cfg: DemoConfig, reward_models: dict | None = None) -> dict:
+    """Stage 7: the critic in the agent loop (demo/steering.py), both agents, on the first `steer_tasks` eval tasks;
+    the reward models (if any) choose among the same candidates as methods of their own."""
     from .pipeline import load_models
     from .steering import step_selection
 
     tok, models = load_models(cfg)
-    return step_selection(critic, models, tok, cfg)
+    return step_selection(critic, models, tok, cfg, reward_models=reward_models)
 
 
-def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
+def run_reward_models(cfg: DemoConfig) -> tuple[dict, dict]:
+    """Stage 5b (`cfg.reward_models`): the ORM and the PRM trained on train-split rollouts of the reference and the
+    policy (demo/reward_models.py), saved under DIR/orm and DIR/prm. Returns (models, summary["reward_models"]: each
+    one's cost beside the critic's, which is zero)."""
+    from .pipeline import load_models
+    from .reward_models import train_reward_models
+
+    tok, models = load_models(cfg)
+    return train_reward_models(cfg, models, tok, out_dir=cfg.out_dir)
+
+
+def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig, reward_models: dict | None = None) -> dict:
     """Score `rollouts` with the critic (every reduction from one forward pass), choose a reduction by 5-fold CV on
     AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) and write the report. With
     `cfg.variants`, also every variant (support statistics and merged references, computed here in evaluation only:
-    training and rollouts never see them) and a variant chosen by 5-fold CV."""
+    training and rollouts never see them) and a variant chosen by 5-fold CV. `reward_models` ({name: RewardModel},
+    demo/reward_models.py): each scores the same rollouts and is evaluated as one more baseline."""
     from ..evaluation import run_evaluation
     from ..trajectories import load_trajectories
 
@@ -254,7 +283,14 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
                         "chosen_by": "the theory's default (beta * sum over tokens, sum over steps), not tuned; the "
                                      "CV choice below is reported for comparison"},
         title=f"progadv demo: {SETS.get(out_dir.name, out_dir.name)}", progress=True, **extra,
+        on_scored=None if not reward_models else _add_reward_models(loaded.trajectories, reward_models),
     )  # fmt: skip
+
+
+def _add_reward_models(trajectories, reward_models: dict):
+    from .reward_models import add_reward_model_scores
+
+    return lambda scores: add_reward_model_scores(scores, trajectories, reward_models)
 
 
 def headline(metrics: dict) -> dict:
@@ -289,6 +325,10 @@ def headline(metrics: dict) -> dict:
             if d:  # a progress-advantage family member minus the best baseline: one study row per variant
                 rows[m][f"fair_{app}_minus_best_baseline"] = d["difference"]
                 rows[m][f"fair_{app}_minus_best_baseline_ci"] = d["difference_ci"]
+            v = ((f or {}).get("versus") or {}).get(m)
+            if v:  # progress advantage minus this baseline head to head (a trained reward model), paired
+                rows[m][f"fair_{app}_progress_advantage_minus_this"] = v["difference"]
+                rows[m][f"fair_{app}_progress_advantage_minus_this_ci"] = v["difference_ci"]
     ref = metrics.get("best_of_n_reference") or {}
     sel = metrics.get("reduction_selection") or {}
     vsel = metrics.get("variant_selection") or {}
@@ -300,8 +340,8 @@ def headline(metrics: dict) -> dict:
         "pass_at_n": ref.get("pass_at_n"),
         "attribution_chance": (metrics.get("attribution_chance") or {}).get("exact"),
         "cv_reduction": {"chosen": sel.get("chosen"), "out_of_fold_auroc": sel.get("out_of_fold")},
-        "comparison": {app: {k: f.get(k) for k in ("best_baseline", "difference", "difference_ci", "verdict")}
-                       for app, f in apps.items() if f and "verdict" in f},
+        "comparison": {app: {k: f.get(k) for k in ("best_baseline", "difference", "difference_ci", "verdict", "versus")
+                             if k in f} for app, f in apps.items() if f and "verdict" in f},
     }
 
 
@@ -374,7 +414,18 @@ def headline_rows(h: dict) -> tuple[list[str], list[list[str]]]:
         ci = c.get("difference_ci")
         rows.append([f"(PA - {c['best_baseline']}, {app}, CV rules)", "", "", "",
                      f"{c['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {c['verdict']}"])  # fmt: skip
+        for b, v in (c.get("versus") or {}).items():  # head to head with each trained reward model
+            ci = v.get("difference_ci")
+            rows.append([f"(PA - {b}, {app}, CV rules)", "", "", "",
+                         f"{v['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {v['verdict']}"])  # fmt: skip
     return header, rows
+
+
+def reward_model_costs(block: dict) -> str:
+    """One line: what each trained reward model cost beside the critic (zero)."""
+    parts = [f"{name.upper()} {c['cpu_s']:.0f} CPU s ({c['rollouts']} rollouts, {c['continuations']} continuations, "
+             f"{c['training_steps']} steps)" for name, c in block.items() if name in ("orm", "prm")]  # fmt: skip
+    return "reward models trained for the comparison: " + "; ".join(parts) + "; the critic 0 (the RL run's own models)"
 
 
 def format_summary(summary: dict) -> str:
@@ -396,6 +447,8 @@ def format_summary(summary: dict) -> str:
             lines.append(f"(5-fold CV would pick the variant {cvv['chosen']}: out-of-fold AUROC "
                          f"{format_cell(cvv['out_of_fold_auroc'])}; steps out of the reference's support: "
                          f"{format_cell(h.get('out_of_support'))})")  # fmt: skip
+    if summary.get("reward_models"):
+        lines += ["", reward_model_costs(summary["reward_models"])]
     if summary.get("step_selection"):
         from .steering import format_step_selection
 
@@ -425,6 +478,8 @@ def report_markdown(summary: dict, evaluations: dict) -> str:
         md += ["", f"## {name} rollouts", "", SETS[name], "", markdown_table(header, rows), "",
                f"Details, intervals, calibration and plots: [{name}/metrics.md]({name}/metrics.md), "
                f"![ROC]({name}/roc.png) ![best-of-N]({name}/best_of_n.png) ![traces]({name}/traces.png)"]  # fmt: skip
+    if summary.get("reward_models"):
+        md += ["", reward_model_costs(summary["reward_models"]) + " (docs/reward_models.md)."]
     if summary.get("step_selection"):
         from .steering import step_selection_markdown
 
