@@ -269,9 +269,16 @@ def train_head(cfg, tokenizer, examples: list[tuple[list[int], list[int], list[f
 
     from .pipeline import ATTN
 
+    from transformers.utils import logging as hf_logging
+
     torch.manual_seed(seed)
-    model = AutoModelForSequenceClassification.from_pretrained(str(cfg.path("reference")), num_labels=1,
-                                                               attn_implementation=ATTN)  # fmt: skip
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the load report would list the new head as missing: it is new by design
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(str(cfg.path("reference")), num_labels=1,
+                                                                   attn_implementation=ATTN)  # fmt: skip
+    finally:
+        hf_logging.set_verbosity(level)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     model.config.pad_token_id = pad
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.rm_lr, weight_decay=0.0)
