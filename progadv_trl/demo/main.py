@@ -415,6 +415,8 @@ def headline_rows(h: dict) -> tuple[list[str], list[list[str]]]:
         rows.append([f"(PA - {c['best_baseline']}, {app}, CV rules)", "", "", "",
                      f"{c['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {c['verdict']}"])  # fmt: skip
         for b, v in (c.get("versus") or {}).items():  # head to head with each trained reward model
+            if b == c["best_baseline"]:
+                continue  # the row above
             ci = v.get("difference_ci")
             rows.append([f"(PA - {b}, {app}, CV rules)", "", "", "",
                          f"{v['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {v['verdict']}"])  # fmt: skip
