@@ -6,7 +6,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config import MERGES, PAPER_TOKEN_REDUCTIONS, SELECTION_METRICS, STEP_REDUCTIONS, TOKEN_REDUCTIONS, VARIANTS
+from .config import (
+    MERGES,
+    PAPER_TOKEN_REDUCTIONS,
+    PLAUSIBILITY_ALPHAS,
+    PLAUSIBLE,
+    SELECTION_METRICS,
+    STEP_REDUCTIONS,
+    TOKEN_REDUCTIONS,
+    VARIANTS,
+)
 from .formats import FORMATS
 
 @dataclass
@@ -48,10 +57,13 @@ class ScoringArguments:
                                                                             "below this (default log(1e-2), chosen on a validation split)"})  # fmt: skip
     clip: float | None = field(default=None, metadata={"help": "progress_advantage_clipped: clip token log-ratios to "
                                                                "[-clip, clip] (default 5)"})  # fmt: skip
-    variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", *VARIANTS),
+    variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", PLAUSIBLE, *VARIANTS),
                                                         "help": "the progress-advantage variant a critic uses "
                                                                 "(best-of-N, success prediction, attribution); with "
                                                                 "export: recorded in the bundle"})  # fmt: skip
+    plausibility_alpha: float | None = field(default=None, metadata={
+        "help": f"{PLAUSIBLE}: a step is plausible when each token has policy probability >= alpha x the policy's top "
+                f"choice there (default 0.1; evaluate chooses among {PLAUSIBILITY_ALPHAS} by CV)"})
 
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
@@ -64,10 +76,13 @@ class ScoringArguments:
 
     def overrides(self) -> dict:
         """The ScoringConfig fields given on the command line."""
-        keys = ("beta", "token_reduction", "step_reduction", "temperature", "support_threshold", "clip", "variant")
+        keys = ("beta", "token_reduction", "step_reduction", "temperature", "support_threshold", "clip", "variant",
+                "plausibility_alpha")
         over = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
         if self.support:
             over["support"] = True
+        if self.plausibility_alpha is not None:
+            over["plausibility_alpha_source"] = "given on the command line (--plausibility-alpha)"
         return over
 
 
@@ -193,7 +208,7 @@ class ProgadvArguments:
                                                                                     "success (default 0)"})  # fmt: skip
     progadv_reference_pass: bool = field(default=False, metadata={"help": "beta == 0: run one extra no-grad reference "
                                                                           "pass per generation batch for the train/eval figures"})  # fmt: skip
-    progadv_variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", *VARIANTS),
+    progadv_variant: str | None = field(default=None, metadata={"choices": ("progress_advantage", PLAUSIBLE, *VARIANTS),
                                                                 "help": "the progress-advantage variant the held-out "
                                                                         "figures and the bundle use"})  # fmt: skip
     progadv_heldout_max_length: int | None = field(default=None, metadata={"help": "truncate longer held-out trajectories"})
@@ -203,8 +218,8 @@ class ProgadvArguments:
         # TrlParser puts YAML values in as defaults, which argparse does not check against `choices`: check here
         if self.progadv_export not in ("end", "save", "none"):
             raise ValueError(f"progadv_export must be one of end, save, none; got {self.progadv_export!r}")
-        if self.progadv_variant is not None and self.progadv_variant not in ("progress_advantage", *VARIANTS):
-            raise ValueError(f"progadv_variant must be progress_advantage or one of {VARIANTS}; got {self.progadv_variant!r}")
+        if self.progadv_variant is not None and self.progadv_variant not in ("progress_advantage", PLAUSIBLE, *VARIANTS):
+            raise ValueError(f"progadv_variant must be progress_advantage or one of {(PLAUSIBLE, *VARIANTS)}; got {self.progadv_variant!r}")
         if self.progadv_eval_steps is not None and self.progadv_eval_steps < 1:
             raise ValueError(f"progadv_eval_steps must be a positive integer; got {self.progadv_eval_steps}")
         if self.progadv_heldout_batch_size < 1:

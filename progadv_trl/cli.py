@@ -140,8 +140,12 @@ def cmd_score(trajectories: str, model: ModelArguments, scoring: ScoringArgument
         return 0
     write_jsonl(args.output, (s.to_dict() for s in scores))  # strict JSON: a NaN in metadata is written null
     print(f"progadv: scored {len(scores)} trajectories ({sum(len(s.steps) for s in scores)} steps) -> {args.output}", file=sys.stderr)
-    from .evaluation.labels import out_of_support_share
+    from .evaluation.labels import implausible_share, out_of_support_share
 
+    imp = implausible_share(scores)
+    if imp is not None and imp["share"] is not None:
+        print(f"progadv: {imp['share']:.1%} of {imp['n_steps']} steps implausible to the policy itself (a token below "
+              f"{imp['alpha']:g} x its top choice); per step: `plausible`, `shortfall`", file=sys.stderr)
     oos = out_of_support_share(scores)
     if oos is not None and oos["share"] is not None:
         print(f"progadv: {oos['share']:.1%} of {oos['n_steps']} steps out of the reference's support (a token with "

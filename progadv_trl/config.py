@@ -36,6 +36,20 @@ VARIANTS = (
     "progress_advantage_in_support",  # tokens with reference log-prob < support_threshold left out
 )
 FAMILY_PREFIX = "progress_advantage_"
+# The plausibility-gated member (scoring.plausible_step_values): a step counts only where the policy itself finds
+# every one of its tokens plausible, log pi_theta(x) >= log alpha + max_v log pi_theta(v) (contrastive decoding's
+# adaptive plausibility constraint, Li et al. 2023, brought to agent steps). GRPO moves probability only where the
+# policy samples; where it rarely goes, the log-ratio is a side effect of normalisation, not Q* - V*. Needs only the
+# policy's top-1 log-prob per action token (from the policy pass's own softmax), not the support statistics.
+PLAUSIBLE = "progress_advantage_plausible"
+# The alpha grid a cross-validated choice ranges over (evaluation.fair: alpha is part of the method's rule, chosen on
+# the folds it is not reported on, like the step reduction); DEFAULT_ALPHA is contrastive decoding's 0.1.
+PLAUSIBILITY_ALPHAS = (0.01, 0.03, 0.1, 0.3)
+DEFAULT_ALPHA = 0.1
+# An implausible step's value is -(IMPLAUSIBLE_OFFSET + shortfall): below every plausible step's advantage (|A_t| is
+# beta times a few hundred nats at most), ordered among themselves by shortfall. A sum over steps thus ranks
+# trajectories by their number of implausible steps first. Finite, so every reduction and JSON writer takes it.
+IMPLAUSIBLE_OFFSET = 1e6
 # Weight-space merges for the merged reference pi_alpha = pi_ref + alpha * (pi_theta - pi_ref) (merging.py). Each
 # alpha scored becomes the variant `merged_variant_name(merge, alpha)`.
 MERGES = ("linear", "ties", "dare_linear", "dare_ties")
@@ -60,8 +74,9 @@ def method_names(variant_names=(), baseline_names=()) -> tuple[str, ...]:
     other (run-time) names sorted; then any other baselines given (sorted), e.g. a trained reward model whose scores
     were put in `TrajectoryScore.baselines`. What evaluation enumerates."""
     given = {v for v in variant_names if in_family(v) and v != "progress_advantage"}
+    known = (PLAUSIBLE, *VARIANTS)
     extra = {b for b in baseline_names if not in_family(b) and b not in METHODS}
-    return METHODS + tuple(v for v in VARIANTS if v in given) + tuple(sorted(given - set(VARIANTS))) + tuple(sorted(extra))
+    return METHODS + tuple(v for v in known if v in given) + tuple(sorted(given - set(known))) + tuple(sorted(extra))
 
 
 def extra_baselines(methods) -> tuple[str, ...]:
@@ -110,7 +125,18 @@ class ScoringConfig:
     variant: str = field(
         default="progress_advantage",
         metadata={"help": f"The member of the progress-advantage family a critic uses by default (best-of-N, success "
-                          f"prediction, attribution): progress_advantage or one of {VARIANTS}."},
+                          f"prediction, attribution, the session's choose): progress_advantage, {PLAUSIBLE} or one of "
+                          f"{VARIANTS}."},
+    )  # fmt: skip
+    plausibility_alpha: float = field(
+        default=DEFAULT_ALPHA,
+        metadata={"help": f"{PLAUSIBLE}: a step is plausible when each of its tokens has policy probability >= alpha "
+                          f"times the policy's top choice at that position. Contrastive decoding's 0.1; `progadv "
+                          f"evaluate` chooses among {PLAUSIBILITY_ALPHAS} by CV."},
+    )  # fmt: skip
+    plausibility_alpha_source: str = field(
+        default="default (contrastive decoding's 0.1, not tuned)",
+        metadata={"help": "How plausibility_alpha was chosen (recorded in a bundle's manifest)."},
     )  # fmt: skip
 
     def __post_init__(self):
@@ -122,6 +148,8 @@ class ScoringConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not self.clip > 0:
             raise ValueError(f"clip must be > 0, got {self.clip}")
+        if not 0 < self.plausibility_alpha <= 1:
+            raise ValueError(f"plausibility_alpha must be in (0, 1], got {self.plausibility_alpha}")
         if not in_family(self.variant):
             raise ValueError(f"variant must be progress_advantage or a name starting with {FAMILY_PREFIX!r} (e.g. one "
                              f"of {VARIANTS}), got {self.variant!r}")  # fmt: skip
@@ -134,6 +162,8 @@ class ScoringConfig:
     def variant_params(self) -> dict:
         """The variant's name and the parameters it depends on (what a bundle manifest records)."""
         return {"name": self.variant, "params": {"clip": self.clip, "support_threshold": self.support_threshold,
+                                                 "plausibility_alpha": self.plausibility_alpha,
+                                                 "plausibility_alpha_source": self.plausibility_alpha_source,
                                                  "beta": self.beta, "token_reduction": self.token_reduction,
                                                  "step_reduction": self.step_reduction}}  # fmt: skip
 

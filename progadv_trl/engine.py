@@ -106,9 +106,11 @@ def taken_token_stats(
     chunk_size: int = 1024,
     keep_logprobs: bool = False,
     other_logprobs: torch.Tensor | None = None,
+    with_top1: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Token statistics for the tokens at (batch_idx, pos_idx) of a right-padded batch, predicted from pos - 1
-    (`keep_logprobs` / `other_logprobs`: the support diagnostics, see `scoring.token_logprob_stats`)."""
+    (`keep_logprobs` / `other_logprobs`: the support diagnostics; `with_top1`: the top-1 log-prob per token; see
+    `scoring.token_logprob_stats`)."""
     from .scoring import token_logprob_stats
 
     dev = _device(model)
@@ -120,7 +122,7 @@ def taken_token_stats(
     h = states(input_ids, attention_mask, position_ids)[b_idx, p_idx - 1]
     return token_logprob_stats(
         h, head, targets, temperature=temperature, topk=topk, chunk_size=chunk_size, with_vocab_stats=with_vocab_stats,
-        keep_logprobs=keep_logprobs, other_logprobs=other_logprobs,
+        keep_logprobs=keep_logprobs, other_logprobs=other_logprobs, with_top1=with_top1,
     )  # fmt: skip
 
 
@@ -312,14 +314,14 @@ class ProgressScorer:
         index, owner, step = self._rows(rendered, members)
         padded = None if isinstance(unit, SharedGroup) else self._pad(rendered, unit)
         support = cfg.wants_support
-        pol = self._pass(self.policy, rendered, unit, index, padded, topk=cfg.topk,
+        pol = self._pass(self.policy, rendered, unit, index, padded, topk=cfg.topk, with_top1=True,
                          with_vocab_stats=self.compute_baselines, keep_logprobs=support)  # fmt: skip
         # support: the policy's rows wait for the reference pass, which computes both KLs chunk by chunk
         other = pol.pop("logprobs", None)
         with self.reference.active(self.policy):  # the prefix cache too: computed under the same adapters
             ref = self._pass(ref_model, rendered, unit, index, padded, other_logprobs=other)
         del other  # N_action x V float32: released before the next unit
-        arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"]}
+        arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"], "policy_top1_logp": pol["top1_logp"]}
         if self.compute_baselines:
             arrays["policy_mean_logp"], arrays["policy_topk_logp"] = pol["mean_logp"], pol["topk_logp"]
         if support:

@@ -16,7 +16,9 @@ import torch
 
 from .config import (  # noqa: F401 - re-exported: the names used to live here
     BASELINES,
+    IMPLAUSIBLE_OFFSET,
     METHODS,
+    PLAUSIBLE,
     PAPER_TOKEN_REDUCTIONS,
     STEP_REDUCTIONS,
     TOKEN_REDUCTIONS,
@@ -40,13 +42,16 @@ def token_logprob_stats(
     with_vocab_stats: bool = False,
     keep_logprobs: bool = False,
     other_logprobs: torch.Tensor | None = None,
+    with_top1: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Log-prob of each target token (and optional whole-vocabulary statistics) from final hidden states.
 
     hidden: [N, H] hidden states at the positions that predict `targets` ([N]). The output layer runs on at most
     `chunk_size` rows at a time and the softmax is taken in float32, so peak memory is chunk_size x vocab floats.
     Returns float32 tensors of shape [N]: "logp"; with `with_vocab_stats` also "mean_logp" (mean over the
-    vocabulary of log p, for self-certainty) and "topk_logp" (mean of the top-k log-probs, for DeepConf).
+    vocabulary of log p, for self-certainty) and "topk_logp" (mean of the top-k log-probs, for DeepConf); with
+    `with_top1` also "top1_logp" (max over the vocabulary of log p: the plausibility constraint's reference point,
+    one max over logits the pass already holds).
 
     Support diagnostics need two models' distributions at the same positions, so they take two passes:
     `keep_logprobs` returns this model's whole log-softmax rows as "logprobs" ([N, V] float32: the caller holds
@@ -57,6 +62,8 @@ def token_logprob_stats(
     out = {"logp": []}
     if with_vocab_stats:
         out["mean_logp"], out["topk_logp"] = [], []
+    if with_top1:
+        out["top1_logp"] = []
     if keep_logprobs:
         out["logprobs"] = []
     if other_logprobs is not None:
@@ -68,6 +75,8 @@ def token_logprob_stats(
         lse = torch.logsumexp(logits, dim=-1)
         tgt = targets[start : start + chunk_size]
         out["logp"].append(logits.gather(-1, tgt[:, None]).squeeze(-1) - lse)
+        if with_top1:
+            out["top1_logp"].append(logits.max(-1).values - lse)
         if with_vocab_stats:
             out["mean_logp"].append(logits.mean(-1) - lse)
             k = min(max(topk, 1), logits.shape[-1])
@@ -106,6 +115,8 @@ class TokenStats:
     # Support diagnostics (ScoringConfig.support): full-vocabulary KLs of the two next-token distributions.
     kl_policy_ref: np.ndarray | None = None  # KL(pi_theta || pi_ref) at the state before each action token
     kl_ref_policy: np.ndarray | None = None  # KL(pi_ref || pi_theta) there
+    # max over the vocabulary of log pi_theta at each action token's position (the plausibility constraint)
+    policy_top1_logp: np.ndarray | None = None
 
     @property
     def log_ratio(self) -> np.ndarray:
@@ -233,6 +244,34 @@ def variant_scores(stats: TokenStats, n_steps: int, config: ScoringConfig) -> di
     return out
 
 
+def step_gaps(stats: TokenStats, n_steps: int) -> np.ndarray | None:
+    """Per step, how far (nats) its least plausible token falls below the policy's own top choice at that position:
+    max over the step's tokens of max_v log pi_theta(v) - log pi_theta(x), >= 0 (0: every token was the argmax). NaN
+    for a step with no tokens; None without the top-1 log-probs (TRL's training tensors do not carry them)."""
+    if stats.policy_top1_logp is None:
+        return None
+    gap = np.maximum(stats.policy_top1_logp - stats.policy_logp, 0.0)  # float rounding can make the argmax -1e-7
+    return _per_step(gap, stats.step, n_steps, "max")
+
+
+def shortfalls(gaps: np.ndarray, alpha: float) -> np.ndarray:
+    """Per step, how far (nats) its worst token falls short of the plausibility bound log alpha + max log pi_theta:
+    0 for a plausible step (gap <= -log alpha), NaN where the gap is."""
+    return np.maximum(np.asarray(gaps, dtype=np.float64) + math.log(alpha), 0.0)
+
+
+def plausible_step_values(advantages: np.ndarray, gaps: np.ndarray, alpha: float) -> np.ndarray:
+    """progress_advantage_plausible per step: a plausible step keeps its advantage; an implausible one is worth
+    -(IMPLAUSIBLE_OFFSET + shortfall), below every plausible step and ordered by shortfall (smallest first). The
+    semantics per application (docs/variants.md): at one state, candidates rank plausible-first, then by advantage;
+    over a trajectory, the step reduction applies to these values, so `sum` ranks trajectories by their number of
+    implausible steps first (then by the plausible steps' advantage less the shortfalls), `min` by their worst step,
+    and attribution's min_step names the least plausible step before the lowest advantage."""
+    adv = np.asarray(advantages, dtype=np.float64)
+    short = shortfalls(gaps, alpha)
+    return np.where(short > 0, -(IMPLAUSIBLE_OFFSET + short), adv)
+
+
 def support_report(stats: TokenStats, n_steps: int, threshold: float) -> dict | None:
     """Per step: the reference's mean and minimum token log-prob, the mean per-token KL(pi_theta||pi_ref), and
     whether the step is out of the reference's support (min below `threshold`; None for a step with no tokens);
@@ -265,15 +304,23 @@ class StepScore:
     advantage: float  # NaN (null in JSON) when truncation cut every token of the step
     tokens: int  # tokens scored
     truncated: bool  # some of this step's own tokens were cut by max_length
+    # nats its least plausible token falls below the policy's top choice (`step_gaps`); None where not computed
+    gap: float | None = None
 
-    def to_dict(self) -> dict:
-        return {
+    def to_dict(self, alpha: float | None = None) -> dict:
+        d = {
             "index": self.index,
             "message_index": self.message_index,
             "advantage": _json_float(self.advantage),
             "tokens": self.tokens,
             "truncated": self.truncated,
         }
+        if self.gap is not None:
+            d["gap"] = _json_float(self.gap)
+            if alpha is not None and math.isfinite(self.gap):
+                short = float(shortfalls(np.array([self.gap]), alpha)[0])
+                d["plausible"], d["shortfall"] = short == 0.0, short
+        return d
 
 
 @dataclass
@@ -300,6 +347,24 @@ class TrajectoryScore:
     step_variants: dict[str, list[float]] = field(default_factory=dict)
     # Support diagnostics (`support_report`): {"threshold", "out_of_support" (share of flagged steps), "steps": [...]}.
     support: dict | None = None
+    # The alpha of the progress_advantage_plausible figures (steps' `plausible`/`shortfall`); None without gaps.
+    plausibility_alpha: float | None = None
+
+    @property
+    def gaps(self) -> np.ndarray | None:
+        """Per-step plausibility gaps (`step_gaps`), or None when the scorer did not have the top-1 log-probs."""
+        if not self.steps or any(s.gap is None for s in self.steps):
+            return None
+        return np.array([s.gap for s in self.steps], dtype=np.float64)
+
+    def implausible_share(self, alpha: float | None = None) -> float:
+        """Share of this trajectory's scored steps that fail the plausibility constraint at `alpha` (default: the
+        trajectory's); NaN without gaps."""
+        g, alpha = self.gaps, alpha or self.plausibility_alpha
+        if g is None or alpha is None or np.isnan(g).all():
+            return float("nan")
+        g = g[~np.isnan(g)]
+        return float(np.mean(shortfalls(g, alpha) > 0))
 
     @property
     def out_of_support(self) -> float:
@@ -328,7 +393,7 @@ class TrajectoryScore:
         d = {
             "id": self.id,
             "score": _json_float(self.score),
-            "steps": [s.to_dict() for s in self.steps],
+            "steps": [s.to_dict(self.plausibility_alpha) for s in self.steps],
             "baselines": {k: _json_float(v) for k, v in self.baselines.items()},
             "step_baselines": {k: [_json_float(x) for x in v] for k, v in self.step_baselines.items()},
         }
@@ -342,7 +407,7 @@ class TrajectoryScore:
                 "steps": [{k: (_json_float(v) if isinstance(v, float) else v) for k, v in st.items()}
                           for st in self.support["steps"]],
             }  # fmt: skip
-        for key in ("group", "success", "failure_step", "truncation", "metadata", "error"):
+        for key in ("plausibility_alpha", "group", "success", "failure_step", "truncation", "metadata", "error"):
             val = getattr(self, key)
             if val is not None:
                 d[key] = val
@@ -360,6 +425,7 @@ class TrajectoryScore:
                 advantage=nan if s["advantage"] is None else s["advantage"],
                 tokens=s["tokens"],
                 truncated=s["truncated"],
+                gap=(nan if s["gap"] is None else s["gap"]) if "gap" in s else None,
             )
             for s in d["steps"]
         ]
@@ -379,6 +445,7 @@ class TrajectoryScore:
             variants={k: (nan if v is None else v) for k, v in (d.get("variants") or {}).items()},
             step_variants={k: [nan if x is None else x for x in v] for k, v in (d.get("step_variants") or {}).items()},
             support=_support_from_json(d.get("support")),
+            plausibility_alpha=d.get("plausibility_alpha"),
         )
 
 
@@ -431,8 +498,15 @@ def score_from_token_stats(
         StepScore(index=i, message_index=msg[i], advantage=float(adv[i]), tokens=int(counts[i]), truncated=i in truncated_steps)
         for i in range(n_steps)
     ]
+    gaps = step_gaps(stats, n_steps)
+    if gaps is not None:
+        for st, g in zip(steps, gaps):
+            st.gap = float(g)
     base = baseline_scores(stats, n_steps, config)
     var = variant_scores(stats, n_steps, config)
+    if gaps is not None:
+        pv = plausible_step_values(adv, gaps, config.plausibility_alpha)
+        var[PLAUSIBLE] = {"score": reduce_steps(pv, config.step_reduction), "steps": pv}
     ratios = None
     if with_token_ratios:
         lr = stats.log_ratio
@@ -447,6 +521,7 @@ def score_from_token_stats(
         variants={k: v["score"] for k, v in var.items()},
         step_variants={k: v["steps"].tolist() for k, v in var.items()},
         support=support_report(stats, n_steps, config.support_threshold),
+        plausibility_alpha=config.plausibility_alpha if gaps is not None else None,
     )
     fault = numeric_fault(stats)
     if fault:
@@ -456,6 +531,7 @@ def score_from_token_stats(
         res.error, res.score = fault, nan
         for st in res.steps:
             st.advantage = nan
+            st.gap = None if st.gap is None else nan
         res.baselines = {k: nan for k in res.baselines}
         res.step_baselines = {k: [nan] * len(v) for k, v in res.step_baselines.items()}
         res.variants = {k: nan for k in res.variants}

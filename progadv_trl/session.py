@@ -41,7 +41,7 @@ import torch
 from .engine import _device, _eval_mode, _plain_model, _states_fn
 from .prefix import _common_prefix, full_attention
 from .rendering import render_step
-from .scoring import TokenStats, TrajectoryScore, score_from_token_stats, token_logprob_stats
+from .scoring import TokenStats, TrajectoryScore, score_from_token_stats, shortfalls, token_logprob_stats
 from .trajectories import Trajectory, validate_messages
 
 # Attention implementations that take a custom 4D float mask as given (transformers' masking_utils returns a 4D
@@ -59,7 +59,12 @@ class CandidateScore:
     baselines: each baseline's value for this step, as `TrajectoryScore.step_baselines` holds it (policy_logprob /
         reference_logprob: the MEAN token log-prob, as the methods are defined everywhere else; self_certainty; the
         DeepConf pair: the step's mean token confidence, since tail and bottom-10% windows are trajectory notions).
-    variants: the progress-advantage variants' values for this step, when the scorer computes support statistics.
+    variants: the progress-advantage variants' values for this step: progress_advantage_plausible always (the
+        advantage if plausible, else -(IMPLAUSIBLE_OFFSET + shortfall): implausible candidates rank below every
+        plausible one, the smallest shortfall first), the others when the scorer computes support statistics.
+    plausible: every token has policy probability >= plausibility_alpha x the policy's top choice there (None when
+        not computed); shortfall: nats by which the worst token falls below that bound (0 when plausible); gap: nats
+        by which it falls below the policy's top choice (alpha-free).
     """
 
     advantage: float
@@ -69,6 +74,9 @@ class CandidateScore:
     tokens: int
     baselines: dict[str, float] = field(default_factory=dict)
     variants: dict[str, float] = field(default_factory=dict)
+    plausible: bool | None = None
+    shortfall: float | None = None
+    gap: float | None = None
     truncated: bool = False
     truncation: dict | None = None
     error: str | None = None  # non-finite logits (see scoring.numeric_fault): every figure NaN
@@ -100,8 +108,16 @@ def from_step(ts: TrajectoryScore, step: int) -> CandidateScore:
         advantage=st.advantage, log_ratio=pol - ref, policy_logprob=pol, reference_logprob=ref, tokens=n,
         baselines={k: float(v[step]) for k, v in ts.step_baselines.items()},
         variants={k: float(v[step]) for k, v in ts.step_variants.items()}, truncated=bool(ts.truncation),
-        truncation=ts.truncation, error=ts.error,
+        truncation=ts.truncation, error=ts.error, **_plausibility(st.gap, ts.plausibility_alpha),
     )  # fmt: skip
+
+
+def _plausibility(gap: float | None, alpha: float | None) -> dict:
+    """CandidateScore's plausible / shortfall / gap for a step's gap at alpha (None where not computed)."""
+    if gap is None or alpha is None or not np.isfinite(gap):
+        return {"gap": gap}
+    short = float(shortfalls(np.array([gap]), alpha)[0])
+    return {"plausible": short == 0.0, "shortfall": short, "gap": float(gap)}
 
 
 class CriticSession:
@@ -253,13 +269,13 @@ class CriticSession:
             tgt = torch.tensor(targets, dtype=torch.long, device=dev)
             with self._active(who):
                 if who == "policy":
-                    res[who] = token_logprob_stats(h[idx], head, tgt, topk=cfg.topk, keep_logprobs=support,
+                    res[who] = token_logprob_stats(h[idx], head, tgt, topk=cfg.topk, keep_logprobs=support, with_top1=True,
                                                    with_vocab_stats=self.scorer.compute_baselines, **kw)
                 else:
                     res[who] = token_logprob_stats(h[idx], head, tgt, other_logprobs=res["policy"].pop("logprobs", None), **kw)
         pol, ref = res["policy"], res["reference"]
         vocab = _plain_model(self.scorer.policy).get_output_embeddings().weight.shape[0] if self.scorer.compute_baselines else None
-        arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"]}
+        arrays = {"policy_logp": pol["logp"], "reference_logp": ref["logp"], "policy_top1_logp": pol["top1_logp"]}
         if self.scorer.compute_baselines:
             arrays["policy_mean_logp"], arrays["policy_topk_logp"] = pol["mean_logp"], pol["topk_logp"]
         if support:

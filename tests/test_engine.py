@@ -25,7 +25,7 @@ def naive_float64(policy, reference, tokenizer, traj, temperature=1.0, topk=20):
     with torch.no_grad():
         lp = torch.log_softmax(policy(x).logits[0].double() / temperature, -1)
         lr = torch.log_softmax(reference(x).logits[0].double() / temperature, -1)
-    steps, pol_tok, topk_tok, mean_tok = [], [], [], []
+    steps, pol_tok, topk_tok, mean_tok, top1_tok = [], [], [], [], []
     for s, e in spans:
         tgt = x[0, s:e]
         a = lp[s - 1 : e - 1].gather(-1, tgt[:, None]).squeeze(-1)
@@ -34,6 +34,8 @@ def naive_float64(policy, reference, tokenizer, traj, temperature=1.0, topk=20):
         pol_tok.append(a)
         topk_tok.append(lp[s - 1 : e - 1].topk(topk, -1).values.mean(-1))
         mean_tok.append(lp[s - 1 : e - 1].mean(-1))
+        top1_tok.append(lp[s - 1 : e - 1].max(-1).values)
+    naive_float64.top1 = torch.cat(top1_tok)  # the plausibility constraint's reference point, per action token
     return steps, torch.cat(pol_tok), torch.cat(topk_tok), torch.cat(mean_tok), lp.shape[-1]
 
 
@@ -41,9 +43,23 @@ def _double(m):
     return copy.deepcopy(m).double().eval()
 
 
-def _check_agreement(scores, trajs, pol64, ref64, tokenizer, beta=1.0):
-    for sc, tr in zip(scores, trajs):
+def _check_agreement(scores, trajs, pol64, ref64, tokenizer, beta=1.0, stats=None):
+    """`stats`: the engine's TokenStats of the same trajectories (`scorer.token_stats`), checked token by token."""
+    for j, (sc, tr) in enumerate(zip(scores, trajs)):
         steps, pol_tok, topk_tok, mean_tok, V = naive_float64(pol64, ref64, tokenizer, tr)
+        top1 = naive_float64.top1
+        if stats is not None:  # the policy's top-1 log-prob at every action token, from the same pass
+            np.testing.assert_allclose(stats[j].policy_top1_logp, top1.numpy(), atol=1e-5, rtol=0)
+            np.testing.assert_allclose(stats[j].policy_logp, pol_tok.numpy(), atol=1e-5, rtol=0)
+        # per step: the plausibility gap (worst token below the top choice) and the plausible variant's values
+        gaps, at = [], 0
+        for (s, e) in naive_spans(tokenizer, tr)[1]:
+            gaps.append(float((top1[at : at + e - s] - pol_tok[at : at + e - s]).max()))
+            at += e - s
+        np.testing.assert_allclose([s.gap for s in sc.steps], gaps, atol=1e-5, rtol=0)
+        bound = -math.log(sc.plausibility_alpha)
+        want = [beta * a if g <= bound else -(1e6 + g - bound) for a, g in zip(steps, gaps)]
+        np.testing.assert_allclose(sc.step_variants["progress_advantage_plausible"], want, atol=1e-4, rtol=0)
         got = [s.advantage for s in sc.steps]
         assert len(got) == len(steps)
         np.testing.assert_allclose(got, [beta * s for s in steps], atol=1e-4, rtol=0)
@@ -62,9 +78,12 @@ def test_full_policy_agrees_with_float64(tiny_models, tiny_tokenizer, trajectori
     assert len(scorer._batches(scorer.render(trajectories)[1])) > 1
     scores = scorer.score(trajectories)
     assert [s.id for s in scores] == [t["id"] for t in trajectories]
-    _check_agreement(scores, trajectories, _double(pol), _double(ref), tiny_tokenizer, beta=0.5)
+    stats = scorer.token_stats(scorer.render(trajectories)[1])
+    _check_agreement(scores, trajectories, _double(pol), _double(ref), tiny_tokenizer, beta=0.5, stats=stats)
     # the policy really differs from the reference, so the check above is not 0 == 0
     assert max(abs(s.advantage) for sc in scores for s in sc.steps) > 0.1
+    # and the plausibility check is not vacuous: a random tiny model's tokens are mostly not its argmax
+    assert max(s.gap for sc in scores for s in sc.steps) > 0.1
 
 
 def test_lora_policy_agrees_with_float64(tiny_models, tiny_tokenizer, trajectories):
@@ -80,8 +99,9 @@ def test_lora_policy_agrees_with_float64(tiny_models, tiny_tokenizer, trajectori
     peft_model.eval()
     scorer = ProgressScorer(peft_model, tiny_tokenizer)  # reference = adapter disabled
     scores = scorer.score(trajectories)
+    stats = scorer.token_stats(scorer.render(trajectories)[1])
     merged = copy.deepcopy(peft_model).merge_and_unload().double().eval()
-    _check_agreement(scores, trajectories, merged, _double(ref), tiny_tokenizer)
+    _check_agreement(scores, trajectories, merged, _double(ref), tiny_tokenizer, stats=stats)
     assert max(abs(s.advantage) for sc in scores for s in sc.steps) > 0.01
     # disabling the adapter left it enabled afterwards
     assert not peft_model.base_model.model.model.layers[0].self_attn.q_proj.disable_adapters

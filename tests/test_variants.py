@@ -71,7 +71,7 @@ def test_support_and_variants_agree_with_float64(tiny_models, tiny_tokenizer, tr
     flagged = clipped = 0
     for sc, tr in zip(scores, trajectories):
         steps, var, support = naive_support(pol64, ref64, tiny_tokenizer, tr, cfg)
-        assert list(sc.variants) == list(VARIANTS)
+        assert list(sc.variants) == [*VARIANTS, "progress_advantage_plausible"]  # plausible: from the same policy pass
         for v in VARIANTS:
             np.testing.assert_allclose(sc.step_variants[v], steps[v], atol=1e-4, rtol=0)
             np.testing.assert_allclose(sc.variants[v], var[v], atol=1e-4, rtol=0)
@@ -94,11 +94,15 @@ def test_support_and_variants_agree_with_float64(tiny_models, tiny_tokenizer, tr
     assert sc.variants["progress_advantage_centred_policy"] != sc.variants["progress_advantage_centred_reference"]
 
 
-def test_no_support_no_variants(tiny_models, tiny_tokenizer, trajectories):
+def test_no_support_only_the_plausible_variant(tiny_models, tiny_tokenizer, trajectories):
+    # the plausible variant needs only the policy pass's own top-1 log-probs: it is there without the support pass
     pol, ref = tiny_models
     sc = ProgressScorer(pol, tiny_tokenizer, ref).score(trajectories[:2])[0]
-    assert sc.variants == {} and sc.support is None and math.isnan(sc.out_of_support)
-    assert "variants" not in sc.to_dict() and "support" not in sc.to_dict()
+    assert list(sc.variants) == ["progress_advantage_plausible"]
+    assert sc.support is None and math.isnan(sc.out_of_support)
+    d = sc.to_dict()
+    assert "support" not in d and list(d["variants"]) == ["progress_advantage_plausible"]
+    assert all({"gap", "plausible", "shortfall"} <= set(st) for st in d["steps"])
 
 
 def test_support_shared_prefix_matches_plain(tiny_models, tiny_tokenizer):
@@ -113,7 +117,7 @@ def test_support_shared_prefix_matches_plain(tiny_models, tiny_tokenizer):
     a = shared.score(trajs)
     b = ProgressScorer(pol, tiny_tokenizer, ref, config=cfg, batch_tokens=2600, share_prefix=False).score(trajs)
     for x, y in zip(a, b, strict=True):
-        assert list(x.variants) == list(VARIANTS)
+        assert list(x.variants) == [*VARIANTS, "progress_advantage_plausible"]
         for v in VARIANTS:
             np.testing.assert_allclose(x.step_variants[v], y.step_variants[v], atol=1e-4, rtol=0)
         np.testing.assert_allclose([s["kl"] for s in x.support["steps"]], [s["kl"] for s in y.support["steps"]], atol=1e-5)
@@ -149,7 +153,7 @@ def test_a_numeric_fault_takes_the_variants_too():
                     reference_logp=np.array([-1.5, -1.0, -12.0]), kl_policy_ref=np.array([0.1, 0.2, 0.3]),
                     kl_ref_policy=np.array([0.1, 0.2, 0.3]))  # fmt: skip
     ts = score_from_token_stats(st, 2, ScoringConfig(support=True))
-    assert ts.error and list(ts.variants) == list(VARIANTS)
+    assert ts.error and list(ts.variants) == list(VARIANTS)  # no top-1 log-probs here: no plausible variant
     assert all(math.isnan(v) for v in ts.variants.values())
     assert all(math.isnan(x) for v in ts.step_variants.values() for x in v)
     # the support report stays: it reads only the reference, which is sound here (step 1 is out of support)

@@ -189,7 +189,7 @@ def test_cli_score_and_evaluate_report_support_and_the_chosen_variant(tiny_dir, 
     assert main(["score", *models, "--support", str(src), "-o", str(tmp_path / "s.jsonl"), "--support-threshold", "-6"]) == 0
     assert "out of the reference's support" in capsys.readouterr().err
     line = json.loads((tmp_path / "s.jsonl").read_text().splitlines()[0])
-    assert list(line["variants"]) == list(VARIANTS) and 0 <= line["support"]["out_of_support"] <= 1
+    assert list(line["variants"]) == [*VARIANTS, "progress_advantage_plausible"] and 0 <= line["support"]["out_of_support"] <= 1
     assert set(line["support"]["steps"][0]) == {"ref_mean_logp", "ref_min_logp", "kl", "out_of_support"}
     out = tmp_path / "eval"
     assert main(["evaluate", *models, "--choose-variant", str(src), "-o", str(out), "--n-boot", "20", "--folds", "3"]) == 0

@@ -122,7 +122,7 @@ def scoring_config_from_manifest(manifest: dict, **overrides) -> ScoringConfig:
     variant = scoring.get("variant")
     if isinstance(variant, dict) and variant.get("name") and "variant" not in stored:
         # a manifest that records the variant beside the config only: its name and parameters win over defaults
-        params = {k: v for k, v in (variant.get("params") or {}).items() if k in ("clip", "support_threshold")}
+        params = {k: v for k, v in (variant.get("params") or {}).items() if k in ("clip", "support_threshold", "plausibility_alpha", "plausibility_alpha_source")}
         stored.update(params, variant=variant["name"])
     known = {f.name for f in dataclasses.fields(ScoringConfig)}
     extra = sorted(set(stored) - known)

@@ -35,14 +35,27 @@ from pathlib import Path
 from ..arguments import DemoArguments
 from ..evaluation import format_cell, markdown_table, text_table
 from ..utils import atomic_write_text, write_json
-from .study import compare_with_study, reference_ranges
-from .pipeline import DemoConfig, build_assets, evaluate, heldout_records, train_policy, train_reference, write_jsonl
+from .pipeline import (
+    DemoConfig,
+    build_assets,
+    evaluate,
+    heldout_records,
+    mid_step,
+    train_policy,
+    train_reference,
+    write_jsonl,
+)
+from .ranges import EVAL_ONLY_KEYS, compare_with_study, reference_ranges
 
 N_STAGES = 7
 SETS = {
     "policy": "rollouts of the RL policy (on-policy: the regime the theory describes, at a policy far from optimal)",
+    "mid": "rollouts of the GRPO checkpoint a third of the way in, graded by its own critic (it against the "
+           "reference): mid-training, a policy that is not yet good, as a user watching a run sees it",
     "reference": "rollouts of the SFT reference (off-policy: another model's runs, as in the paper)",
 }
+# The critic that grades each set: the final bundle, except the mid-training set's own (DIR/bundle_mid).
+SET_BUNDLE = {"policy": "bundle", "mid": "bundle_mid", "reference": "bundle"}
 # The merged references stage 6 scores against (each a variant): pi_alpha = pi_ref + alpha (pi_theta - pi_ref).
 MERGE_ALPHAS = (0.25, 0.5, 0.75)
 MERGES_EVALUATED = ("linear", "ties", "dare_linear")
@@ -85,15 +98,54 @@ def _say(msg: str) -> None:
 
 @contextmanager
 def _stage(i: int, what: str, timings: dict, key: str, cpu: dict | None = None, others: dict | None = None):
+    """One line when the stage starts, one when it ends with its key figures: the body fills the yielded dict
+    ({"what": "figure text"}), so a person reads what the stage produced, not the trainers' log dicts."""
     _say(f"{i}/{N_STAGES} {what}")
     if others is not None:  # runnable tasks beside ours now: the wait policy was fixed at start-up (cpu.py)
         others[key] = _competition(others)
     t0, c0 = time.perf_counter(), time.process_time()
-    yield
+    figures: dict[str, str] = {}
+    yield figures
     timings[key] = round(time.perf_counter() - t0, 1)
     if cpu is not None:  # process CPU seconds (all threads): comparable across runs on a shared machine, wall is not
         cpu[key] = round(time.process_time() - c0, 1)
-    _say(f"{i}/{N_STAGES} done in {timings[key]:.0f} s")
+    shown = "; ".join(f"{k} {v}" for k, v in figures.items())
+    _say(f"{i}/{N_STAGES} done in {timings[key]:.0f} s" + (f": {shown}" if shown else ""))
+
+
+@contextmanager
+def _quiet(log_dir: Path):
+    """The trainers' and libraries' chatter (Python warnings, transformers / datasets logging and bars) goes to
+    log_dir/warnings.log, not the console: the console holds stage lines and stage bars only."""
+    import logging
+    import warnings
+
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_dir / "warnings.log", encoding="utf-8")
+    loggers = [logging.getLogger(n) for n in ("py.warnings", "transformers", "trl", "datasets", "accelerate", "peft")]
+    saved = [(lg, lg.handlers[:], lg.propagate) for lg in loggers]
+    for lg in loggers:
+        lg.handlers, lg.propagate = [handler], False
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per checkpoint load drowns the stage bars
+    datasets.disable_progress_bars()  # SFT's "Building labels" bar
+    logging.captureWarnings(True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            yield
+    finally:
+        logging.captureWarnings(False)
+        for lg, handlers, propagate in saved:
+            lg.handlers, lg.propagate = handlers, propagate
+        handler.close()
+
+
+def _reward_line(log_history: list[dict]) -> str:
+    r = [e["reward"] for e in log_history if "reward" in e and "eval_reward" not in e]
+    return f"{r[0]:.2f} -> {r[-1]:.2f}" if r else "-"
 
 
 def _competition(seen: dict) -> float | None:
@@ -108,23 +160,34 @@ def _competition(seen: dict) -> float | None:
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Run the six stages; return (and write to out_dir/summary.json) the summary."""
-    from transformers.utils import logging as hf_logging
-
-    from ..callback import ProgressAdvantageCallback
-
-    hf_logging.disable_progress_bar()  # a "Loading weights" bar per checkpoint load drowns the stage bars
+    """Run the stages; return (and write to out_dir/summary.json) the summary."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    with _quiet(out / "logs"):
+        summary, evaluations = _run_stages(cfg, out)
+    atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
+    write_json(out / "summary.json", summary, default=str)
+    print(format_summary(summary))
+    return summary
+
+
+def _run_stages(cfg: DemoConfig, out: Path) -> tuple[dict, dict]:
+    from ..callback import ProgressAdvantageCallback
+
     timings: dict[str, float] = {}
     cpu: dict[str, float] = {}
     others: dict[str, float | None] = {}
     t_all, c_all = time.perf_counter(), time.process_time()
 
-    with _stage(1, "tokenizer + tiny Qwen2 model (built here, no hub), pretrained on domain snippets", timings, "assets_s", cpu, others):
-        build_assets(cfg.out_dir, cfg.seed, cfg)
-    with _stage(2, f"reference: SFT on {cfg.n_demos} flawed demonstrations", timings, "sft_s", cpu, others):
+    with _stage(1, "tokenizer + tiny Qwen2 model (built here, no hub), pretrained on domain snippets", timings, "assets_s", cpu, others) as fig:
+        assets = build_assets(cfg.out_dir, cfg.seed, cfg)
+        if assets["pretrain_losses"]:
+            fig["pretraining loss"] = f"{assets['pretrain_losses'][0]:.2f} -> {assets['pretrain_losses'][-1]:.2f}"
+    with _stage(2, f"reference: SFT on {cfg.n_demos} flawed demonstrations", timings, "sft_s", cpu, others) as fig:
         train_reference(cfg)
+        losses = [e["loss"] for e in json.loads((out / "reference" / "demo_log.json").read_text()) if "loss" in e]
+        if losses:
+            fig["SFT loss"] = f"{losses[0]:.2f} -> {losses[-1]:.2f}"
 
     holder = {}
 
@@ -135,17 +198,41 @@ def run_demo(cfg: DemoConfig) -> dict:
         )  # fmt: skip
         return holder["cb"]
 
-    with _stage(3, f"GRPO, {cfg.grpo_steps} steps, beta={cfg.beta}, with ProgressAdvantageCallback", timings, "grpo_s", cpu, others):
+    what = f"GRPO, {cfg.grpo_steps} steps, beta={cfg.beta}, with ProgressAdvantageCallback"
+    if cfg.val_steps:
+        what += f"; the best of its checkpoints on {cfg.n_val_tasks} validation tasks kept"
+    with _stage(3, what, timings, "grpo_s", cpu, others) as fig:
         holder["heldout"] = heldout_records(cfg)
         write_jsonl(out / "heldout_reference.jsonl", holder["heldout"])
         trainer, _ = train_policy(cfg, callbacks=[callback])
+        fig["reward"] = _reward_line(trainer.state.log_history)
+        if trainer.state.best_model_checkpoint:
+            best = trainer.state.best_model_checkpoint.rsplit("-", 1)[-1]
+            fig["kept"] = f"step {best} (validation success {trainer.state.best_metric:.3f})"
+        heldout = [h for h in holder["cb"].history if h["kind"] == "heldout"]
+        if heldout:
+            last = heldout[-1]["figures"]
+            pa = last.get("eval_progadv/heldout/auroc/progress_advantage")
+            pol = last.get("eval_progadv/heldout/auroc/policy_logprob")
+            if pa is not None and pol is not None:
+                fig["held-out AUROC"] = f"PA {pa:.3f}, policy log-prob {pol:.3f}"
     cb = holder["cb"]
     if not (out / "bundle" / "manifest.json").exists():
-        raise RuntimeError(f"the callback did not export the critic bundle ({cb.errors} errors; see the warnings above)")
-    _say(f"4/{N_STAGES} critic bundle written by the callback: {out / 'bundle'}")
+        raise RuntimeError(f"the callback did not export the critic bundle ({cb.errors} errors; see {out / 'logs'})")
+    mid = mid_step(cfg) and (out / "policy_mid" / "config.json").exists()
+    if mid:  # the mid-training critic: that checkpoint against the reference (the callback exported the final one)
+        from ..bundle import export_from_paths
+        from ..config import ScoringConfig
 
-    with _stage(5, "success on held-out tasks (greedy and sampled) + test rollouts of both models", timings, "rollouts_s", cpu, others):
+        export_from_paths(out / "policy_mid", out / "reference", out / "bundle_mid", overwrite=True,
+                          scoring_config=ScoringConfig(beta=cfg.beta), training={"beta": cfg.beta, "seed": cfg.seed,
+                          "global_step": mid_step(cfg), "trainer_class": "GRPOTrainer"})  # fmt: skip
+    _say(f"4/{N_STAGES} critic bundle written by the callback: {out / 'bundle'}"
+         + (f"; mid-training (step {mid_step(cfg)}): {out / 'bundle_mid'}" if mid else ""))
+
+    with _stage(5, "success on held-out tasks (greedy and sampled) + test rollouts of each model", timings, "rollouts_s", cpu, others) as fig:
         ev = evaluate(cfg)
+        fig["greedy success"] = ", ".join(f"{n} {ev[f'{n}_success']:.3f}" for n in SETS if f"{n}_success" in ev)
 
     rms, rm_block = None, None
     if cfg.reward_models:
@@ -153,19 +240,24 @@ def run_demo(cfg: DemoConfig) -> dict:
                     "of each model", timings, "reward_models_s", cpu, others):  # fmt: skip
             rms, rm_block = run_reward_models(cfg)
 
-    with _stage(6, "scoring the test rollouts with the bundle; evaluation against the baselines", timings, "evaluate_s", cpu, others):
-        from ..critic import ProgressCritic
-
-        critic = ProgressCritic.from_pretrained(out / "bundle")  # verified and loaded once for both sets
-        evaluations = {name: evaluate_set(critic, ev["rollouts"][name]["path"], out / "report" / name, cfg, rms)
-                       for name in SETS}  # fmt: skip
+    with _stage(6, "scoring the test rollouts with the bundles; evaluation against the baselines", timings, "evaluate_s", cpu, others) as fig:
+        critics = _critics(out, ev["rollouts"])
+        evaluations = {name: evaluate_set(critics[name], ev["rollouts"][name]["path"], out / "report" / name, cfg, rms)
+                       for name in SETS if name in ev["rollouts"]}  # fmt: skip
         curves = training_curves(cb.history, trainer.state.log_history, out / "report" / "training.png")
+        for name, m in evaluations.items():
+            c = (headline(m).get("comparison") or {}).get("auroc") or {}
+            if c.get("difference") is not None:
+                fig[f"{name} AUROC PA - {c['best_baseline']}"] = f"{c['difference']:+.3f} ({c['verdict']})"
 
     steering = None
     if cfg.steer_tasks:
-        with _stage(7, f"step-level selection: {cfg.steer_tasks} held-out tasks, K = 4 and 8, every method, both agents",
-                    timings, "steer_s", cpu):  # fmt: skip
-            steering = run_step_selection(critic, cfg, rms)
+        with _stage(7, f"step-level selection: {cfg.steer_tasks} held-out tasks, K = 4 and 8, every method, each agent",
+                    timings, "steer_s", cpu) as fig:  # fmt: skip
+            steering = run_step_selection(critics, cfg, rms)
+            for name, e in steering["agents"].items():
+                r = e["k4"]
+                fig[f"{name} K=4"] = f"PA {r['step']['progress_advantage']:.3f}, alone {r['sampled']:.3f}"
 
     timings["total_s"] = round(time.perf_counter() - t_all, 1)
     cpu["total_s"] = round(time.process_time() - c_all, 1)
@@ -182,6 +274,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         "evaluation": {name: headline(m) for name, m in evaluations.items()},
         "training_curves": curves,
         "grpo_steps": trainer.state.global_step,
+        "grpo_checkpoint": {"kept": trainer.state.best_model_checkpoint, "validation_success": trainer.state.best_metric,
+                            "validation": _validation_curve(trainer.state.log_history)},  # fmt: skip
         "callback_errors": cb.errors,
         "timings": {**timings, "eval_sampling_s": round(ev["timings"]["eval_s"], 1),
                     "test_sampling_s": round(ev["timings"]["sampling_s"], 1)},  # fmt: skip
@@ -189,9 +283,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         "openmp": {"wait_policy": os.environ.get("OMP_WAIT_POLICY", "spin (OpenMP's default)"),
                    "other_runnable_at_stage_start": others},  # fmt: skip
         "paths": {"bundle": str(out / "bundle"), "report": str(out / "report" / "README.md"),
-                  "policy": str(out / "policy"), "reference": str(out / "reference")},  # fmt: skip
+                  "policy": str(out / "policy"), "reference": str(out / "reference"), "logs": str(out / "logs")},  # fmt: skip
         "config": asdict(cfg),
     }
+    if mid:
+        summary.update(mid_success=ev["mid_success"], mid_success_sampled=s["mid"]["sampled"]["success"],
+                       mid_step=mid_step(cfg))
+        summary["paths"].update(bundle_mid=str(out / "bundle_mid"), policy_mid=str(out / "policy_mid"))
     if steering is not None:
         summary["step_selection"] = steering
     if rm_block is not None:
@@ -199,19 +297,30 @@ def run_demo(cfg: DemoConfig) -> dict:
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
-    atomic_write_text(out / "report" / "README.md", report_markdown(summary, evaluations))
-    write_json(out / "summary.json", summary, default=str)
-    print(format_summary(summary))
-    return summary
+    return summary, evaluations
+
+
+def _validation_curve(log_history: list[dict]) -> list[dict]:
+    """GRPO's evaluations on the validation split: [{"step", "success"}] (eval_reward is the greedy success)."""
+    return [{"step": e["step"], "success": e["eval_reward"]} for e in log_history if "eval_reward" in e]
+
+
+def _critics(out: Path, sets) -> dict:
+    """{set: the critic that grades it} (SET_BUNDLE), each bundle verified and loaded once."""
+    from ..critic import ProgressCritic
+
+    loaded: dict[str, object] = {}
+    for name in sets:
+        b = SET_BUNDLE.get(name, "bundle")
+        if b not in loaded:
+            loaded[b] = ProgressCritic.from_pretrained(out / b)
+    return {name: loaded[SET_BUNDLE.get(name, "bundle")] for name in sets}
 
 
 def reevaluate(out_dir, **eval_overrides) -> dict:
     """Stage 6 again on a finished run: score its saved test rollouts with its saved bundle using this version's
     evaluation code, and rewrite the report and summary.json (models, rollouts and success rates are kept).
     `eval_overrides`: evaluation-only config fields (EVAL_ONLY_KEYS, e.g. variants=True) to apply this time."""
-    from ..critic import ProgressCritic
-    from .study import EVAL_ONLY_KEYS
-
     out = Path(out_dir)
     summary = json.loads((out / "summary.json").read_text())
     bad = set(eval_overrides) - set(EVAL_ONLY_KEYS)
@@ -219,15 +328,15 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
         raise ValueError(f"reevaluate: {sorted(bad)} change training or rollouts; only {EVAL_ONLY_KEYS} can change")
     summary["config"] = {**summary["config"], **eval_overrides}
     cfg = DemoConfig(**summary["config"])
-    critic = ProgressCritic.from_pretrained(out / "bundle")
+    critics = _critics(out, summary["test_rollouts"])
     rms = None
-    if cfg.reward_models:  # trained from the run's saved reference and policy: nothing else of the run changes
+    if cfg.reward_models:  # trained from the run's saved models: nothing else of the run changes
         rms, summary["reward_models"] = run_reward_models(cfg)
-    evaluations = {name: evaluate_set(critic, summary["test_rollouts"][name]["path"], out / "report" / name, cfg, rms)
-                   for name in SETS}  # fmt: skip
+    evaluations = {name: evaluate_set(critics[name], summary["test_rollouts"][name]["path"], out / "report" / name, cfg,
+                                      rms) for name in SETS if name in summary["test_rollouts"]}  # fmt: skip
     summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
     if cfg.steer_tasks:
-        summary["step_selection"] = run_step_selection(critic, cfg, rms)
+        summary["step_selection"] = run_step_selection(critics, cfg, rms)
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
@@ -240,14 +349,15 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
 # Evaluation of one rollout set
 
 
-def run_step_selection(critic, cfg: DemoConfig, reward_models: dict | None = None) -> dict:
-    """Stage 7: the critic in the agent loop (demo/steering.py), both agents, on the first `steer_tasks` eval tasks;
-    the reward models (if any) choose among the same candidates as methods of their own."""
+def run_step_selection(critics: dict, cfg: DemoConfig, reward_models: dict | None = None) -> dict:
+    """Stage 7: the critic in the agent loop (demo/steering.py), each agent steered by the critic of its set
+    (`critics`: {agent: critic}; the mid-training checkpoint by its own), on the first `steer_tasks` eval tasks; the
+    reward models (if any) choose among the same candidates as methods of their own."""
     from .pipeline import load_models
     from .steering import step_selection
 
-    tok, models = load_models(cfg)
-    return step_selection(critic, models, tok, cfg, reward_models=reward_models)
+    tok, models = load_models(cfg, tuple(n for n in SETS if n in critics)[::-1])
+    return step_selection(critics, models, tok, cfg, reward_models=reward_models)
 
 
 def run_reward_models(cfg: DemoConfig) -> tuple[dict, dict]:

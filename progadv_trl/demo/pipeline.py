@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
+from transformers import TrainerCallback
 
 from ..utils import atomic_write_text, write_json, write_jsonl  # noqa: F401 - write_jsonl re-exported for recipes
 from .rollout import encode, episode_tokens, make_rollout_func, play, render, success_reward
@@ -79,6 +80,11 @@ class DemoConfig:
     n_test_tasks: int = field(default=32, metadata={"help": "tasks for the fresh test rollouts (n_per_task each)"})
     n_eval_tasks: int = field(default=200, metadata={"help": "held-out tasks for success rates (greedy, sampled)"})
     n_per_task: int = field(default=8, metadata={"help": "test rollouts per task, per model"})
+    n_val_tasks: int = field(
+        default=100,
+        metadata={"help": "validation tasks (a split of their own) on which GRPO evaluates its policy every val_steps "
+                          "steps, greedy, always with the same dice; the checkpoint with the best success is the policy"},
+    )
     # the world
     free_form: bool = field(
         default=False,
@@ -148,6 +154,19 @@ class DemoConfig:
         metadata={"help": "KL coefficient, > 0 (progress advantage reads it). 0.04 let RL noise erode the id copying "
                           "of the tiny model in some runs; 0.1 anchors tokens the reward does not speak about"},
     )
+    val_steps: int = field(
+        default=10,
+        metadata={"help": "GRPO evaluates on the validation split (TRL's eval_strategy='steps') this often and keeps "
+                          "the best checkpoint (load_best_model_at_end on eval_reward); 0: keep the last step's "
+                          "policy. The last step's had lost up to 12.5 points to the reference on some seeds (its "
+                          "reward peaked mid-run, then RL learned to cancel where it must refuse): docs/study.md"},
+    )
+    mid_fraction: float = field(
+        default=1 / 3,
+        metadata={"help": "the mid-training regime: the GRPO policy at this fraction of the steps is saved "
+                          "(DIR/policy_mid), and its own critic (it against the reference) grades and steers it; 0 "
+                          "skips the regime"},
+    )
     num_generations: int = field(default=8, metadata={"help": "episodes per prompt (GRPO group)"})
     prompts_per_step: int = field(default=4, metadata={"help": "distinct tasks per GRPO step"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (training and sampled eval)"})
@@ -203,6 +222,7 @@ class DemoConfig:
     def fast(cls, **kw) -> "DemoConfig":
         """Seconds, not minutes: for tests. The models learn little; the plumbing is all exercised."""
         base = dict(n_train_tasks=24, n_heldout_tasks=4, n_test_tasks=4, n_eval_tasks=8, n_per_task=2, n_demos=64,
+                    n_val_tasks=4, val_steps=1,
                     pretrain_steps=2, pretrain_batch_size=8,
                     hidden_size=32, num_layers=1, intermediate_size=64, sft_epochs=1.0, grpo_steps=2,
                     num_generations=4, prompts_per_step=2, logging_steps=1, heldout_per_task=2, heldout_eval_steps=1,
@@ -235,9 +255,11 @@ class DemoConfig:
 
     def tasks(self, split: str) -> list[Task]:
         """Disjoint task splits: eval (success rates), test (records), heldout (callback), train (GRPO prompts), demo
-        (one fresh customer per demonstration: many distinct ids teach copying, not memorising)."""
-        order = ["eval", "test", "heldout", "train", "demo"]
-        sizes = [self.n_eval_tasks, self.n_test_tasks, self.n_heldout_tasks, self.n_train_tasks, self.n_demos]
+        (one fresh customer per demonstration: many distinct ids teach copying, not memorising), val (GRPO's checkpoint
+        choice; last, so adding it moved no other split)."""
+        order = ["eval", "test", "heldout", "train", "demo", "val"]
+        sizes = [self.n_eval_tasks, self.n_test_tasks, self.n_heldout_tasks, self.n_train_tasks, self.n_demos,
+                 self.n_val_tasks]
         k = order.index(split)
         return make_tasks(sizes[k], self.seed, skip=sum(sizes[:k]), config=self.world)
 
@@ -400,9 +422,10 @@ def train_reference(cfg: DemoConfig, callbacks=()) -> str:
         per_device_train_batch_size=cfg.sft_batch_size, **schedule, warmup_steps=0.05,
         weight_decay=0.0, logging_steps=max(1, cfg.logging_steps * 2), save_strategy="no", report_to="none",
         use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, max_length=None, gradient_checkpointing=False,
-        dataset_num_proc=None, disable_tqdm=not cfg.progress,
+        dataset_num_proc=None, disable_tqdm=True,
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=list(callbacks))
+    quiet_console(trainer, cfg.path("logs") / "sft.jsonl", "SFT", cfg.progress)
     trainer.train()
     trainer.save_model(str(out))
     tok.save_pretrained(out)
@@ -429,10 +452,23 @@ def grpo_config(cfg: DemoConfig, **overrides):
         gradient_accumulation_steps=1, temperature=cfg.temperature, max_completion_length=cfg.max_new_tokens * 8,
         lr_scheduler_type="constant_with_warmup", warmup_steps=0.1, logging_steps=cfg.logging_steps, save_strategy="no",
         report_to="none", use_cpu=True, bf16=False, seed=cfg.seed, data_seed=cfg.seed, gradient_checkpointing=False,
-        disable_tqdm=not cfg.progress, log_completions=False, model_init_kwargs={"attn_implementation": ATTN},
+        disable_tqdm=True, log_completions=False, model_init_kwargs={"attn_implementation": ATTN},
     )
+    if cfg.val_steps:
+        # TRL's own evaluation and best-checkpoint machinery: greedy episodes on the validation split (rollout_func
+        # plays greedily when the model is in eval mode), one per task; the checkpoint with the best eval_reward is
+        # loaded at the end (transformers keeps the first of equal ones). Checkpoints hold the weights only.
+        kw.update(eval_strategy="steps", eval_steps=cfg.val_steps, save_strategy="steps", save_steps=cfg.val_steps,
+                  save_only_model=True, save_total_limit=1, load_best_model_at_end=True,
+                  metric_for_best_model="reward", greater_is_better=True, num_generations_eval=1,
+                  per_device_eval_batch_size=cfg.n_val_tasks)  # fmt: skip
     kw.update(overrides)
     return GRPOConfig(**kw)
+
+
+def mid_step(cfg: DemoConfig) -> int:
+    """The GRPO step whose policy is the mid-training regime's (0: none)."""
+    return max(1, round(cfg.grpo_steps * cfg.mid_fraction)) if cfg.mid_fraction > 0 else 0
 
 
 def train_policy(cfg: DemoConfig, callbacks=(), model_path: str | None = None, save: bool = True, **overrides):
@@ -448,14 +484,21 @@ def train_policy(cfg: DemoConfig, callbacks=(), model_path: str | None = None, s
     model_path = str(model_path or cfg.path("reference"))
     tok = AutoTokenizer.from_pretrained(model_path)
     tasks = cfg.tasks("train")
+    args = grpo_config(cfg, **overrides)
+    val = cfg.tasks("val") if args.eval_strategy != "no" else []
     trainer = GRPOTrainer(
         model=model_path,
         reward_funcs=success_reward,
-        args=grpo_config(cfg, **overrides),
+        args=args,
         train_dataset=grpo_dataset(tasks),
+        eval_dataset=grpo_dataset(val) if val else None,
         processing_class=tok,
-        rollout_func=make_rollout_func(tasks, seed=cfg.seed, world=cfg.train_world, max_new_tokens=cfg.max_new_tokens),
+        rollout_func=make_rollout_func(tasks, seed=cfg.seed, world=cfg.train_world, max_new_tokens=cfg.max_new_tokens,
+                                       eval_tasks=val, eval_world=cfg.world),  # fmt: skip
     )
+    quiet_console(trainer, cfg.path("logs") / "grpo.jsonl", "GRPO", cfg.progress)
+    if mid_step(cfg) and save:
+        trainer.add_callback(SaveAtStep(trainer, mid_step(cfg), cfg.path("policy_mid")))
     for cb in callbacks:
         trainer.add_callback(cb if isinstance(cb, TrainerCallback) else cb(trainer))
     trainer.train()
@@ -465,6 +508,64 @@ def train_policy(cfg: DemoConfig, callbacks=(), model_path: str | None = None, s
         tok.save_pretrained(out)
         _write_json(out / "demo_log.json", trainer.state.log_history)
     return trainer, str(out)
+
+
+class LogFile(TrainerCallback):
+    """The trainer's console output, made readable: its log dicts (2,000+ characters each with the callback's figures)
+    go to a JSONL file and the trackers, not the console; a tqdm bar on stderr over the steps (`progress`) shows the
+    last loss or reward. Replaces transformers' PrinterCallback / ProgressCallback (`quiet_console`)."""
+
+    def __init__(self, path, desc: str, progress: bool = True):
+        self.path, self.desc, self.progress, self.bar = Path(path), desc, progress, None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text("")
+        if self.progress and state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=state.max_steps, desc=self.desc, unit="step", leave=False, dynamic_ncols=True)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": state.global_step, **logs}, default=str) + "\n")
+        if self.bar is not None:
+            shown = {k: logs[k] for k in ("loss", "reward", "eval_reward") if isinstance(logs.get(k), (int, float))}
+            if shown:
+                self.bar.set_postfix({k: round(v, 3) for k, v in shown.items()}, refresh=False)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def quiet_console(trainer, path, desc: str, progress: bool) -> None:
+    """Route a trainer's log dicts to `path` (JSONL) instead of the console, with a step bar when `progress`."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(LogFile(path, desc, progress))
+
+
+class SaveAtStep(TrainerCallback):
+    """Saves the model being trained (and its tokenizer) when training reaches `step`: the mid-training checkpoint.
+    Takes the trainer in its constructor, as TRL's callbacks do (a callback is handed no trainer)."""
+
+    def __init__(self, trainer, step: int, path):
+        self.trainer, self.step, self.path = trainer, step, str(path)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            self.trainer.save_model(self.path)
+            self.trainer.processing_class.save_pretrained(self.path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -510,13 +611,23 @@ def summarize(records: list[dict]) -> dict:
 # Loading and evaluating (what recipes/toy_*.py and `progadv demo` build on)
 
 
+# The demo's models by name -> their directory under out_dir ("mid": the mid-training checkpoint, DemoConfig.mid_fraction).
+MODEL_DIRS = {"reference": "reference", "mid": "policy_mid", "policy": "policy"}
+
+
+def model_names(cfg: DemoConfig) -> tuple[str, ...]:
+    """The models a run has: reference, mid (when its checkpoint was saved) and policy."""
+    return tuple(n for n in MODEL_DIRS if n != "mid" or (cfg.path(MODEL_DIRS["mid"]) / "config.json").exists())
+
+
 def load_models(cfg: DemoConfig, names=("reference", "policy")):
-    """(tokenizer, {name: model in eval mode}) from out_dir."""
+    """(tokenizer, {name: model in eval mode}) from out_dir (names: keys of MODEL_DIRS)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _setup(cfg)
-    tok = AutoTokenizer.from_pretrained(cfg.path(names[0]))
-    return tok, {n: AutoModelForCausalLM.from_pretrained(cfg.path(n), attn_implementation=ATTN).eval() for n in names}
+    path = lambda n: cfg.path(MODEL_DIRS.get(n, n))  # noqa: E731
+    tok = AutoTokenizer.from_pretrained(path(names[0]))
+    return tok, {n: AutoModelForCausalLM.from_pretrained(path(n), attn_implementation=ATTN).eval() for n in names}
 
 
 def heldout_records(cfg: DemoConfig, model=None, tokenizer=None, n_per_task: int | None = None) -> list[dict]:
@@ -529,9 +640,10 @@ def heldout_records(cfg: DemoConfig, model=None, tokenizer=None, n_per_task: int
 
 
 def evaluate(cfg: DemoConfig, write_rollouts: bool = True) -> dict:
-    """Success rates of reference and policy on the eval split (greedy: 1 episode a task; sampled: 2 a task), and
-    the fresh test rollouts (n_per_task a task, each model) written to out_dir/rollouts_{reference,policy}.jsonl."""
-    tok, models = load_models(cfg)
+    """Success rates of each model (reference, mid when saved, policy) on the eval split (greedy: 1 episode a task;
+    sampled: 2 a task), and the fresh test rollouts (n_per_task a task, each model) written to
+    out_dir/rollouts_{name}.jsonl."""
+    tok, models = load_models(cfg, model_names(cfg))
     t0 = time.time()
     ev = cfg.tasks("eval")
     success = {}
@@ -553,8 +665,7 @@ def evaluate(cfg: DemoConfig, write_rollouts: bool = True) -> dict:
             write_jsonl(path, recs)
             rollouts[name] = {"path": str(path), **summarize(recs)}
     return {
-        "reference_success": success["reference"]["greedy"]["success"],
-        "policy_success": success["policy"]["greedy"]["success"],
+        **{f"{name}_success": success[name]["greedy"]["success"] for name in models},
         "success": success,
         "n_eval_episodes": {"greedy": len(ev), "sampled": 2 * len(ev)},
         "rollouts": rollouts,

@@ -311,30 +311,42 @@ def _advance(tokenizer, te: TokenEpisode, gen: list[int], lp: list[float], eos: 
 
 
 def make_rollout_func(tasks: list[Task], *, seed: int = 0, world: WorldConfig | None = None, max_new_tokens: int = 40,
-                      tools: list[dict] | None = None):
+                      tools: list[dict] | None = None, eval_tasks: list[Task] = (), eval_world: WorldConfig | None = None):
     """TRL `rollout_func` playing multi-turn episodes of the demo world with the model being trained.
 
     `prompts` arrive repeated `num_generations` times (GRPO's sampler). The task is found from the prompt's user text;
     each episode's world seed comes from (seed, call number, process, position), so a run is reproducible and a group's
     episodes see different dice. The episode's success is returned as the extra field `success`, which TRL passes to
-    reward functions as a keyword argument (see `success_reward`)."""
+    reward functions as a keyword argument (see `success_reward`).
+
+    Evaluation (TRL calls the same function with the model in eval mode, as its own `mode` test does): the
+    `eval_tasks` in `eval_world`, played greedily, each task's episode with the same dice at every evaluation (so
+    checkpoints are compared on one draw of the world), and a call counter of its own, so evaluating leaves the
+    training episodes' dice as they were."""
     by_text = {t.user_text: t for t in tasks}
+    eval_by_text = {t.user_text: t for t in eval_tasks}
     calls = itertools.count()
 
     def rollout_func(prompts, trainer):
-        call = next(calls)
+        training = trainer.model.training
+        call = next(calls) if training else None
         rank = trainer.accelerator.process_index
         eps = []
         for i, p in enumerate(prompts):
             text = p[-1]["content"] if isinstance(p, list) else p
-            if text not in by_text:
-                raise KeyError(f"rollout_func: prompt {text!r} is not one of the demo world's tasks")
-            eps.append(Episode(by_text[text], episode_seed(seed, "train", call, rank, i), world))
+            if training and text in by_text:
+                eps.append(Episode(by_text[text], episode_seed(seed, "train", call, rank, i), world))
+            elif not training and text in eval_by_text:
+                task = eval_by_text[text]
+                eps.append(Episode(task, episode_seed(seed, "val", task.id), eval_world or world))
+            else:
+                raise KeyError(f"rollout_func: prompt {text!r} is not one of the demo world's "
+                               f"{'training' if training else 'evaluation'} tasks")  # fmt: skip
         model = trainer.accelerator.unwrap_model(trainer.model)
         device = next(model.parameters()).device
-        gen = torch.Generator(device=device).manual_seed(episode_seed(seed, "sample", call, rank))
+        gen = None if not training else torch.Generator(device=device).manual_seed(episode_seed(seed, "sample", call, rank))
         tes = play(model, trainer.processing_class, eps, temperature=trainer.temperature, max_new_tokens=max_new_tokens,
-                   generator=gen, tools=tools)
+                   generator=gen, tools=tools, greedy=not training)
         return {
             "prompt_ids": [te.prompt_ids for te in tes],
             "completion_ids": [te.completion_ids for te in tes],

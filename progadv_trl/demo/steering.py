@@ -24,19 +24,22 @@ import zlib
 import numpy as np
 import torch
 
-from ..config import VARIANTS
+from ..config import PLAUSIBLE, VARIANTS
 from ..session import from_step
 from .rollout import decode_turn, encode, end_of_turn, generate_turns, play, render
 from .world import Action, Episode, episode_seed, parse_action
 
 STEP_BASELINES = ("policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail")
-STEER_METHODS = ("progress_advantage", *VARIANTS, *STEP_BASELINES, "random")
+STEER_METHODS = ("progress_advantage", PLAUSIBLE, *VARIANTS, *STEP_BASELINES, "random")
 # Trajectory-level best-of-K ranks whole episodes by each method's trajectory score (the theory's sum for progress
 # advantage; the baselines' own trajectory scores).
-TRAJECTORY_METHODS = ("progress_advantage", *VARIANTS, "policy_logprob", "reference_logprob", "self_certainty",
+TRAJECTORY_METHODS = ("progress_advantage", PLAUSIBLE, *VARIANTS, "policy_logprob", "reference_logprob", "self_certainty",
                       "deepconf_tail", "deepconf_bottom10")  # fmt: skip
 BUDGETS = (4, 8)
-AGENTS = ("reference", "policy")
+AGENT_ROLES = {"reference": "off-policy: the critic steering another model",
+               "mid": "mid-training: a GRPO checkpoint part-way through, steered by its own critic",
+               "policy": "on-policy: the RL policy steered by its own critic"}
+AGENTS = ("reference", "mid", "policy")  # the mid-training checkpoint when the run saved one
 
 
 def _random_pick(k: int, seed: int, task_id: str, step: int) -> int:
@@ -178,10 +181,11 @@ def trajectory_best_of_k(critic, records: list[dict], ks=BUDGETS, methods=TRAJEC
 def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: int | None = None,
                    reward_models: dict | None = None) -> dict:
     """summary.json's "step_selection" block: per agent (reference: the critic steering another model, off-policy;
-    policy: on-policy) and budget K, held-out success per method (step-level and trajectory-level best-of-K), the
-    agent alone (greedy; sampled), and each family member minus the best baseline with its paired 95 % interval.
-    `reward_models` ({name: RewardModel}): each is one more method (a baseline) at both levels, and progress
-    advantage minus it is under each comparison's "versus"."""
+    mid: a checkpoint part-way through GRPO steered by its own critic; policy: on-policy) and budget K, held-out
+    success per method (step-level and trajectory-level best-of-K), the agent alone (greedy; sampled), and each
+    family member minus the best baseline with its paired 95 % interval. `critic`: one critic for every agent, or
+    {agent: critic}. `reward_models` ({name: RewardModel}): each is one more method (a baseline) at both levels, and
+    progress advantage minus it is under each comparison's "versus"."""
     from ..evaluation.fair import compare_outcomes
 
     tasks = cfg.tasks("eval")[: cfg.steer_tasks]
@@ -192,8 +196,9 @@ def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: 
     cmp = dict(n_boot=n_boot, seed=cfg.seed, versus=tuple(rms))
     block = {"tasks": len(tasks), "split": f"the first {len(tasks)} tasks of the eval split", "budgets": list(ks),
              "methods": list(step_methods), "agents": {}}  # fmt: skip
-    for name in AGENTS:
-        agent = models[name]
+    critics = critic if isinstance(critic, dict) else {name: critic for name in models}
+    for name in (a for a in AGENTS if a in models and a in critics):
+        agent, critic = models[name], critics[name]
         # the agent alone on the same tasks and world seeds: greedy, and max(ks) sampled episodes per task
         greedy = play(agent, tokenizer, [Episode(t, episode_seed(cfg.seed, "steer", t.id), cfg.world) for t in tasks],
                       greedy=True, max_new_tokens=cfg.max_new_tokens)  # fmt: skip
@@ -282,7 +287,7 @@ def step_selection_markdown(block: dict) -> list[str]:
                 ci = d.get("difference_ci")
                 rows.append([f"({m} - {b}, step K={k})", f"{d['difference']:+.3f}"
                              + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {d['verdict']}"] + [""] * (2 * len(ks) - 1))  # fmt: skip
-        md += [f"**{name}** ({'off-policy: the critic steering another model' if name == 'reference' else 'on-policy: the RL policy steered by its own critic'})", "",
+        md += [f"**{name}** ({AGENT_ROLES.get(name, name)})", "",
                markdown_table(header, rows), ""]  # fmt: skip
     return md
 

@@ -20,18 +20,20 @@ import sys
 import time
 from pathlib import Path
 
-# Config keys that do not change a run's results: a seed made with other values of these is still resumed.
-REWARD_MODEL_KEYS = ("reward_models", "rm_rollouts", "rm_prm_rollouts", "rm_continuations", "rm_epochs", "rm_lr",
-                     "rm_batch_size")  # demo/reward_models.py: trained after GRPO from the saved models, evaluation only
-IGNORED_KEYS = ("out_dir", "progress", "variants", "steer_tasks", *REWARD_MODEL_KEYS)
-# Config keys added after runs were made, with the value those runs had in effect: a summary without the key compares
-# as if it held that value (a seed made before the curriculum existed trained with the world's timeouts; its
-# demonstrations gave up at every timeout alike).
-ADDED_KEYS = {"grpo_p_timeout": None, "p_give_up_after_retry": None, "steer_tasks": 0}
-# Config keys that change only stage 6 (the evaluation of saved rollouts): `--reevaluate` applies the study's values.
-EVAL_ONLY_KEYS = ("variants", "steer_tasks", *REWARD_MODEL_KEYS)
-# Evaluation sets of the demo summary -> the regime they measure.
-REGIMES = {"policy": "on-policy", "reference": "off-policy"}
+from .ranges import (  # noqa: F401 - re-exported: they used to live here
+    ADDED_KEYS,
+    APPLICATIONS,
+    EVAL_ONLY_KEYS,
+    IGNORED_KEYS,
+    REGIMES,
+    _comparable,
+    STUDY_REFERENCE,
+    compare_with_study,
+    config_diff,
+    reference_ranges,
+    study_ranges,
+)
+
 # Figures where lower is better (matched as a substring of the figure's name); every other figure: higher is better.
 LOWER_IS_BETTER = ("brier", "ece", "log_loss", "error", "rank")
 MIN_GAIN_POINTS = 25.0  # the demo's bar: the RL policy's greedy success at least this far above its reference's
@@ -276,15 +278,6 @@ def reductions_chosen(summaries: list[dict]) -> dict:
     return out
 
 
-APPLICATIONS = {  # the fair comparison's applications (summary["evaluation"][set]["comparison"]) -> what they measure
-    "auroc": "success prediction, AUROC over all rollouts",
-    "auroc_decision_failures": "success prediction, AUROC over successes + decision failures",
-    "auroc_luck_failures": "success prediction, AUROC over successes + luck failures",
-    "best_of_n": "best-of-N success",
-    "attribution": "mistake step named exactly (failed runs)",
-}
-
-
 def verdicts(summaries: list[dict]) -> dict:
     """Per regime and application, across seeds: how often progress advantage beat / tied / lost to the best
     baseline (each method with its rule chosen by CV; "beats"/"loses" only where the seed's paired 95 % interval
@@ -442,81 +435,6 @@ def family_markdown(study: dict) -> list[str]:
     return md
 
 
-def study_ranges(study: dict) -> dict:
-    """The compact across-seed figures a single demo run is set beside (`progadv demo` prints them; the committed
-    copy is progadv_trl/demo/study_reference.json): the greedy gain, and per regime and application progress
-    advantage's fair figure and its difference from the best baseline, as min / mean / max."""
-    gains = [r["gain_points"] for r in study["success"]["per_seed"] if r["gain_points"] is not None]
-    rng = lambda c: {k: c[k] for k in ("min", "mean", "max")}  # noqa: E731
-    regimes = {}
-    for regime, t in study["table"].items():
-        pa = t.get("progress_advantage") or {}
-        apps = {}
-        for app in APPLICATIONS:
-            v = (study.get("verdicts") or {}).get(regime, {}).get(app)
-            cell = pa.get(f"fair_{app}")
-            if v is None and cell is None:
-                continue
-            apps[app] = {"progress_advantage": rng(cell) if cell else None,
-                         "difference": rng(v) if v else None,
-                         "verdicts": {k: v[k] for k in ("beats", "ties", "loses")} if v else None}  # fmt: skip
-        regimes[regime] = apps
-    return {"command": study.get("command"), "seeds": study["seeds"], "config": study["config"],
-            "world": "noisy" if study["config"].get("free_form") else "plain",
-            "gain_points": {"min": min(gains), "mean": sum(gains) / len(gains), "max": max(gains)} if gains else None,
-            "regimes": regimes}  # fmt: skip
-
-
-STUDY_REFERENCE = Path(__file__).with_name("study_reference.json")  # {"plain": study_ranges, "noisy": ...}
-
-
-def reference_ranges(free_form: bool) -> dict | None:
-    """The committed study's ranges for the plain or the free-form world, or None before a study was committed."""
-    if not STUDY_REFERENCE.exists():
-        return None
-    return json.loads(STUDY_REFERENCE.read_text()).get("noisy" if free_form else "plain")
-
-
-def compare_with_study(summary: dict, ranges: dict) -> list[str]:
-    """Lines setting one demo run's figures beside the study's across-seed range, saying plainly which fall outside."""
-    def where(x, r):
-        if x is None or r is None:
-            return ""
-        if r["min"] <= x <= r["max"]:
-            return "inside"
-        return "OUTSIDE (below)" if x < r["min"] else "OUTSIDE (above)"
-
-    def fmt(r, nd=3):
-        return f"{r['min']:+.{nd}f} .. {r['max']:+.{nd}f} (mean {r['mean']:+.{nd}f})"
-
-    n = len(ranges["seeds"])
-    lines = [f"this run beside the study ({n} seeds, {ranges['world']} world; `{ranges['command']}`):"]
-    held = _comparable(ranges.get("config") or {})  # keys the study held fixed (not seed, not paths), added keys too
-    diff = [k for k in config_diff(ranges.get("config") or {}, summary.get("config") or {}) if k in held]
-    if diff:
-        return lines + [f"  not comparable: this run's configuration differs from the study's in {', '.join(diff)}"]
-    g, gr = summary.get("greedy_gain_points"), ranges.get("gain_points")
-    if g is not None and gr:
-        lines.append(f"  greedy gain {g:+.1f} points; study {fmt(gr, 1)}: {where(g, gr)}")
-    outside = 0
-    for set_name, ev in (summary.get("evaluation") or {}).items():
-        regime = REGIMES.get(set_name, set_name)
-        for app, r in (ranges["regimes"].get(regime) or {}).items():
-            c = (ev.get("comparison") or {}).get(app) or {}
-            d, dr = c.get("difference"), r.get("difference")
-            if d is None or dr is None:
-                continue
-            w = where(d, dr)
-            outside += w.startswith("OUTSIDE")
-            vs = r.get("verdicts") or {}
-            lines.append(f"  {regime}, {app}: PA - best baseline {d:+.3f} ({c.get('verdict')}); study {fmt(dr)}, "
-                         f"beats/ties/loses on {vs.get('beats', 0)}/{vs.get('ties', 0)}/{vs.get('loses', 0)} seeds: {w}")  # fmt: skip
-    if outside or (g is not None and gr and where(g, gr).startswith("OUTSIDE")):
-        lines.append("  Figures marked OUTSIDE fall outside every seed of the study: this run is another draw (another "
-                     "CPU rounds differently and the RL run diverges); judge the method from the study, not one run.")  # fmt: skip
-    return lines
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Markdown
 
@@ -601,17 +519,6 @@ def verdict_markdown(study: dict) -> list[str]:
 
 # ----------------------------------------------------------------------------------------------------------------
 # Running
-
-
-def _comparable(cfg: dict) -> dict:
-    cfg = {**ADDED_KEYS, **json.loads(json.dumps(cfg, default=str))}
-    return {k: v for k, v in cfg.items() if k not in IGNORED_KEYS}
-
-
-def config_diff(old: dict, new: dict) -> list[str]:
-    """Keys whose values differ between two run configs (IGNORED_KEYS aside)."""
-    a, b = _comparable(old), _comparable(new)
-    return sorted(k for k in set(a) | set(b) if a.get(k, "<missing>") != b.get(k, "<missing>"))
 
 
 def run_study(seeds: list[int], out_dir, make_config, runner=None, command: str | None = None,

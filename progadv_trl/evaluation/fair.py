@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as sps
 
-from ..config import STEP_REDUCTIONS, extra_baselines, in_family
+from ..config import PLAUSIBILITY_ALPHAS, PLAUSIBLE, STEP_REDUCTIONS, extra_baselines, in_family
 from .attribution import _best_threshold, _valid_label, attribute_failure
 from .labels import available_methods, is_success, method_available
 from .selection import labelled_groups, pick_best
@@ -52,16 +52,34 @@ SCORE_RULES = ("native", *STEP_REDUCTIONS)
 ATTRIBUTION_CANDIDATES = ("min_step", "min_cumsum", "threshold")
 
 
+def step_value_sets(ts: TrajectoryScore, method: str) -> dict[str, np.ndarray]:
+    """{rule suffix: per-step values} of `method`: {"": its steps}, except progress_advantage_plausible, whose alpha
+    is part of its rule: one set per alpha of PLAUSIBILITY_ALPHAS ("@a0.1", ...), from the steps' gaps."""
+    if method == PLAUSIBLE and ts.gaps is not None:
+        from ..scoring import plausible_step_values
+
+        return {f"@a{a:g}": plausible_step_values(ts.advantages, ts.gaps, a) for a in PLAUSIBILITY_ALPHAS}
+    return {"": ts.method_steps(method)}
+
+
 def rule_values(ts: TrajectoryScore, method: str) -> dict[str, float]:
-    """The trajectory score of `method` under every candidate rule (NaN where undefined)."""
+    """The trajectory score of `method` under every candidate rule (NaN where undefined): `native`, then every step
+    reduction of every set of `step_value_sets` ("min", or "min@a0.1" for the plausible variant)."""
     from ..scoring import reduce_steps
 
-    steps = ts.method_steps(method)
     out = {"native": ts.method_score(method)}
-    for r in STEP_REDUCTIONS:
+    for suffix, steps in step_value_sets(ts, method).items():
         ok = steps[~np.isnan(steps)]
-        out[r] = reduce_steps(ok, r) if ok.size else float("nan")
+        for r in STEP_REDUCTIONS:
+            out[r + suffix] = reduce_steps(ok, r) if ok.size else float("nan")
     return out
+
+
+def _rule_arrays(items: Sequence[TrajectoryScore], method: str) -> dict[str, np.ndarray]:
+    """{rule: its value per item}; a rule some item lacks is NaN there (it then ranks last)."""
+    per = [rule_values(ts, method) for ts in items]
+    names = dict.fromkeys(k for r in per for k in r)
+    return {k: np.array([r.get(k, np.nan) for r in per], dtype=np.float64) for k in names}
 
 
 def _argbest(values: dict[str, float]) -> str | None:
@@ -129,17 +147,28 @@ def _fit_rule(cases, rule: str) -> tuple[float, float]:
     return float(np.mean(hits)), thr
 
 
-def _oof_attribution(cases, folds) -> tuple[np.ndarray, list]:
-    out, chosen = np.full(len(cases), np.nan), []
+def _oof_attribution(case_sets: dict[str, list], folds) -> tuple[np.ndarray, list]:
+    """`case_sets`: {rule suffix: [(per-step values, failure step)]} (`step_value_sets`); candidates are every
+    attribution rule on every set."""
+    n = len(next(iter(case_sets.values())))
+    out, chosen = np.full(n, np.nan), []
     for j in np.unique(folds):
-        tr = [c for c, f in zip(cases, folds) if f != j]
-        fits = {r: _fit_rule(tr, r) for r in ATTRIBUTION_CANDIDATES}
-        pick = _argbest({r: acc for r, (acc, _) in fits.items()})
-        thr = fits[pick][1]
-        chosen.append(pick if pick != "threshold" else f"threshold<{thr:.3g}")
+        fits = {}
+        for suffix, cases in case_sets.items():
+            tr = [c for c, f in zip(cases, folds) if f != j]
+            fits.update({(r, suffix): _fit_rule(tr, r) for r in ATTRIBUTION_CANDIDATES})
+        pick = _argbest({k: acc for k, (acc, _) in fits.items()})
+        (rule, suffix), thr = pick, fits[pick][1]
+        chosen.append((rule if rule != "threshold" else f"threshold<{thr:.3g}") + suffix)
+        cases = case_sets[suffix]
         for i in np.flatnonzero(folds == j):
-            out[i] = float(_predict(pick, cases[i][0], thr) == cases[i][1])
+            out[i] = float(_predict(rule, cases[i][0], thr) == cases[i][1])
     return out, chosen
+
+
+def _attribution_cases(failed: Sequence[TrajectoryScore], method: str) -> dict[str, list]:
+    sets = [step_value_sets(ts, method) for ts in failed]
+    return {sfx: [(st[sfx], int(ts.failure_step)) for st, ts in zip(sets, failed)] for sfx in sets[0]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -208,7 +237,7 @@ def fair_comparison(
         oof = {}
         res = {}
         for m in methods:
-            vals = {r: np.array([rule_values(ts, m)[r] for ts in labelled]) for r in SCORE_RULES}
+            vals = _rule_arrays(labelled, m)
             oof[m], per_fold = _oof_auroc(vals, y, folds)
             allv = {r: auroc(_rank_fraction(v), y) for r, v in vals.items()}
             res[m] = {"value": auroc(oof[m], y), "rule": _argbest(allv), "per_fold": per_fold, "n": int(y.size)}
@@ -235,7 +264,7 @@ def fair_comparison(
         folds = fold_ids(len(groups), kk, seed)
         oof, res = {}, {}
         for m in methods:
-            vals = {r: np.array([rule_values(ts, m)[r] for ts in flat]) for r in SCORE_RULES}
+            vals = _rule_arrays(flat, m)
             oof[m], per_fold = _oof_best_of_n(vals, yb, groups, folds, seed)
             allv = {r: float(_kept(v, yb, groups, seed).mean()) for r, v in vals.items()}
             res[m] = {"value": float(oof[m].mean()), "rule": _argbest(allv), "per_fold": per_fold, "n": len(groups)}
@@ -254,9 +283,9 @@ def fair_comparison(
         folds = fold_ids(len(failed), kk, seed)
         oof, res = {}, {}
         for m in methods:
-            cases = [(ts.method_steps(m), int(ts.failure_step)) for ts in failed]
-            oof[m], per_fold = _oof_attribution(cases, folds)
-            allv = {r: _fit_rule(cases, r)[0] for r in ATTRIBUTION_CANDIDATES}
+            case_sets = _attribution_cases(failed, m)
+            oof[m], per_fold = _oof_attribution(case_sets, folds)
+            allv = {r + sfx: _fit_rule(cases, r)[0] for sfx, cases in case_sets.items() for r in ATTRIBUTION_CANDIDATES}
             res[m] = {"value": float(oof[m].mean()), "rule": _argbest(allv), "per_fold": per_fold, "n": len(failed)}
 
         def diff(a, b):
@@ -297,6 +326,10 @@ def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=
     for m in family:  # the same best baseline for every member: one comparison each, same items, same resamples
         ci = _paired_interval(diff(m, best), n, n_boot, seed, strata)
         per[m] = {"difference": res[m]["value"] - res[best]["value"], "difference_ci": ci, "verdict": verdict(ci)}
+        if m != "progress_advantage" and "progress_advantage" in res:  # does the variant improve on the plain one?
+            ci = _paired_interval(diff(m, "progress_advantage"), n, n_boot, seed, strata)
+            per[m]["vs_progress_advantage"] = {"difference": res[m]["value"] - res["progress_advantage"]["value"],
+                                               "difference_ci": ci, "verdict": verdict(ci)}  # fmt: skip
     entry["best_baseline"] = best
     if "progress_advantage" in per:
         entry.update(per["progress_advantage"])

@@ -73,6 +73,22 @@ def out_of_support_share(scores: Sequence[TrajectoryScore]) -> dict | None:
                                                     for ts in with_support)}  # fmt: skip
 
 
+def implausible_share(scores: Sequence[TrajectoryScore], alpha: float | None = None) -> dict | None:
+    """Share of scored steps that fail the policy's plausibility constraint at `alpha` (default: each trajectory's
+    own), over a set; None where no trajectory carries the plausibility gaps."""
+    from ..config import DEFAULT_ALPHA
+
+    with_gaps = [ts for ts in scores if ts.gaps is not None]
+    if not with_gaps:
+        return None
+    alpha = alpha or with_gaps[0].plausibility_alpha or DEFAULT_ALPHA
+    g = np.concatenate([ts.gaps for ts in with_gaps])
+    g = g[~np.isnan(g)]
+    flags = g > -math.log(alpha)
+    return {"share": float(flags.mean()) if flags.size else None, "n_steps": int(flags.size), "alpha": alpha,
+            "trajectories_with_an_implausible_step": sum(bool(ts.implausible_share(alpha) > 0) for ts in with_gaps)}
+
+
 def method_available(scores: Sequence[TrajectoryScore], method: str) -> bool:
     """A method is evaluated only if some trajectory has a finite score for it (a baseline not computed is all NaN)."""
     return any(math.isfinite(ts.method_score(method)) for ts in scores)

@@ -24,7 +24,15 @@ from ..utils import json_safe
 from .attribution import attribution_chance, failure_attribution
 from .calibration import calibration_report
 from .fair import fair_comparison
-from .labels import available_methods, failure_kind, is_success, out_of_support_share, split_faults, success_value
+from .labels import (
+    available_methods,
+    failure_kind,
+    implausible_share,
+    is_success,
+    out_of_support_share,
+    split_faults,
+    success_value,
+)
 from .prediction import success_prediction
 from .reductions import choose_reduction as _choose_reduction
 from .reductions import choose_variant as _choose_variant
@@ -72,7 +80,8 @@ def evaluate(
     `choose_reduction` result) is stored without its per-trajectory `fold_of`, and so is `variant_selection` (a
     `choose_variant` result). `methods` (default `available_methods`: METHODS and every variant on the scores);
     `out_of_support` is the share of steps flagged out of the reference's support (None without the support
-    statistics, `ScoringConfig.support`).
+    statistics, `ScoringConfig.support`); `implausible` the share of steps that fail the policy's plausibility
+    constraint at the scores' alpha (`labels.implausible_share`).
     """
     scores, faulted = split_faults(list(scores))  # a numeric fault is no score: out of every metric, counted
     for ts in scores:
@@ -99,6 +108,7 @@ def evaluate(
         "methods": {},
         "skipped_methods": bon["skipped"],
         "out_of_support": out_of_support_share(scores),
+        "implausible": implausible_share(scores),
     }
     if reduction_selection is not None:
         res["reduction_selection"] = {k_: v for k_, v in reduction_selection.items() if k_ != "fold_of"}

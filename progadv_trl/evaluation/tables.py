@@ -136,6 +136,10 @@ def _reduction_section(metrics: Mapping) -> list[str]:
         md += ["", f"Variant choice ({var.get('how')}): chosen **{var.get('chosen')}**; held-out {var.get('metric')} = "
                f"{format_cell(var.get('out_of_fold', var.get('held_out')))} (n={var.get('n')}); per fold: "
                + ", ".join(f"{f['chosen']} {format_cell(f['held_out'])}" for f in var.get("per_fold") or [])]  # fmt: skip
+    imp = metrics.get("implausible")
+    if imp and imp.get("share") is not None:
+        md += ["", f"Steps the policy itself finds implausible (a token below {imp['alpha']:g} x its top choice there): "
+               f"{format_cell(imp['share'])} of {imp['n_steps']}."]  # fmt: skip
     oos = metrics.get("out_of_support")
     if oos:
         md += ["", f"Steps out of the reference's support (a token with reference log-prob < {oos['threshold']:.3g}): "

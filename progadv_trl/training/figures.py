@@ -75,11 +75,12 @@ def step_figures(
 ) -> dict:
     """Mean / quantiles / fraction positive of the step advantages, trajectory score mean, mean by step index, of
     `method` (the configured member of the progress-advantage family: a variant for the held-out set when one is
-    configured); `out_of_support`: the share of steps flagged out of the reference's support, when computed."""
+    configured); `out_of_support`: the share of steps flagged out of the reference's support, when computed;
+    `implausible`: the share of steps that fail the policy's plausibility constraint, when the top-1 log-probs are."""
     out = {f"{prefix}rollouts": len(scores)}
     if not scores:
         return out
-    from ..evaluation.labels import out_of_support_share
+    from ..evaluation.labels import implausible_share, out_of_support_share
 
     steps = [s.method_steps(method) for s in scores]  # once per trajectory: the figures below all read them
     adv = _finite(np.concatenate(steps))
@@ -87,6 +88,9 @@ def step_figures(
     oos = out_of_support_share(scores)
     if oos is not None and oos["share"] is not None:
         out[f"{prefix}out_of_support"] = oos["share"]
+    imp = implausible_share(scores)  # held-out scoring has it; TRL's training tensors carry no top-1 log-prob
+    if imp is not None and imp["share"] is not None:
+        out[f"{prefix}implausible"] = imp["share"]
     out[f"{prefix}steps_per_rollout"] = float(np.mean([len(s.steps) for s in scores]))
     if adv.size:
         out[f"{prefix}step_advantage_mean"] = float(adv.mean())
