@@ -237,8 +237,11 @@ def _run_stages(cfg: DemoConfig, out: Path) -> tuple[dict, dict]:
     rms, rm_block = None, None
     if cfg.reward_models:
         with _stage("5b", f"reward models for the comparison: ORM and PRM on {cfg.rm_rollouts} train-split rollouts "
-                    "of each model", timings, "reward_models_s", cpu, others):  # fmt: skip
+                    "of each model", timings, "reward_models_s", cpu, others) as fig:  # fmt: skip
             rms, rm_block = run_reward_models(cfg)
+            for name in rms:
+                c = rm_block[name]
+                fig[name] = f"{c['cpu_s']:.0f} CPU s, {c['rollouts']} rollouts, {c['continuations']} continuations"
 
     with _stage(6, "scoring the test rollouts with the bundles; evaluation against the baselines", timings, "evaluate_s", cpu, others) as fig:
         critics = _critics(out, ev["rollouts"])
