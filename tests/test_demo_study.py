@@ -139,9 +139,15 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     v = cell["step_verdicts"]["progress_advantage"]
     assert v["beats"] + v["ties"] + v["losses"] == 2
     assert "Step-level selection" in (out / "study.md").read_text()
+    # the study trains the reward models on every seed: baselines in every regime, their cost beside the critic's
+    for regime in ("on-policy", "mid-training", "off-policy"):
+        assert {"orm", "prm"} <= set(st["table"][regime])
+    assert {"orm", "prm"} <= set(cell["step"]) and st["reward_model_costs"]["prm"]["rollouts"]["mean"] == 8
+    assert "against reward models trained for the job" in (out / "study.md").read_text()
     for s in (0, 1):
         cfg = json.loads((out / f"seed_{s}" / "summary.json").read_text())["config"]
-        assert cfg == json.loads(json.dumps(asdict(DemoConfig.fast(seed=s, out_dir=str(out / f"seed_{s}")))))
+        want = DemoConfig.fast(seed=s, out_dir=str(out / f"seed_{s}"), reward_models=True)
+        assert cfg == json.loads(json.dumps(asdict(want)))
     before = (out / "seed_1" / "summary.json").stat().st_mtime_ns
     assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress", "--no-variants"]) == 0
     assert (out / "seed_1" / "summary.json").stat().st_mtime_ns == before  # resumed, not rerun
