@@ -267,6 +267,17 @@ def _flags_take_no_value(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(*action.option_strings, dest=action.dest, action="store_true", help=action.help)
 
 
+class _DefaultOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """HfArgumentParser's formatter appends "(default: X)" to every option, so an option whose help already says its
+    default read "(default 1.0) (default: None)". This one adds it only where the help is silent and there is one."""
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h.lower() or action.default in (None, False, argparse.SUPPRESS) or action.option_strings == []:
+            return h
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="progadv",
@@ -275,7 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--version", action="version", version=f"progadv_trl {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=HfArgumentParser)
     for name, (help_, positionals, types, _) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_, description=help_, dataclass_types=types)
+        sp = sub.add_parser(name, help=help_, description=help_, dataclass_types=types, formatter_class=_DefaultOnce)
         _flags_take_no_value(sp)
         for pos, pos_help in positionals:
             sp.add_argument(pos, help=pos_help)

@@ -21,7 +21,9 @@ def test_score_writes_one_line_per_trajectory(tiny_dir, tiny_models, tiny_tokeni
     assert [r["id"] for r in rows] == [t["id"] for t in trajectories]
     for r in rows:
         assert set(r) >= {"id", "score", "steps", "baselines"}
-        assert set(r["steps"][0]) == {"index", "message_index", "advantage", "tokens", "truncated"}
+        # the contract's step fields, and the plausibility of the step (the policy pass's own top-1 log-prob)
+        assert set(r["steps"][0]) == {"index", "message_index", "advantage", "tokens", "truncated", "gap", "plausible",
+                                      "shortfall"}
         assert set(r["baselines"]) == {"policy_logprob", "reference_logprob", "self_certainty", "deepconf_tail", "deepconf_bottom10"}
     pol, ref = tiny_models
     from progadv_trl.scoring import ScoringConfig

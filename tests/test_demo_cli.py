@@ -14,14 +14,42 @@ SUMMARY_KEYS = {"reference_success", "policy_success", "reference_success_sample
                 "timings", "evaluation", "paths", "training_curves"}  # fmt: skip
 
 
+CONSOLE = {}  # the first run's stdout and stderr
+
+
 @pytest.fixture(scope="module")
 def demo_runs(tmp_path_factory):
+    import contextlib
+    import io
+
     runs = []
     for k in range(2):
         out = tmp_path_factory.mktemp(f"demo{k}")
-        assert main(["demo", "--out", str(out), "--fast", "--no-progress"]) == 0
+        so, se = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+            assert main(["demo", "--out", str(out), "--fast", "--no-progress"]) == 0
+        if k == 0:
+            CONSOLE.update(stdout=so.getvalue(), stderr=se.getvalue())
         runs.append(out)
     return runs
+
+
+def test_demo_console_is_stage_lines_and_the_final_block(demo_runs):
+    out = demo_runs[0]
+    # stdout: the final block (tables, the comparison with the study), no line a person cannot read
+    lines = CONSOLE["stdout"].splitlines()
+    assert lines and max(map(len, lines)) <= 300
+    assert any(line.startswith("success on held-out tasks") for line in lines)
+    # stderr with --no-progress: one line when a stage starts and one when it ends, nothing else (no log dicts)
+    err = [line for line in CONSOLE["stderr"].splitlines() if line.strip()]
+    assert err and all(line.startswith("[progadv demo] ") for line in err), [x for x in err if not x.startswith("[")][:3]
+    assert not any("{" in line for line in err)
+    assert sum(" done in " in line for line in err) >= 6
+    # the trainers' log dicts went to files under the run directory
+    for name in ("sft", "grpo"):
+        logged = [json.loads(x) for x in (out / "logs" / f"{name}.jsonl").read_text().splitlines()]
+        assert logged and all("step" in e for e in logged)
+    assert any(any(k.startswith("eval_progadv/heldout/") for k in e) for e in logged)
 
 
 def test_demo_writes_summary_report_and_bundle(demo_runs, capsys):

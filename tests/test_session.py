@@ -59,6 +59,9 @@ def _same(a, b, atol=ATOL):
             np.testing.assert_allclose(x.baselines[k], y.baselines[k], rtol=0, atol=atol, err_msg=k)
         for k in x.variants:
             np.testing.assert_allclose(x.variants[k], y.variants[k], rtol=0, atol=atol, err_msg=k)
+        # the plausibility of the candidate: the same gap (policy top-1 minus its worst token) and verdict
+        assert x.gap is not None and y.gap is not None and x.plausible == y.plausible
+        np.testing.assert_allclose(x.gap, y.gap, rtol=0, atol=atol, err_msg="gap")
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +88,7 @@ def test_candidates_equal_whole_conversation_scores(critics, kind):
     assert r.advantage == pytest.approx(0.1 * r.log_ratio, abs=1e-12)
     assert set(r.variants) >= {"progress_advantage_centred_policy", "progress_advantage_in_support"}
     assert {"policy_logprob", "self_certainty", "deepconf_tail"} <= set(r.baselines)
+    assert "progress_advantage_plausible" in r.variants and r.shortfall >= 0 and r.gap >= r.shortfall
     # the policy differs from the reference, so the critic has an opinion: not all candidates equal
     assert len({round(x.advantage, 6) for x in got}) == len(got)
 

@@ -165,7 +165,7 @@ def test_old_bundle_without_variant_loads_as_progress_advantage(tmp_path, tiny_m
     critic = ProgressCritic.from_pretrained(out)
     assert critic.variant == "progress_advantage" and not critic.config.wants_support
     ts = critic.score([_one()])[0]
-    assert ts.variants == {} and critic.attribute_failure(_one()) >= 0
+    assert list(ts.variants) == ["progress_advantage_plausible"] and critic.attribute_failure(_one()) >= 0
 
 
 def _one():
@@ -196,9 +196,9 @@ def test_cli_score_and_evaluate_report_support_and_the_chosen_variant(tiny_dir, 
     m = json.loads((out / "metrics.json").read_text())
     sel = m["variant_selection"]
     assert sel["chosen"] in ("progress_advantage", *VARIANTS) and len(sel["per_fold"]) == 3
-    assert sel["candidates"] == ["progress_advantage", *VARIANTS] and "fold_of" not in sel
+    assert sel["candidates"] == ["progress_advantage", "progress_advantage_plausible", *VARIANTS] and "fold_of" not in sel
     assert m["out_of_support"]["n_steps"] > 0 and set(m["methods"]) >= set(VARIANTS)
-    assert list(m["fair"]["auroc"]["family"]) == ["progress_advantage", *VARIANTS]
+    assert list(m["fair"]["auroc"]["family"]) == ["progress_advantage", "progress_advantage_plausible", *VARIANTS]
 
 
 def test_heldout_figures_use_the_variant_and_report_out_of_support():
@@ -249,7 +249,8 @@ def test_demo_stage6_evaluates_every_variant_without_changing_the_critic(tiny_mo
     pol, ref = tiny_models
     critic = ProgressCritic(ProgressScorer(pol, tiny_tokenizer, ref))
     plain = evaluate_set(critic, str(src), tmp_path / "plain", DemoConfig(out_dir=str(tmp_path), n_boot=20))
-    assert not any(k.startswith("progress_advantage_") for k in plain["methods"])  # the demo's default: no variants
+    # the demo's default: no support variants; the plausible one needs no support pass and is always there
+    assert [k for k in plain["methods"] if k.startswith("progress_advantage_")] == ["progress_advantage_plausible"]
     m = evaluate_set(critic, str(src), tmp_path / "policy", DemoConfig(out_dir=str(tmp_path), n_boot=20, variants=True))
     assert not critic.config.support  # the bundle's critic is untouched: support is for this evaluation only
     assert set(m["methods"]) >= set(VARIANTS) and m["variant_selection"]["chosen"]

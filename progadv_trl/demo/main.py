@@ -438,6 +438,10 @@ def headline(metrics: dict) -> dict:
             if d:  # a progress-advantage family member minus the best baseline: one study row per variant
                 rows[m][f"fair_{app}_minus_best_baseline"] = d["difference"]
                 rows[m][f"fair_{app}_minus_best_baseline_ci"] = d["difference_ci"]
+                vs = d.get("vs_progress_advantage")
+                if vs:  # and minus plain progress advantage, paired the same way
+                    rows[m][f"fair_{app}_minus_progress_advantage"] = vs["difference"]
+                    rows[m][f"fair_{app}_minus_progress_advantage_ci"] = vs["difference_ci"]
             v = ((f or {}).get("versus") or {}).get(m)
             if v:  # progress advantage minus this baseline head to head (a trained reward model), paired
                 rows[m][f"fair_{app}_progress_advantage_minus_this"] = v["difference"]

@@ -17,7 +17,8 @@ IGNORED_KEYS = ("out_dir", "progress", "variants", "steer_tasks", *REWARD_MODEL_
 # Config keys added after runs were made, with the value those runs had in effect: a summary without the key compares
 # as if it held that value (a seed made before the curriculum existed trained with the world's timeouts; its
 # demonstrations gave up at every timeout alike).
-ADDED_KEYS = {"grpo_p_timeout": None, "p_give_up_after_retry": None, "steer_tasks": 0}
+ADDED_KEYS = {"grpo_p_timeout": None, "p_give_up_after_retry": None, "steer_tasks": 0, "n_val_tasks": 0,
+              "val_steps": 0, "mid_fraction": 0.0}
 # Config keys that change only stage 6 (the evaluation of saved rollouts): `--reevaluate` applies the study's values.
 EVAL_ONLY_KEYS = ("variants", "steer_tasks", *REWARD_MODEL_KEYS)
 # Evaluation sets of the demo summary -> the regime they measure.

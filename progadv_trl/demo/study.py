@@ -199,8 +199,15 @@ def step_selection_across_seeds(summaries: list[dict]) -> dict | None:
                         f["best_baselines"].append(c.get("best_baseline"))
                         key = {"beats": "beats", "loses": "losses"}.get(d["verdict"], "ties")
                         f[key] += 1
+                        vs = d.get("vs_progress_advantage")
+                        if vs:  # a variant against plain progress advantage, paired over the same tasks
+                            g = f.setdefault("vs_progress_advantage", {"differences": [], "beats": 0, "ties": 0, "losses": 0})
+                            g["differences"].append(vs["difference"])
+                            g[{"beats": "beats", "loses": "losses"}.get(vs["verdict"], "ties")] += 1
                 for f in fam.values():
                     f["difference"] = _stats(f.pop("differences"))
+                    if "vs_progress_advantage" in f:
+                        f["vs_progress_advantage"]["difference"] = _stats(f["vs_progress_advantage"].pop("differences"))
                 cell[f"{level}_verdicts"] = fam
                 vs: dict[str, dict] = {}  # progress advantage minus each trained reward model, per seed's interval
                 for _, _, r in rows:
@@ -240,17 +247,21 @@ def step_selection_markdown(study: dict) -> list[str]:
     md.append("| (trajectory best-of-K, PA) | " + " | ".join(
         f"{_f(c['trajectory']['progress_advantage']['mean'])}" if "progress_advantage" in c["trajectory"] else "–"
         for c in cells.values()) + " |")
-    md += ["", "Family member minus the best baseline (mean difference across seeds; beats/ties/losses):", "",
+    md += ["", "Family member minus the best baseline (rows \"− progress_advantage\": minus plain progress advantage; mean "
+           "difference across seeds; beats/ties/losses):", "",
            "| member | " + " | ".join(f"{name} step" for name in cells) + " | " + " | ".join(f"{name} trajectory" for name in cells) + " |",
            "|---" * (2 * len(cells) + 1) + "|"]  # fmt: skip
     family = list(dict.fromkeys(m for c in cells.values() for m in c["step_verdicts"]))
     for m in family:
-        row = []
-        for level in ("step", "trajectory"):
-            for c in cells.values():
-                v = c[f"{level}_verdicts"].get(m)
-                row.append("–" if v is None else f"{v['difference']['mean']:+.3f} ({v['beats']}/{v['ties']}/{v['losses']})")
-        md.append(f"| {m} | " + " | ".join(row) + " |")
+        for against in ("best", "vs_progress_advantage"):
+            row = []
+            for level in ("step", "trajectory"):
+                for c in cells.values():
+                    v = c[f"{level}_verdicts"].get(m)
+                    v = v if against == "best" or v is None else v.get(against)
+                    row.append("–" if v is None else f"{v['difference']['mean']:+.3f} ({v['beats']}/{v['ties']}/{v['losses']})")
+            if against == "best" or any(x != "–" for x in row):
+                md.append(f"| {m}{'' if against == 'best' else ' − progress_advantage'} | " + " | ".join(row) + " |")
     if any("candidate_ranking" in c for c in cells.values()):
         md += ["", "Within-state ranking: over the states whose K candidates hold both the correct action and a mistake, "
                "the share of (correct, mistake) pairs each method orders correctly (0.5: chance; mean across seeds):", "",
@@ -316,13 +327,15 @@ def family_verdicts(summaries: list[dict]) -> dict:
             regime = REGIMES.get(set_name, set_name)
             for m, row in (ev.get("methods") or {}).items():
                 for app in APPLICATIONS:
-                    d, ci = row.get(f"fair_{app}_minus_best_baseline"), row.get(f"fair_{app}_minus_best_baseline_ci")
-                    if d is None or not ci or None in ci:
-                        continue
-                    v = out.setdefault(regime, {}).setdefault(m, {}).setdefault(
-                        app, {"beats": 0, "ties": 0, "loses": 0, "differences": []})
-                    v[_verdict(ci)] += 1
-                    v["differences"].append(float(d))
+                    # against the best baseline; a variant also against plain progress advantage ("app vs PA")
+                    for key, against in ((app, "best_baseline"), (f"{app} vs PA", "progress_advantage")):
+                        d, ci = row.get(f"fair_{app}_minus_{against}"), row.get(f"fair_{app}_minus_{against}_ci")
+                        if d is None or not ci or None in ci:
+                            continue
+                        v = out.setdefault(regime, {}).setdefault(m, {}).setdefault(
+                            key, {"beats": 0, "ties": 0, "loses": 0, "differences": []})
+                        v[_verdict(ci)] += 1
+                        v["differences"].append(float(d))
     for members in out.values():
         for apps in members.values():
             for v in apps.values():
@@ -422,10 +435,12 @@ def family_markdown(study: dict) -> list[str]:
         return []
     n = len(study["seeds"])
     md = ["## Progress-advantage variants against the best baseline", "",
-          f"Per cell: the member's out-of-fold figure minus the best baseline's, mean over seeds [min, max]; then "
-          f"beats/ties/loses over the {n} seeds (each seed's paired 95 % interval).", ""]  # fmt: skip
+          f"Per cell: the member's out-of-fold figure minus the best baseline's (columns \"... vs PA\": minus plain "
+          f"progress advantage's), mean over seeds [min, max]; then beats/ties/loses over the {n} seeds (each seed's "
+          f"paired 95 % interval).", ""]  # fmt: skip
     for regime, members in fam.items():
         apps = [a for a in APPLICATIONS if any(a in v for v in members.values())]
+        apps += [f"{a} vs PA" for a in APPLICATIONS if any(f"{a} vs PA" in v for v in members.values())]
         md += [f"### {regime}", "", "| member | " + " | ".join(apps) + " |", "|---" * (len(apps) + 1) + "|"]
         for m, v in members.items():
             cells = ["–" if a not in v else f"{v[a]['mean']:+.3f} [{v[a]['min']:+.3f}, {v[a]['max']:+.3f}] "

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import trl_hooks
-from ..config import ScoringConfig
+from ..config import IMPLAUSIBLE_OFFSET, PLAUSIBLE, ScoringConfig
 from ..scoring import TokenStats, TrajectoryScore, score_from_token_stats
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -70,6 +70,16 @@ def _finite(x) -> np.ndarray:
     return a[np.isfinite(a)]
 
 
+def _step_values(ts: TrajectoryScore, method: str) -> np.ndarray:
+    """Per-step values for the figures. The plausible variant's implausible steps are an ordering device
+    (-(1e6 + shortfall)), not advantages: its figures are the plausible steps' advantages (the share of implausible
+    steps is its own figure), and it has no trajectory-score mean."""
+    if method == PLAUSIBLE:
+        v = ts.method_steps(method)
+        return np.where(v > -IMPLAUSIBLE_OFFSET / 2, v, np.nan)
+    return ts.method_steps(method)
+
+
 def step_figures(
     scores: list[TrajectoryScore], prefix: str, max_steps: int, by: str = "turn", method: str = "progress_advantage"
 ) -> dict:
@@ -82,9 +92,9 @@ def step_figures(
         return out
     from ..evaluation.labels import implausible_share, out_of_support_share
 
-    steps = [s.method_steps(method) for s in scores]  # once per trajectory: the figures below all read them
+    steps = [_step_values(s, method) for s in scores]  # once per trajectory: the figures below all read them
     adv = _finite(np.concatenate(steps))
-    traj = _finite([s.method_score(method) for s in scores])
+    traj = _finite([s.method_score(method) for s in scores]) if method != PLAUSIBLE else np.zeros(0)
     oos = out_of_support_share(scores)
     if oos is not None and oos["share"] is not None:
         out[f"{prefix}out_of_support"] = oos["share"]
