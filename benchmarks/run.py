@@ -40,6 +40,8 @@ Keys, per shape (JSON: {"shapes": {shape: {key: value}}, ...}):
 - *_cputime: the same ratios from this process's CPU seconds (all threads) instead of wall seconds.
 - step_session_speedup, step_session_bound, step_session_fraction_of_bound, append_s_per_1k_tokens,
   kv_copy_share_of_score: the critic in the agent loop (realistic shape only), see `benchmarks/session_bench.py`.
+- as_generated_fraction_of_bound, as_generated_sharing_speedup: scoring as generated (a template that rewrites
+  earlier turns) against its distinct-token bound (realistic shape only), see `benchmarks/as_generated_bench.py`.
 - two_process_speedup: scoring time in one process (all cores as threads) / under torchrun with 2 processes (the
   cores split between them), timed inside the processes from after loading to the gathered result.
 """
@@ -71,6 +73,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
 import workload as W  # noqa: E402
+from as_generated_bench import bench_as_generated  # noqa: E402
 from session_bench import bench_session  # noqa: E402
 
 TARGETS = {
@@ -79,6 +82,7 @@ TARGETS = {
     "floor_efficiency": ">= 0.9",
     "prefix_sharing_speedup": ">= 2 (realistic)",
     "step_session_fraction_of_bound": ">= 0.7 (CPU)",
+    "as_generated_fraction_of_bound": ">= 0.7 (CPU)",
     "capture_overhead_pct": "<= 1",
     "lora_peak_memory_ratio": "<= 1.05",
     "fraction_of_distinct_bound": ">= 0.9 (decoder)",
@@ -92,7 +96,7 @@ ROWS = [
     "prefix_sharing_speedup_cputime", "logits_peak_memory_ratio", "lora_peak_memory_ratio", "capture_overhead_pct",
     "capture_overhead_pct_cputime", "capture_noise_pct", "capture_flush_pct", "heldout_eval_s",
     "two_process_speedup", "step_session_speedup", "step_session_bound", "step_session_fraction_of_bound",
-    "append_s_per_1k_tokens", "kv_copy_share_of_score", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
+    "append_s_per_1k_tokens", "kv_copy_share_of_score", "as_generated_fraction_of_bound", "as_generated_sharing_speedup", "engine_tokens_per_s", "engine_s", "naive_s", "floor_s", "floor_prefix_batch1_s", "floor_engine_batches_s", "output_share",
 ]  # fmt: skip
 
 
@@ -724,7 +728,8 @@ def main(argv=None) -> int:
                    help="the engine's batch_tokens (default: the engine's own, 2048 on a CPU)")
     p.add_argument("--engine-batches-floor", action="store_true",
                    help="also time bare decoder passes over the engine's padded batches when prompts are shared")
-    p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture, session")
+    p.add_argument("--skip", default="", help="comma-separated parts to skip: scoring, memory, dist, capture, session, "
+                                                "as_generated")
     p.add_argument("--table", default=None, metavar="JSON", help="print the table of a saved run and exit")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -762,9 +767,10 @@ def main(argv=None) -> int:
             out: dict = {}
             res["shapes"][shape] = out
             for part, fn in (("scoring", bench_scoring), ("memory", bench_memory), ("dist", bench_two_process),
-                             ("capture", bench_capture), ("session", bench_session)):  # fmt: skip
-                if part == "session" and shape != "realistic":
-                    continue  # one realistic agent episode is what the session benchmark is about
+                             ("capture", bench_capture), ("session", bench_session),
+                             ("as_generated", bench_as_generated)):  # fmt: skip
+                if part in ("session", "as_generated") and shape != "realistic":
+                    continue  # one realistic agent episode is what these benchmarks are about
                 if part in skip:
                     continue
                 ts = time.perf_counter()

@@ -11,6 +11,7 @@ from .config import (
     PAPER_TOKEN_REDUCTIONS,
     PLAUSIBILITY_ALPHAS,
     PLAUSIBLE,
+    RENDERINGS,
     SELECTION_METRICS,
     STEP_REDUCTIONS,
     TOKEN_REDUCTIONS,
@@ -65,6 +66,15 @@ class ScoringArguments:
         "help": f"{PLAUSIBLE}: a step is plausible when each token has policy probability >= alpha x the policy's top "
                 f"choice there (default 0.1; evaluate chooses among {PLAUSIBILITY_ALPHAS} by CV)"})
 
+    rendering: str | None = field(default=None, metadata={"choices": RENDERINGS,
+                                                          "help": "whole: the conversation rendered once; as_generated: "
+                                                                  "each step in the context the model read (for "
+                                                                  "templates that rewrite earlier turns, e.g. drop "
+                                                                  "reasoning); auto (default): whole where exact, else "
+                                                                  "as generated"})  # fmt: skip
+    strict: bool = field(default=False, metadata={"help": "refuse a step whose tool calls, content or reasoning the "
+                                                          "chat template renders nowhere (default: flag it `dropped`)"})  # fmt: skip
+
     def __post_init__(self):
         if self.max_length is not None and self.max_length < 2:
             raise ValueError(f"argument --max-length: must be at least 2, got {self.max_length}")
@@ -77,10 +87,11 @@ class ScoringArguments:
     def overrides(self) -> dict:
         """The ScoringConfig fields given on the command line."""
         keys = ("beta", "token_reduction", "step_reduction", "temperature", "support_threshold", "clip", "variant",
-                "plausibility_alpha")
+                "plausibility_alpha", "rendering")
         over = {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
-        if self.support:
-            over["support"] = True
+        for flag in ("support", "strict"):
+            if getattr(self, flag):
+                over[flag] = True
         if self.plausibility_alpha is not None:
             over["plausibility_alpha_source"] = "given on the command line (--plausibility-alpha)"
         return over

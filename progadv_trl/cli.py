@@ -311,6 +311,22 @@ def parse(argv: list[str] | None = None) -> tuple[str, list]:
     return command, values
 
 
+def _plain_notices() -> None:
+    """The library's own notices (how trajectories were rendered, what a template drops, cut trajectories) print as
+    the command's lines, "progadv: ...", not as a UserWarning with a source line; other packages' warnings as usual."""
+    import warnings
+    from pathlib import Path
+
+    default, ours = warnings.formatwarning, str(Path(__file__).parent)
+
+    def fmt(message, category, filename, lineno, line=None):
+        if issubclass(category, UserWarning) and str(filename).startswith(ours):
+            return f"progadv: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     import warnings
 
@@ -322,6 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     command, values = parse(argv)
     # The library warns about numeric faults; the commands name each one themselves, after scoring.
     warnings.filterwarnings("ignore", message=".*numeric fault", category=UserWarning)
+    _plain_notices()
     from . import distributed
 
     quiet = not distributed.is_main()  # several processes: the main process reports every rank's error once

@@ -58,6 +58,8 @@ MERGES = ("linear", "ties", "dare_linear", "dare_ties")
 def merged_variant_name(merge: str, alpha: float) -> str:
     """The variant name of progress advantage against pi_alpha, e.g. progress_advantage_merged_linear_a0.5."""
     return f"{FAMILY_PREFIX}merged_{merge}_a{float(alpha):g}"
+# How a conversation becomes token rows (rendering.py): whole, each step as generated, or whichever is exact.
+RENDERINGS = ("auto", "whole", "as_generated")
 # Failure attribution: which step of a failed run is named as the mistake (evaluation/attribution.py).
 ATTRIBUTION_RULES = ("min_cumsum", "min_step", "threshold")
 # What a cross-validated choice (of a reduction, a rule) optimises (evaluation/reductions.py).
@@ -139,7 +141,23 @@ class ScoringConfig:
         metadata={"help": "How plausibility_alpha was chosen (recorded in a bundle's manifest)."},
     )  # fmt: skip
 
+    rendering: str = field(
+        default="auto",
+        metadata={"help": f"One of {RENDERINGS}. whole: the conversation rendered once (exact for prefix-preserving "
+                          "templates). as_generated: each step in the context the model read (the conversation up to it "
+                          "with the generation prompt, then the turn as the template writes it, reasoning included); "
+                          "shared context runs once. auto: whole where the template is prefix-preserving for the "
+                          "conversation, else as generated (said once per run)."},
+    )  # fmt: skip
+    strict: bool = field(
+        default=False,
+        metadata={"help": "Refuse a step whose tool calls, content or reasoning the chat template renders nowhere "
+                          "(default: score it and flag it `dropped`)."},
+    )  # fmt: skip
+
     def __post_init__(self):
+        if self.rendering not in RENDERINGS:
+            raise ValueError(f"rendering must be one of {RENDERINGS}, got {self.rendering!r}")
         if self.token_reduction not in TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS:
             raise ValueError(f"token_reduction must be one of {TOKEN_REDUCTIONS + PAPER_TOKEN_REDUCTIONS}, got {self.token_reduction!r}")
         if self.step_reduction not in STEP_REDUCTIONS:

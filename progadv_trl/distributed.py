@@ -167,6 +167,8 @@ def units(scorer, rendered) -> list:
 
 def _cost(unit, rendered) -> float:
     """Tokens the unit runs through each model, padding included (a shared prefix once)."""
+    if hasattr(unit, "cost"):  # prefix.Chain: a trajectory's as-generated rows, their distinct tokens
+        return unit.cost
     if hasattr(unit, "batches"):
         P = unit.prefix_len
         return P + sum(len(b) * (max(len(rendered[i].input_ids) for i in b) - P) for b in unit.batches)

@@ -16,10 +16,11 @@ import warnings
 import numpy as np
 import torch
 
-from .prefix import SharedGroup, full_attention, plan, shared_token_stats
+from .prefix import Chain, SharedGroup, chain_token_stats, full_attention, plan, shared_token_stats
 from .reference import Reference, is_peft_model, load_pair, resolve
 from .scoring import ScoringConfig, TokenStats, TrajectoryScore, score_from_token_stats
 from .trajectories import Trajectory, as_trajectories
+from .generated import distinct_tokens, rendering_notices
 from .rendering import Rendered, check_same_tokenizer, position_limit, render_all
 
 # Padded tokens per forward pass when batch_tokens is None. An accelerator needs big batches to be busy. On a CPU one
@@ -198,12 +199,15 @@ class ProgressScorer:
 
     # -- scoring ------------------------------------------------------------------------------------------------
     def render(self, trajectories, skipped: list | None = None) -> tuple[list[Trajectory], list[Rendered]]:
-        """Validate and render. With `skipped` (a list), trajectories the chat template cannot render are left out
-        and their RecordErrors appended to it; without, the first one raises ChatTemplateError."""
+        """Validate and render (whole or as generated, as `config.rendering` says; notices once per scorer). With
+        `skipped` (a list), trajectories the chat template cannot render are left out and their RecordErrors appended
+        to it; without, the first one raises ChatTemplateError."""
         trajs = as_trajectories(trajectories)
         # never past the models' positions: without max_length, a longer trajectory is cut there and flagged
         limit, why = position_limit(self.max_length, self.policy, self.reference.model)
-        trajs, rendered, errors = render_all(trajs, self.tokenizer, limit, on_error="raise" if skipped is None else "skip")
+        trajs, rendered, errors = render_all(trajs, self.tokenizer, limit, on_error="raise" if skipped is None else "skip",
+                                             rendering=self.config.rendering, strict=self.config.strict)
+        _notify(self, trajs, rendered)
         for r in rendered:
             if r.truncation is not None:
                 r.truncation["limit"] = why
@@ -240,10 +244,17 @@ class ProgressScorer:
         `prefix.SharedGroup`s (a shared prompt and its continuation batches). Models whose cache a continuation
         cannot extend get batches only. `run_unit` runs one; `token_stats` runs them all."""
         ref_model = self.reference.model_for(self.policy)
-        if self.share_prefix and all(full_attention(_plain_model(m).config) for m in (self.policy, ref_model)):
-            groups, rest = plan(rendered, self.batch_budget())
-            return groups + self._batches(rendered, rest)
-        return self._batches(rendered)
+        share = self.share_prefix and all(full_attention(_plain_model(m).config) for m in (self.policy, ref_model))
+        # trajectories scored as generated: one chain of rows each (prefix.Chain)
+        chains = [Chain(i, share, distinct_tokens(r.rows) if share else sum(len(x.input_ids) for x in r.rows))
+                  for i, r in enumerate(rendered) if r.rows is not None]  # fmt: skip
+        whole = [i for i, r in enumerate(rendered) if r.rows is None]
+        if share:
+            groups, rest = plan([rendered[i] for i in whole], self.batch_budget())
+            for g in groups:  # plan numbered the whole ones only
+                g.batches = [[whole[i] for i in b] for b in g.batches]
+            return groups + self._batches(rendered, [whole[i] for i in rest]) + chains
+        return self._batches(rendered, whole) + chains
 
     @torch.no_grad()
     def token_stats(self, rendered: list[Rendered], progress: bool = False) -> list[TokenStats]:
@@ -290,7 +301,7 @@ class ProgressScorer:
         for row, i in enumerate(members):
             for step, (s, e) in enumerate(rendered[i].spans):
                 s = max(s, 1)  # position 0 has no prediction; no template starts a turn there
-                b_idx.extend([row] * (e - s))
+                b_idx.extend([step if rendered[i].rows is not None else row] * (e - s))  # a chain: its row
                 p_idx.extend(range(s, e))
                 step_of.extend([step] * (e - s))
                 owner.extend([i] * (e - s))
@@ -303,6 +314,9 @@ class ProgressScorer:
         if padded is not None:
             return taken_token_stats(model, *padded, index, **kw, **extra)
         states, head = _states_fn(model)
+        if isinstance(unit, Chain):
+            return chain_token_stats(states, head, _plain_model(model).config, _device(model), rendered[unit.index].rows,
+                                     index, share=unit.share, **kw, **extra)  # fmt: skip
         return shared_token_stats(
             states, head, _plain_model(model).config, _device(model), rendered, unit, index,
             pad_id=self.pad_id, **kw, **extra,
@@ -310,9 +324,9 @@ class ProgressScorer:
 
     def _unit_stats(self, rendered, unit, ref_model) -> list[tuple[int, TokenStats]]:
         cfg = self.config
-        members = unit.members if isinstance(unit, SharedGroup) else unit
+        members = unit.members if isinstance(unit, (SharedGroup, Chain)) else unit
         index, owner, step = self._rows(rendered, members)
-        padded = None if isinstance(unit, SharedGroup) else self._pad(rendered, unit)
+        padded = None if isinstance(unit, (SharedGroup, Chain)) else self._pad(rendered, unit)
         support = cfg.wants_support
         pol = self._pass(self.policy, rendered, unit, index, padded, topk=cfg.topk, with_top1=True,
                          with_vocab_stats=self.compute_baselines, keep_logprobs=support)  # fmt: skip
@@ -335,9 +349,9 @@ class ProgressScorer:
         return out
 
     def _unit_reference(self, rendered, unit, ref_model) -> list[tuple[int, np.ndarray]]:
-        members = unit.members if isinstance(unit, SharedGroup) else unit
+        members = unit.members if isinstance(unit, (SharedGroup, Chain)) else unit
         index, owner, _ = self._rows(rendered, members)
-        padded = None if isinstance(unit, SharedGroup) else self._pad(rendered, unit)
+        padded = None if isinstance(unit, (SharedGroup, Chain)) else self._pad(rendered, unit)
         with self.reference.active(self.policy):
             logp = self._pass(ref_model, rendered, unit, index, padded)["logp"].double().cpu().numpy()
         return [(i, logp[owner == i]) for i in members]
@@ -410,4 +424,22 @@ def finish_score(t: Trajectory, r: Rendered, stats: TokenStats, config: ScoringC
     )
     res.group, res.success, res.failure_step = t.group, t.success, t.failure_step
     res.truncation, res.metadata = r.truncation, t.metadata
+    mark_rendering(res, r)
     return res
+
+
+def mark_rendering(res: TrajectoryScore, r: Rendered) -> None:
+    """How the trajectory was rendered, on its score: `rendering` "as_generated" when it was, and per step what the
+    chat template rendered nowhere (`dropped`)."""
+    res.rendering = "as_generated" if r.rows is not None else None
+    for j, parts in r.dropped.items():
+        res.steps[j].dropped = list(parts)
+
+
+def _notify(scorer, trajs, rendered) -> None:
+    """The run's rendering notices (`generated.rendering_notices`), each said once per scorer."""
+    said = scorer.__dict__.setdefault("_said", set())
+    for key, msg in rendering_notices(scorer.tokenizer, trajs, rendered, scorer.config.rendering):
+        if key not in said:
+            said.add(key)
+            warnings.warn(msg, stacklevel=3)

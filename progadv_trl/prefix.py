@@ -157,3 +157,62 @@ def shared_token_stats(
         out.append(token_logprob_stats(h, head, targets.to(device), other_logprobs=other, **kw))
         row0 += len(batch)
     return {k: torch.cat([o[k] for o in out]) for k in out[0]}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rows of one trajectory scored as generated (rendering.render_as_generated): step t's row is its own context + its
+# tokens, and row t + 1 begins like row t up to where the template rewrote history. The rows run in order over one
+# KV cache per model, cropped back to the common prefix with the previous row before each: every token that rows
+# share is computed once, so the cost is the distinct tokens (`generated.distinct_tokens`), not steps x length.
+
+
+@dataclass
+class Chain:
+    index: int  # into the rendered list; that Rendered has `rows`
+    share: bool = True  # False: models whose cache a continuation cannot extend run each row whole
+    cost: int = 0  # tokens through each model (for dealing units to ranks)
+
+    @property
+    def members(self) -> list[int]:
+        return [self.index]
+
+
+def chain_token_stats(
+    states,
+    head,
+    config,
+    device: torch.device,
+    rows: list[Rendered],
+    index: tuple[torch.Tensor, torch.Tensor],
+    share: bool = True,
+    other_logprobs: torch.Tensor | None = None,
+    **kw,
+) -> dict[str, torch.Tensor]:
+    """`taken_token_stats` for one chain: `index` = (row, position) of every scored token, rows ascending."""
+    from transformers import DynamicCache
+
+    which, pos = index
+    hidden, targets, cache, prev = [], [], None, []
+    for t, row in enumerate(rows):
+        p = pos[which == t]
+        if not p.numel():
+            continue
+        ids = row.input_ids
+        # the state at p - 1 predicts p: keep at most the shared tokens before the row's first scored position
+        keep = min(_common_prefix([ids, prev]), int(p.min()) - 1) if share and cache is not None else 0
+        if keep > 0:
+            if cache.get_seq_length() > keep:
+                cache.crop(keep - cache.get_seq_length())  # transformers 5: a negative count of tokens to remove
+        else:
+            cache = DynamicCache(config=config) if share else None
+        new = torch.tensor([ids[keep:]], device=device)
+        mask = torch.ones((1, len(ids)), dtype=torch.long, device=device)
+        out = states(new, mask, torch.arange(keep, len(ids), device=device)[None], past_key_values=cache)[0]
+        if share and cache.get_seq_length() != len(ids):
+            raise RuntimeError("this model did not fill the KV cache it was given; score with share_prefix=False")
+        hidden.append(out[(p - 1 - keep).to(device)])
+        targets.append(torch.tensor([ids[q] for q in p.tolist()], dtype=torch.long))
+        prev = ids
+    h = torch.cat(hidden) if hidden else torch.empty((0, 1), device=device)
+    return token_logprob_stats(h, head, torch.cat(targets).to(device) if targets else torch.empty(0, dtype=torch.long, device=device),
+                               other_logprobs=other_logprobs, **kw)  # fmt: skip

@@ -13,10 +13,13 @@ of them; ranking whole trajectories pays for all three (docs/steering.md has the
 Exactness: a candidate's figures are those `critic.score` gives its step when the candidate is appended to the
 conversation and the whole is scored (the same chat-template rendering, spans and `scoring` functions; tests check
 1e-5). How: the cache holds the tokens of `apply_chat_template(messages)`; each candidate's conversation is rendered
-whole and tokenized once (`rendering.render_step`), its common prefix with the cached ids is kept, and the rest runs
-on top of the cache starting one token before the candidate's span, so the state that predicts the span's first token
-is computed in the same pass (no hidden state has to be stored). Where a template rewrites earlier text, the common
-prefix is shorter and more is recomputed; nothing else changes.
+as generated (`rendering.render_step`: its generation prompt, then the turn), its common prefix with the cached ids
+is kept, and the rest runs on top of the cache starting one token before the candidate's span, so the state that
+predicts the span's first token is computed in the same pass (no hidden state has to be stored). Where a template
+rewrites earlier text (drops the reasoning of earlier turns), the cache follows the history as the template rewrites
+it, the common prefix is shorter and more is recomputed; a candidate, the latest turn, is read in its generation
+prompt's context as the model read it, so its figures are those of its step scored as generated
+(`rendering.render_as_generated`).
 
 Cost: K candidates share one read-only cache. They run as ONE packed row (a 4D attention mask lets each candidate
 see the cache and its own earlier tokens only, with position ids restarting at the state's end), so the cache is
@@ -40,7 +43,7 @@ import torch
 
 from .engine import _device, _eval_mode, _plain_model, _states_fn
 from .prefix import _common_prefix, full_attention
-from .rendering import render_step
+from .rendering import chat_text, render_step
 from .scoring import TokenStats, TrajectoryScore, score_from_token_stats, shortfalls, token_logprob_stats
 from .trajectories import Trajectory, validate_messages
 
@@ -150,7 +153,10 @@ class CriticSession:
 
     # -- the state -----------------------------------------------------------------------------------------------
     def _state_ids(self) -> list[int]:
-        text = self.scorer.tokenizer.apply_chat_template(self.messages, tools=self.tools, tokenize=False)
+        # The history as the template writes it now (a template that rewrites earlier turns, e.g. drops their
+        # reasoning, rewrites the cache from there: what the model reads next). chat_text: reasoning under the
+        # template's key, dict arguments as JSON strings where the template needs them.
+        text = chat_text(self.scorer.tokenizer, self.messages, self.tools)
         return list(self.scorer.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def append(self, message: dict | list[dict]) -> None:

@@ -2,10 +2,12 @@
 
 A trajectory is TRL's conversational format plus a few optional fields:
 
-    {"id", "messages": [{"role": system|user|assistant|tool, "content", "tool_calls"?}], "tools"?, "group"?,
-     "success"?, "failure_step"?, "metadata"?}
+    {"id", "messages": [{"role": system|user|assistant|tool, "content", "tool_calls"?, "reasoning_content"?}],
+     "tools"?, "group"?, "success"?, "failure_step"?, "metadata"?}
 
-Agent steps are the assistant turns; `failure_step` indexes them (0-based), not the messages.
+Agent steps are the assistant turns; `failure_step` indexes them (0-based), not the messages. An assistant turn's
+reasoning is part of its action: `reasoning_content` (Qwen3, Nemotron, GLM...; `reasoning` and `thinking` are read
+as the same), or `<think>...</think>` inside `content` (the DeepSeek-R1 style), as the model's template expects it.
 
 Rendering with the chat template (token ids, action spans, truncation, tokenizer checks) lives in `rendering.py`.
 """
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 ROLES = ("system", "user", "assistant", "tool")
+# Where logs put an assistant turn's reasoning; loaded as `reasoning_content` (the key most templates read).
+REASONING_KEYS = ("reasoning_content", "reasoning", "thinking")
 
 
 @dataclass
@@ -174,6 +178,18 @@ def _check_message(m: Any, i: int, from_columnar: bool) -> dict:
     for k in ("name", "tool_call_id"):
         if m.get(k) is not None:
             out[k] = m[k]
+    # Reasoning is what the model wrote first in its turn: dropping it would score a sequence it did not produce.
+    for k in REASONING_KEYS:
+        r = m.get(k)
+        if r is None or r == "":
+            continue
+        if role != "assistant":
+            raise _Bad(f"{where}.{k}", f"only assistant messages carry reasoning (role is {role!r})")
+        if not isinstance(r, str):
+            raise _Bad(f"{where}.{k}", f"must be a string, got {type(r).__name__}")
+        if out.get("reasoning_content", r) != r:
+            raise _Bad(f"{where}.{k}", "differs from the message's other reasoning field: give one")
+        out["reasoning_content"] = r
     _check_unicode(out, where)
     return out
 

@@ -48,10 +48,12 @@ def test_spans_are_a_single_tokenization(tiny_tokenizer):
     assert r.input_ids == tiny_tokenizer(full, add_special_tokens=False).input_ids
 
 
-def test_qwen3_template_is_refused_with_the_fix(tmp_path):
+def test_qwen3_template_whole_is_refused_with_the_fix_and_auto_scores_it_as_generated(tmp_path):
     tok = build_tokenizer(tmp_path / "q3", template="qwen3")  # strips <think> from all but the last turn
+    t = as_trajectories([make_trajectory(1)])[0]
     with pytest.raises(ChatTemplateError, match="qwen3_training"):
-        render(as_trajectories([make_trajectory(1)])[0], tok)
+        render(t, tok, rendering="whole")
+    assert render(t, tok).rows is not None  # auto (tests/test_as_generated.py checks the numbers)
 
 
 def test_template_errors_name_the_trajectory(tmp_path):

@@ -96,7 +96,8 @@ def compare_with_study(summary: dict, ranges: dict) -> list[str]:
     held = _comparable(ranges.get("config") or {})  # keys the study held fixed (not seed, not paths), added keys too
     diff = [k for k in config_diff(ranges.get("config") or {}, summary.get("config") or {}) if k in held]
     if diff:
-        return lines + [f"  not comparable: this run's configuration differs from the study's in {', '.join(diff)}"]
+        shown = ", ".join(diff[:6]) + (f" and {len(diff) - 6} more" if len(diff) > 6 else "")
+        return lines + [f"  not comparable: this run's configuration differs from the study's in {shown}"]
     g, gr = summary.get("greedy_gain_points"), ranges.get("gain_points")
     if g is not None and gr:
         lines.append(f"  greedy gain {g:+.1f} points; study {fmt(gr, 1)}: {where(g, gr)}")

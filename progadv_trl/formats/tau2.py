@@ -11,7 +11,9 @@ back to the user; the agent never receives either (tau2's `is_valid_agent_histor
 
 - assistant messages are the agent steps; their tool calls go into TRL's conversational form
   (`{"type": "function", "id", "function": {"name", "arguments": dict}}`), which the chat template renders in the
-  model's own tool-call syntax; assistant-requested tool results are `tool` messages with `tool_call_id`;
+  model's own tool-call syntax; assistant-requested tool results are `tool` messages with `tool_call_id`; an
+  assistant turn's reasoning, where the log has it (on the message, or in `raw_data`'s provider response), is kept as
+  `reasoning_content`: it is part of the action and is scored;
 - user tool calls and their results are kept, not dropped, in `metadata.user_tool_calls` (each with `before_step`,
   the agent step that followed them, `source_index` in the file's messages, and the user's text if the message had
   any), outside the scored context;
@@ -75,6 +77,23 @@ def _text(m: dict, record: str, where: str) -> str:
     return c
 
 
+def _reasoning(m: dict, record: str, where: str) -> str | None:
+    """An agent turn's reasoning where the log has it: on the message (`reasoning_content`, `reasoning`, `thinking`),
+    or in the provider's response kept in `raw_data` (LiteLLM's `choices[0].message.reasoning_content`)."""
+    raw = m.get("raw_data") if isinstance(m.get("raw_data"), dict) else {}
+    choices = raw.get("choices") if isinstance(raw.get("choices"), list) else []
+    inner = choices[0].get("message") if choices and isinstance(choices[0], dict) else None
+    for src, prefix in ((m, where), (inner if isinstance(inner, dict) else {}, f"{where}.raw_data.choices[0].message")):
+        for k in ("reasoning_content", "reasoning", "thinking"):
+            r = src.get(k)
+            if r in (None, ""):
+                continue
+            if not isinstance(r, str):
+                raise _bad(record, f"{prefix}.{k}", f"must be a string, got {type(r).__name__}")
+            return r
+    return None
+
+
 def convert_simulation(sim: Any, record: str, *, policy: str | None = None, tools: list[dict] | None = None,
                        extra_metadata: dict | None = None) -> dict:  # fmt: skip
     """One τ²-bench simulation -> one progadv record. `record` names it in errors (file and index)."""
@@ -100,6 +119,8 @@ def convert_simulation(sim: Any, record: str, *, policy: str | None = None, tool
         elif role == "assistant":
             step += 1
             msg = {"role": "assistant", "content": _text(m, record, where)}
+            if reasoning := _reasoning(m, record, where):
+                msg["reasoning_content"] = reasoning  # part of the action: the model wrote it first in its turn
             if calls:
                 msg["tool_calls"] = [_tool_call(tc, record, f"{where}.tool_calls[{j}]") for j, tc in enumerate(calls)]
             out.append(msg)

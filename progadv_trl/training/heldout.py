@@ -88,7 +88,8 @@ class HeldoutSet:
         keep, rendered, bad = [], [], []
         for traj in self.trajectories:
             try:
-                rendered.append(render(traj, tok, limit))
+                # as the scorer renders: as generated where the template rewrites earlier turns (config.rendering)
+                rendered.append(render(traj, tok, limit, rendering=self.config.rendering, strict=self.config.strict))
                 keep.append(traj)
             except ValueError as e:  # ChatTemplateError: names the trajectory
                 if self.strict:
@@ -96,6 +97,10 @@ class HeldoutSet:
                 bad.append(str(e))
         if bad:
             warnings.warn(f"held-out set: {len(bad)} trajectory(ies) skipped: " + "; ".join(bad[:3]), stacklevel=2)
+        from ..generated import rendering_notices
+
+        for _, msg in rendering_notices(tok, keep, rendered, self.config.rendering):
+            warnings.warn(f"held-out set: {msg}", stacklevel=2)
         if not keep:
             raise ValueError("held-out set: no trajectory could be rendered with the trainer's chat template")
         self.trajectories, self.rendered = keep, rendered
