@@ -181,6 +181,9 @@ class DemoArguments:
     fast: bool = field(default=False, metadata={"help": "seconds instead of minutes: checks the plumbing, learns little"})
     no_progress: bool = field(default=False, metadata={"help": "no progress bars"})
     noisy: bool = field(default=False, metadata={"help": "the free-form world: names, several wordings, free-text reasons"})
+    reward_models: bool = field(default=False, metadata={"help": "also train an outcome and a process reward model of the "
+                                                                 "reference's size and compare (about 2 CPU minutes more; "
+                                                                 "docs/reward_models.md)"})  # fmt: skip
 
 
 @dataclass
@@ -195,6 +198,8 @@ class StudyArguments:
                                                               "evaluation (same models and rollouts)"})  # fmt: skip
     no_variants: bool = field(default=False, metadata={"help": "leave the progress-advantage variants and merged "
                                                                "references out of each seed's evaluation (faster)"})  # fmt: skip
+    no_reward_models: bool = field(default=False, metadata={"help": "leave the trained reward models (ORM, PRM) out of "
+                                                                    "each seed (about 2 CPU minutes a seed faster)"})  # fmt: skip
 
 
 @dataclass

@@ -71,12 +71,20 @@ def in_family(method: str) -> bool:
     return method == "progress_advantage" or method.startswith(FAMILY_PREFIX)
 
 
-def method_names(variant_names=()) -> tuple[str, ...]:
+def method_names(variant_names=(), baseline_names=()) -> tuple[str, ...]:
     """METHODS, then the given variant names in a stable order: the known VARIANTS first (in their order), then any
-    other (run-time) names sorted. What evaluation enumerates."""
+    other (run-time) names sorted; then any other baselines given (sorted), e.g. a trained reward model whose scores
+    were put in `TrajectoryScore.baselines`. What evaluation enumerates."""
     given = {v for v in variant_names if in_family(v) and v != "progress_advantage"}
     known = (PLAUSIBLE, *VARIANTS)
-    return METHODS + tuple(v for v in known if v in given) + tuple(sorted(given - set(known)))
+    extra = {b for b in baseline_names if not in_family(b) and b not in METHODS}
+    return METHODS + tuple(v for v in known if v in given) + tuple(sorted(given - set(known))) + tuple(sorted(extra))
+
+
+def extra_baselines(methods) -> tuple[str, ...]:
+    """The baselines among `methods` that are not one of METHODS (run-time ones, such as trained reward models):
+    the fair comparison sets progress advantage against each of them head to head."""
+    return tuple(m for m in methods if not in_family(m) and m not in METHODS)
 
 
 # Default out-of-support threshold on a token's reference log-prob: log(1e-2), a token the reference gives less than

@@ -139,9 +139,15 @@ def test_study_command_runs_two_fast_seeds_and_resumes(tmp_path, capsys):
     v = cell["step_verdicts"]["progress_advantage"]
     assert v["beats"] + v["ties"] + v["losses"] == 2
     assert "Step-level selection" in (out / "study.md").read_text()
+    # the study trains the reward models on every seed: baselines in every regime, their cost beside the critic's
+    for regime in ("on-policy", "mid-training", "off-policy"):
+        assert {"orm", "prm"} <= set(st["table"][regime])
+    assert {"orm", "prm"} <= set(cell["step"]) and st["reward_model_costs"]["prm"]["rollouts"]["mean"] == 8
+    assert "against reward models trained for the job" in (out / "study.md").read_text()
     for s in (0, 1):
         cfg = json.loads((out / f"seed_{s}" / "summary.json").read_text())["config"]
-        assert cfg == json.loads(json.dumps(asdict(DemoConfig.fast(seed=s, out_dir=str(out / f"seed_{s}")))))
+        want = DemoConfig.fast(seed=s, out_dir=str(out / f"seed_{s}"), reward_models=True)
+        assert cfg == json.loads(json.dumps(asdict(want)))
     before = (out / "seed_1" / "summary.json").stat().st_mtime_ns
     assert main(["study", "--seeds", "1", "--out", str(out), "--fast", "--no-progress", "--no-variants"]) == 0
     assert (out / "seed_1" / "summary.json").stat().st_mtime_ns == before  # resumed, not rerun
@@ -233,3 +239,37 @@ def test_family_verdicts_from_each_seeds_paired_interval():
     assert set(st["family_verdicts"]["on-policy"]) == {"progress_advantage_clipped"}  # policy_logprob has no row
     md = "\n".join(family_markdown(st))
     assert "| progress_advantage_clipped | -0.030 [-0.200, +0.100] 1/1/1 |" in md
+
+
+def test_reward_models_head_to_head_and_costs_across_seeds():
+    """Trained reward models: progress advantage minus each, per seed's paired interval, and what each cost."""
+    from progadv_trl.demo.study import reward_models_markdown
+
+    sums = []
+    for seed, (d, ci) in enumerate([(0.10, [0.02, 0.18]), (-0.05, [-0.09, -0.01])]):
+        s = _summary(seed, 0.5, 0.8, 0.9, 0.8)
+        for set_name in ("policy", "reference"):
+            s["evaluation"][set_name]["methods"]["prm"] = {
+                "auroc": 0.8, "fair_auroc_progress_advantage_minus_this": d,
+                "fair_auroc_progress_advantage_minus_this_ci": ci}
+        cost = {"cpu_s": 60.0 + 10 * seed, "wall_s": 90.0, "rollouts": 96, "continuations": 700 + seed,
+                "resolved_by_world": 400, "training_steps": 18}
+        s["reward_models"] = {"orm": {**cost, "continuations": 0}, "prm": cost, "critic": {"cpu_s": 0.0}}
+        s["step_selection"] = {"tasks": 4, "budgets": [4], "agents": {"policy": {"greedy": 0.9, "k4": {
+            "sampled": 0.8, "step": {"progress_advantage": 0.9, "prm": 0.8}, "trajectory": {"progress_advantage": 0.9},
+            "step_comparison": {"best_baseline": "prm", "family": {}, "versus": {"prm": {
+                "difference": 0.1, "difference_ci": [-0.1, 0.3], "verdict": "ties"}}},
+            "trajectory_comparison": {"family": {}}}}}}  # fmt: skip
+        sums.append(s)
+    st = aggregate(sums)
+    v = st["versus_verdicts"]["off-policy"]["prm"]["auroc"]
+    assert (v["beats"], v["ties"], v["loses"]) == (1, 0, 1) and v["mean"] == pytest.approx(0.025)
+    assert set(st["versus_verdicts"]["on-policy"]) == {"prm"}  # only rows that carry a head-to-head figure
+    c = st["reward_model_costs"]
+    assert c["prm"]["cpu_s"]["mean"] == pytest.approx(65.0) and c["critic"]["cpu_s"] == 0
+    assert st["step_selection"]["cells"]["policy/k4"]["step_versus"]["prm"]["ties"] == 2
+    md = "\n".join(reward_models_markdown(st))
+    assert "| prm | +0.025 [-0.050, +0.100] 1/0/1 |" in md and "| prm | 65 ± 7 |" in md
+    assert "| prm | +0.100 (0/2/0) |" in md and "critic (progress advantage) | 0 |" in md
+    assert "against reward models trained for the job" in study_markdown(st)
+    assert aggregate([_summary(0, 0.5, 0.8, 0.9, 0.8)])["reward_model_costs"] is None

@@ -12,6 +12,9 @@
    the policy (on-policy) and from the reference (off-policy, as the paper scores another model's runs)
 6. both sets scored with the bundle and evaluated against the baselines -> DIR/report/{policy,reference}/, the
    training curves DIR/report/training.png, DIR/report/README.md and DIR/summary.json
+5b. with `reward_models`: an ORM and a PRM of the reference's size trained on train-split rollouts of both models
+   (demo/reward_models.py), evaluated and steering beside the critic as baselines `orm`, `prm` -> DIR/{orm,prm},
+   summary["reward_models"] (each one's cost; the critic's is zero)
 7. step-level selection (`steer_tasks` > 0): each agent samples K candidate turns at every step of held-out episodes
    and keeps the one each method ranks highest through a critic session (demo/steering.py) -> summary["step_selection"]
 
@@ -84,6 +87,8 @@ def demo_config(args: DemoArguments) -> DemoConfig:
         given["seed"] = args.seed
     if args.noisy:
         given["free_form"] = True
+    if getattr(args, "reward_models", False):
+        given["reward_models"] = True
     return DemoConfig.fast(**given) if args.fast else DemoConfig(**given)
 
 
@@ -229,9 +234,18 @@ def _run_stages(cfg: DemoConfig, out: Path) -> tuple[dict, dict]:
         ev = evaluate(cfg)
         fig["greedy success"] = ", ".join(f"{n} {ev[f'{n}_success']:.3f}" for n in SETS if f"{n}_success" in ev)
 
+    rms, rm_block = None, None
+    if cfg.reward_models:
+        with _stage("5b", f"reward models for the comparison: ORM and PRM on {cfg.rm_rollouts} train-split rollouts "
+                    "of each model", timings, "reward_models_s", cpu, others) as fig:  # fmt: skip
+            rms, rm_block = run_reward_models(cfg)
+            for name in rms:
+                c = rm_block[name]
+                fig[name] = f"{c['cpu_s']:.0f} CPU s, {c['rollouts']} rollouts, {c['continuations']} continuations"
+
     with _stage(6, "scoring the test rollouts with the bundles; evaluation against the baselines", timings, "evaluate_s", cpu, others) as fig:
         critics = _critics(out, ev["rollouts"])
-        evaluations = {name: evaluate_set(critics[name], ev["rollouts"][name]["path"], out / "report" / name, cfg)
+        evaluations = {name: evaluate_set(critics[name], ev["rollouts"][name]["path"], out / "report" / name, cfg, rms)
                        for name in SETS if name in ev["rollouts"]}  # fmt: skip
         curves = training_curves(cb.history, trainer.state.log_history, out / "report" / "training.png")
         for name, m in evaluations.items():
@@ -243,7 +257,7 @@ def _run_stages(cfg: DemoConfig, out: Path) -> tuple[dict, dict]:
     if cfg.steer_tasks:
         with _stage(7, f"step-level selection: {cfg.steer_tasks} held-out tasks, K = 4 and 8, every method, each agent",
                     timings, "steer_s", cpu) as fig:  # fmt: skip
-            steering = run_step_selection(critics, cfg)
+            steering = run_step_selection(critics, cfg, rms)
             for name, e in steering["agents"].items():
                 r = e["k4"]
                 fig[f"{name} K=4"] = f"PA {r['step']['progress_advantage']:.3f}, alone {r['sampled']:.3f}"
@@ -281,6 +295,8 @@ def _run_stages(cfg: DemoConfig, out: Path) -> tuple[dict, dict]:
         summary["paths"].update(bundle_mid=str(out / "bundle_mid"), policy_mid=str(out / "policy_mid"))
     if steering is not None:
         summary["step_selection"] = steering
+    if rm_block is not None:
+        summary["reward_models"] = rm_block
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
@@ -316,11 +332,14 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
     summary["config"] = {**summary["config"], **eval_overrides}
     cfg = DemoConfig(**summary["config"])
     critics = _critics(out, summary["test_rollouts"])
-    evaluations = {name: evaluate_set(critics[name], summary["test_rollouts"][name]["path"], out / "report" / name, cfg)
-                   for name in SETS if name in summary["test_rollouts"]}  # fmt: skip
+    rms = None
+    if cfg.reward_models:  # trained from the run's saved models: nothing else of the run changes
+        rms, summary["reward_models"] = run_reward_models(cfg)
+    evaluations = {name: evaluate_set(critics[name], summary["test_rollouts"][name]["path"], out / "report" / name, cfg,
+                                      rms) for name in SETS if name in summary["test_rollouts"]}  # fmt: skip
     summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
     if cfg.steer_tasks:
-        summary["step_selection"] = run_step_selection(critics, cfg)
+        summary["step_selection"] = run_step_selection(critics, cfg, rms)
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
@@ -333,21 +352,34 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
 # Evaluation of one rollout set
 
 
-def run_step_selection(critics: dict, cfg: DemoConfig) -> dict:
+def run_step_selection(critics: dict, cfg: DemoConfig, reward_models: dict | None = None) -> dict:
     """Stage 7: the critic in the agent loop (demo/steering.py), each agent steered by the critic of its set
-    (`critics`: {agent: critic}; the mid-training checkpoint by its own), on the first `steer_tasks` eval tasks."""
+    (`critics`: {agent: critic}; the mid-training checkpoint by its own), on the first `steer_tasks` eval tasks; the
+    reward models (if any) choose among the same candidates as methods of their own."""
     from .pipeline import load_models
     from .steering import step_selection
 
     tok, models = load_models(cfg, tuple(n for n in SETS if n in critics)[::-1])
-    return step_selection(critics, models, tok, cfg)
+    return step_selection(critics, models, tok, cfg, reward_models=reward_models)
 
 
-def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
+def run_reward_models(cfg: DemoConfig) -> tuple[dict, dict]:
+    """Stage 5b (`cfg.reward_models`): the ORM and the PRM trained on train-split rollouts of the reference and the
+    policy (demo/reward_models.py), saved under DIR/orm and DIR/prm. Returns (models, summary["reward_models"]: each
+    one's cost beside the critic's, which is zero)."""
+    from .pipeline import load_models
+    from .reward_models import train_reward_models
+
+    tok, models = load_models(cfg)
+    return train_reward_models(cfg, models, tok, out_dir=cfg.out_dir)
+
+
+def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig, reward_models: dict | None = None) -> dict:
     """Score `rollouts` with the critic (every reduction from one forward pass), choose a reduction by 5-fold CV on
     AUROC for the record, evaluate the bundle's default (the theory's beta * sum / sum) and write the report. With
     `cfg.variants`, also every variant (support statistics and merged references, computed here in evaluation only:
-    training and rollouts never see them) and a variant chosen by 5-fold CV."""
+    training and rollouts never see them) and a variant chosen by 5-fold CV. `reward_models` ({name: RewardModel},
+    demo/reward_models.py): each scores the same rollouts and is evaluated as one more baseline."""
     from ..evaluation import run_evaluation
     from ..trajectories import load_trajectories
 
@@ -364,7 +396,14 @@ def evaluate_set(critic, rollouts: str, out_dir: Path, cfg: DemoConfig) -> dict:
                         "chosen_by": "the theory's default (beta * sum over tokens, sum over steps), not tuned; the "
                                      "CV choice below is reported for comparison"},
         title=f"progadv demo: {SETS.get(out_dir.name, out_dir.name)}", progress=True, **extra,
+        on_scored=None if not reward_models else _add_reward_models(loaded.trajectories, reward_models),
     )  # fmt: skip
+
+
+def _add_reward_models(trajectories, reward_models: dict):
+    from .reward_models import add_reward_model_scores
+
+    return lambda scores: add_reward_model_scores(scores, trajectories, reward_models)
 
 
 def headline(metrics: dict) -> dict:
@@ -403,6 +442,10 @@ def headline(metrics: dict) -> dict:
                 if vs:  # and minus plain progress advantage, paired the same way
                     rows[m][f"fair_{app}_minus_progress_advantage"] = vs["difference"]
                     rows[m][f"fair_{app}_minus_progress_advantage_ci"] = vs["difference_ci"]
+            v = ((f or {}).get("versus") or {}).get(m)
+            if v:  # progress advantage minus this baseline head to head (a trained reward model), paired
+                rows[m][f"fair_{app}_progress_advantage_minus_this"] = v["difference"]
+                rows[m][f"fair_{app}_progress_advantage_minus_this_ci"] = v["difference_ci"]
     ref = metrics.get("best_of_n_reference") or {}
     sel = metrics.get("reduction_selection") or {}
     vsel = metrics.get("variant_selection") or {}
@@ -414,8 +457,8 @@ def headline(metrics: dict) -> dict:
         "pass_at_n": ref.get("pass_at_n"),
         "attribution_chance": (metrics.get("attribution_chance") or {}).get("exact"),
         "cv_reduction": {"chosen": sel.get("chosen"), "out_of_fold_auroc": sel.get("out_of_fold")},
-        "comparison": {app: {k: f.get(k) for k in ("best_baseline", "difference", "difference_ci", "verdict")}
-                       for app, f in apps.items() if f and "verdict" in f},
+        "comparison": {app: {k: f.get(k) for k in ("best_baseline", "difference", "difference_ci", "verdict", "versus")
+                             if k in f} for app, f in apps.items() if f and "verdict" in f},
     }
 
 
@@ -488,7 +531,20 @@ def headline_rows(h: dict) -> tuple[list[str], list[list[str]]]:
         ci = c.get("difference_ci")
         rows.append([f"(PA - {c['best_baseline']}, {app}, CV rules)", "", "", "",
                      f"{c['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {c['verdict']}"])  # fmt: skip
+        for b, v in (c.get("versus") or {}).items():  # head to head with each trained reward model
+            if b == c["best_baseline"]:
+                continue  # the row above
+            ci = v.get("difference_ci")
+            rows.append([f"(PA - {b}, {app}, CV rules)", "", "", "",
+                         f"{v['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {v['verdict']}"])  # fmt: skip
     return header, rows
+
+
+def reward_model_costs(block: dict) -> str:
+    """One line: what each trained reward model cost beside the critic (zero)."""
+    parts = [f"{name.upper()} {c['cpu_s']:.0f} CPU s ({c['rollouts']} rollouts, {c['continuations']} continuations, "
+             f"{c['training_steps']} steps)" for name, c in block.items() if name in ("orm", "prm")]  # fmt: skip
+    return "reward models trained for the comparison: " + "; ".join(parts) + "; the critic 0 (the RL run's own models)"
 
 
 def format_summary(summary: dict) -> str:
@@ -510,6 +566,8 @@ def format_summary(summary: dict) -> str:
             lines.append(f"(5-fold CV would pick the variant {cvv['chosen']}: out-of-fold AUROC "
                          f"{format_cell(cvv['out_of_fold_auroc'])}; steps out of the reference's support: "
                          f"{format_cell(h.get('out_of_support'))})")  # fmt: skip
+    if summary.get("reward_models"):
+        lines += ["", reward_model_costs(summary["reward_models"])]
     if summary.get("step_selection"):
         from .steering import format_step_selection
 
@@ -539,6 +597,8 @@ def report_markdown(summary: dict, evaluations: dict) -> str:
         md += ["", f"## {name} rollouts", "", SETS[name], "", markdown_table(header, rows), "",
                f"Details, intervals, calibration and plots: [{name}/metrics.md]({name}/metrics.md), "
                f"![ROC]({name}/roc.png) ![best-of-N]({name}/best_of_n.png) ![traces]({name}/traces.png)"]  # fmt: skip
+    if summary.get("reward_models"):
+        md += ["", reward_model_costs(summary["reward_models"]) + " (docs/reward_models.md)."]
     if summary.get("step_selection"):
         from .steering import step_selection_markdown
 

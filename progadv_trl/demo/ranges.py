@@ -9,15 +9,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+# demo/reward_models.py: the ORM and PRM are trained after GRPO from the saved models and change only the evaluation
+REWARD_MODEL_KEYS = ("reward_models", "rm_rollouts", "rm_prm_rollouts", "rm_continuations", "rm_epochs", "rm_lr",
+                     "rm_batch_size")  # fmt: skip
 # Config keys that do not change a run's results: a seed made with other values of these is still resumed.
-IGNORED_KEYS = ("out_dir", "progress", "variants", "steer_tasks")
+IGNORED_KEYS = ("out_dir", "progress", "variants", "steer_tasks", *REWARD_MODEL_KEYS)
 # Config keys added after runs were made, with the value those runs had in effect: a summary without the key compares
 # as if it held that value (a seed made before the curriculum existed trained with the world's timeouts; its
 # demonstrations gave up at every timeout alike).
 ADDED_KEYS = {"grpo_p_timeout": None, "p_give_up_after_retry": None, "steer_tasks": 0, "n_val_tasks": 0,
               "val_steps": 0, "mid_fraction": 0.0}
 # Config keys that change only stage 6 (the evaluation of saved rollouts): `--reevaluate` applies the study's values.
-EVAL_ONLY_KEYS = ("variants", "steer_tasks")
+EVAL_ONLY_KEYS = ("variants", "steer_tasks", *REWARD_MODEL_KEYS)
 # Evaluation sets of the demo summary -> the regime they measure.
 # "mid": the GRPO checkpoint at DemoConfig.mid_fraction of the steps, graded and steered by its own critic.
 REGIMES = {"policy": "on-policy", "mid": "mid-training", "reference": "off-policy"}

@@ -11,7 +11,9 @@ reach the same state choose among the same K candidates. Success per task is the
 
 Methods: progress advantage and each variant (support statistics on), the policy and reference log-probs (mean over
 the candidate's tokens), self-certainty, DeepConf (the candidate's mean token confidence: within one turn its tail and
-bottom-10% forms are the same number, so one name stands for both) and a seeded uniform pick.
+bottom-10% forms are the same number, so one name stands for both) and a seeded uniform pick; with `reward_models`
+({name: RewardModel}, demo/reward_models.py) also each trained reward model, choosing by its value after the candidate
+turn (`RewardModel.score_candidates`), a baseline like the others and compared with progress advantage head to head.
 """
 
 from __future__ import annotations
@@ -46,8 +48,10 @@ def _random_pick(k: int, seed: int, task_id: str, step: int) -> int:
 
 @torch.no_grad()
 def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, seed: int = 0, world=None,
-          max_new_tokens: int = 24, temperature: float = 1.0, batch_size: int = 256) -> tuple[dict, dict]:
-    """Play every task once per method, choosing each turn among K sampled candidates by that method.
+          max_new_tokens: int = 24, temperature: float = 1.0, batch_size: int = 256,
+          reward_models: dict | None = None) -> tuple[dict, dict]:
+    """Play every task once per method, choosing each turn among K sampled candidates by that method (a reward
+    model's name among `methods` chooses by that model of `reward_models`).
 
     Returns ({method: [Episode]}, stats {"states", "candidates"}). All methods advance in lockstep; the distinct
     states of a round are expanded together (one batched generation, one scoring call for all their candidates)."""
@@ -88,8 +92,15 @@ def steer(critic, agent, tokenizer, tasks, *, k: int, methods=STEER_METHODS, see
             recs = [{"id": f"s{j}c{c}", "messages": need[key] + [msg]}
                     for j, key in enumerate(keys) for c, (msg, _) in enumerate(new[key])]  # fmt: skip
             scores = critic.score(recs, support=True) if recs else []
+            # each reward model's value after each candidate: the last step of its conversation, as
+            # `RewardModel.score_candidates` gives it, batched over every state of the round
+            rm_values = {name: [r["steps"][-1] for r in rm.score_records(recs)] for name, rm in (reward_models or {}).items()
+                         if name in methods and recs}  # fmt: skip
             for j, key in enumerate(keys):
                 memo[key] = (new[key], [from_step(ts, len(ts.steps) - 1) for ts in scores[j * k : (j + 1) * k]])
+                for name, v in rm_values.items():  # a baseline of the candidate, read by method_score like the others
+                    for c, cs in enumerate(memo[key][1]):
+                        cs.baselines[name] = v[j * k + c]
                 # the world's verdict on each candidate: the one correct action at this state, or a mistake
                 labels[key] = [ended and parse_action(msg) == expected[key] for msg, ended in new[key]]
                 actions[key] = [f"{expected[key]} -> {parse_action(msg) if ended else 'unfinished'}" for msg, ended in new[key]]
@@ -138,12 +149,18 @@ def candidate_ranking(results: dict, labels: dict, methods, actions: dict | None
     return out
 
 
-def trajectory_best_of_k(critic, records: list[dict], ks=BUDGETS, methods=TRAJECTORY_METHODS, seed: int = 0) -> dict:
+def trajectory_best_of_k(critic, records: list[dict], ks=BUDGETS, methods=TRAJECTORY_METHODS, seed: int = 0,
+                         reward_models: dict | None = None) -> dict:
     """{k: {method: per-task success of the episode the method keeps among the first k}} (tasks in record order),
-    plus {k: {"sampled": per-task mean success}}: the agent alone, sampled."""
+    plus {k: {"sampled": per-task mean success}}: the agent alone, sampled. A reward model ranks by its trajectory
+    score."""
     from ..evaluation.selection import pick_best
 
     scores = critic.score(records, support=True)
+    if reward_models:
+        from .reward_models import add_reward_model_scores
+
+        add_reward_model_scores(scores, records, reward_models)
     by_task: dict[str, list[tuple[dict, object]]] = {}
     for rec, ts in zip(records, scores):
         by_task.setdefault(rec["group"], []).append((rec, ts))
@@ -161,19 +178,24 @@ def trajectory_best_of_k(critic, records: list[dict], ks=BUDGETS, methods=TRAJEC
     return out
 
 
-def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: int | None = None) -> dict:
+def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: int | None = None,
+                   reward_models: dict | None = None) -> dict:
     """summary.json's "step_selection" block: per agent (reference: the critic steering another model, off-policy;
     mid: a checkpoint part-way through GRPO steered by its own critic; policy: on-policy) and budget K, held-out
     success per method (step-level and trajectory-level best-of-K), the agent alone (greedy; sampled), and each
     family member minus the best baseline with its paired 95 % interval. `critic`: one critic for every agent, or
-    {agent: critic}."""
+    {agent: critic}. `reward_models` ({name: RewardModel}): each is one more method (a baseline) at both levels, and
+    progress advantage minus it is under each comparison's "versus"."""
     from ..evaluation.fair import compare_outcomes
 
     tasks = cfg.tasks("eval")[: cfg.steer_tasks]
     n_boot = cfg.n_boot if n_boot is None else n_boot
-    kw = dict(seed=cfg.seed, world=cfg.world, max_new_tokens=cfg.max_new_tokens)
+    rms = dict(reward_models or {})
+    step_methods = (*STEER_METHODS[:-1], *rms, STEER_METHODS[-1])  # the reward models before "random"
+    kw = dict(seed=cfg.seed, world=cfg.world, max_new_tokens=cfg.max_new_tokens, methods=step_methods, reward_models=rms)
+    cmp = dict(n_boot=n_boot, seed=cfg.seed, versus=tuple(rms))
     block = {"tasks": len(tasks), "split": f"the first {len(tasks)} tasks of the eval split", "budgets": list(ks),
-             "methods": list(STEER_METHODS), "agents": {}}  # fmt: skip
+             "methods": list(step_methods), "agents": {}}  # fmt: skip
     critics = critic if isinstance(critic, dict) else {name: critic for name in models}
     for name in (a for a in AGENTS if a in models and a in critics):
         agent, critic = models[name], critics[name]
@@ -184,7 +206,7 @@ def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: 
         g = torch.Generator().manual_seed(episode_seed(cfg.seed, "steer-alone", name))
         sampled = play(agent, tokenizer, eps, temperature=cfg.temperature, max_new_tokens=cfg.max_new_tokens, generator=g)
         recs = [te.record(id=f"steer-{name}-{te.episode.task.id}-{j % max(ks)}") for j, te in enumerate(sampled)]
-        traj = trajectory_best_of_k(critic, recs, ks, seed=cfg.seed)
+        traj = trajectory_best_of_k(critic, recs, ks, methods=(*TRAJECTORY_METHODS, *rms), seed=cfg.seed, reward_models=rms)
         entry = {"greedy": float(np.mean([te.episode.success for te in greedy]))}
         for k in ks:
             eps_k, stats = steer(critic, agent, tokenizer, tasks, k=k, temperature=cfg.temperature, **kw)
@@ -194,10 +216,10 @@ def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: 
                 "sampled": float(np.mean(traj[k]["sampled"])),
                 "step": {m: float(np.mean(v)) for m, v in step.items()},
                 "step_decision_failures": decision,
-                "step_comparison": _verdicts(compare_outcomes(step, n_boot=n_boot, seed=cfg.seed)),
+                "step_comparison": _verdicts(compare_outcomes(step, **cmp)),
                 "trajectory": {m: float(np.mean(v)) for m, v in traj[k].items() if m != "sampled"},
                 "trajectory_comparison": _verdicts(compare_outcomes(
-                    {m: v for m, v in traj[k].items() if m != "sampled"}, n_boot=n_boot, seed=cfg.seed)),
+                    {m: v for m, v in traj[k].items() if m != "sampled"}, **cmp)),
                 "step_minus_trajectory_pa": float(np.mean(step["progress_advantage"]) - np.mean(traj[k]["progress_advantage"])),
                 **stats,
             }  # fmt: skip
@@ -207,7 +229,10 @@ def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: 
 
 def _verdicts(c: dict) -> dict:
     """The comparison without the per-method copies of the success figures (they are in "step" / "trajectory")."""
-    return {key: c.get(key) for key in ("best_baseline", "difference", "difference_ci", "verdict", "family")}
+    out = {key: c.get(key) for key in ("best_baseline", "difference", "difference_ci", "verdict", "family")}
+    if c.get("versus"):  # progress advantage minus each trained reward model, paired
+        out["versus"] = c["versus"]
+    return out
 
 
 def format_step_selection(block: dict) -> list[str]:
@@ -226,6 +251,10 @@ def format_step_selection(block: dict) -> list[str]:
                 f"{c.get('difference', float('nan')):+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
                 + f" {c.get('verdict')}"
             )  # fmt: skip
+            for b, v in (c.get("versus") or {}).items():
+                ci = v.get("difference_ci")
+                lines.append(f"    PA - {b} (step) {v['difference']:+.3f}" + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "")
+                             + f" {v['verdict']}")  # fmt: skip
             cr = r.get("candidate_ranking") or {}
             if cr.get("pairs"):
                 lines.append(f"    within-state ranking of (correct, mistake) candidate pairs ({cr['pairs']} pairs): "
@@ -252,9 +281,11 @@ def step_selection_markdown(block: dict) -> list[str]:
                     + ["" for _ in ks])  # fmt: skip
         for k in ks:
             c = e[f"k{k}"]["step_comparison"]
-            for m, d in (c.get("family") or {}).items():
+            pairs = [(m, c.get("best_baseline"), d) for m, d in (c.get("family") or {}).items()]
+            pairs += [("progress_advantage", b, d) for b, d in (c.get("versus") or {}).items()]
+            for m, b, d in pairs:
                 ci = d.get("difference_ci")
-                rows.append([f"({m} - {c['best_baseline']}, step K={k})", f"{d['difference']:+.3f}"
+                rows.append([f"({m} - {b}, step K={k})", f"{d['difference']:+.3f}"
                              + (f" [{ci[0]:+.3f}, {ci[1]:+.3f}]" if ci else "") + f" {d['verdict']}"] + [""] * (2 * len(ks) - 1))  # fmt: skip
         md += [f"**{name}** ({AGENT_ROLES.get(name, name)})", "",
                markdown_table(header, rows), ""]  # fmt: skip

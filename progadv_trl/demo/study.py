@@ -163,6 +163,7 @@ def aggregate(summaries: list[dict]) -> dict:
 
     return {"seeds": seeds, "config": common, "config_varying": varying, "success": success, "table": table,
             "verdicts": verdicts(summaries), "family_verdicts": family_verdicts(summaries),
+            "versus_verdicts": versus_verdicts(summaries), "reward_model_costs": reward_model_costs(summaries),
             "reductions_chosen": reductions_chosen(summaries),
             "step_selection": step_selection_across_seeds(summaries),
             "regimes": {v: k for k, v in REGIMES.items()}}  # fmt: skip
@@ -208,6 +209,16 @@ def step_selection_across_seeds(summaries: list[dict]) -> dict | None:
                     if "vs_progress_advantage" in f:
                         f["vs_progress_advantage"]["difference"] = _stats(f["vs_progress_advantage"].pop("differences"))
                 cell[f"{level}_verdicts"] = fam
+                vs: dict[str, dict] = {}  # progress advantage minus each trained reward model, per seed's interval
+                for _, _, r in rows:
+                    for b, d in (r[f"{level}_comparison"].get("versus") or {}).items():
+                        f = vs.setdefault(b, {"differences": [], "beats": 0, "ties": 0, "losses": 0})
+                        f["differences"].append(d["difference"])
+                        f[{"beats": "beats", "loses": "losses"}.get(d["verdict"], "ties")] += 1
+                for f in vs.values():
+                    f["difference"] = _stats(f.pop("differences"))
+                if vs:
+                    cell[f"{level}_versus"] = vs
             out["cells"][f"{agent}/k{k}"] = cell
     return out
 
@@ -332,6 +343,91 @@ def family_verdicts(summaries: list[dict]) -> dict:
     return out
 
 
+def versus_verdicts(summaries: list[dict]) -> dict:
+    """Per regime, per baseline compared head to head with progress advantage (the trained reward models: the
+    evaluation's `versus`) and per application: progress advantage minus that baseline across seeds (mean, min, max)
+    and how often it beat / tied / lost (from each seed's paired 95 % interval)."""
+    out: dict[str, dict] = {}
+    for s in summaries:
+        for set_name, ev in (s.get("evaluation") or {}).items():
+            regime = REGIMES.get(set_name, set_name)
+            for m, row in (ev.get("methods") or {}).items():
+                for app in APPLICATIONS:
+                    d = row.get(f"fair_{app}_progress_advantage_minus_this")
+                    ci = row.get(f"fair_{app}_progress_advantage_minus_this_ci")
+                    if d is None or not ci or None in ci:
+                        continue
+                    v = out.setdefault(regime, {}).setdefault(m, {}).setdefault(
+                        app, {"beats": 0, "ties": 0, "loses": 0, "differences": []})
+                    v[_verdict(ci)] += 1
+                    v["differences"].append(float(d))
+    for members in out.values():
+        for apps in members.values():
+            for v in apps.values():
+                v.update({k: x for k, x in _stats(v["differences"]).items() if k != "n_seeds"})
+    return out
+
+
+REWARD_MODEL_COST_KEYS = ("cpu_s", "wall_s", "rollouts", "continuations", "resolved_by_world", "training_steps")
+
+
+def reward_model_costs(summaries: list[dict]) -> dict | None:
+    """Per trained reward model (summary["reward_models"]): its cost across seeds (mean, spread) in CPU seconds, wall
+    seconds, rollouts, continuations and optimizer steps; the critic's is zero. None without reward models."""
+    blocks = [s["reward_models"] for s in summaries if s.get("reward_models")]
+    if not blocks:
+        return None
+    out = {}
+    for name in ("orm", "prm"):
+        costs = [b[name] for b in blocks if name in b]
+        out[name] = {k: _stats([float(c[k]) for c in costs]) for k in REWARD_MODEL_COST_KEYS if all(k in c for c in costs)}
+    out["critic"] = {k: 0.0 for k in ("cpu_s", "wall_s", "rollouts", "continuations", "training_steps")}
+    out["config"] = blocks[0].get("config")
+    return out
+
+
+def reward_models_markdown(study: dict) -> list[str]:
+    """Progress advantage against each trained reward model: per regime and application (AUROC, best-of-N, the
+    mistake step), at step selection, and what each signal cost."""
+    vs, costs = study.get("versus_verdicts") or {}, study.get("reward_model_costs")
+    steps = [(name, c) for name, c in ((study.get("step_selection") or {}).get("cells") or {}).items()
+             if c.get("step_versus")]  # fmt: skip
+    if not vs and not costs:
+        return []
+    n = len(study["seeds"])
+    md = ["## Progress advantage against reward models trained for the job", "",
+          "An outcome (ORM) and a process reward model (PRM, Math-Shepherd labels from continuations) of the reference's "
+          "size, trained on train-split rollouts of the reference and the policy (docs/reward_models.md). Per cell: "
+          "progress advantage minus the reward model (each with its rule chosen by 5-fold CV, out of fold), mean over "
+          f"seeds [min, max]; then beats / ties / loses over the {n} seeds (each seed's paired 95 % interval).", ""]  # fmt: skip
+    for regime, models in vs.items():
+        apps = [a for a in APPLICATIONS if any(a in v for v in models.values())]
+        md += [f"### {regime}", "", "| PA minus | " + " | ".join(apps) + " |", "|---" * (len(apps) + 1) + "|"]
+        for m, v in models.items():
+            md.append(f"| {m} | " + " | ".join("–" if a not in v else f"{v[a]['mean']:+.3f} [{v[a]['min']:+.3f}, "
+                      f"{v[a]['max']:+.3f}] {v[a]['beats']}/{v[a]['ties']}/{v[a]['loses']}" for a in apps) + " |")  # fmt: skip
+        md.append("")
+    if steps:
+        md += ["Step selection (success; beats/ties/losses):", "", "| PA minus | " + " | ".join(name for name, _ in steps)
+               + " |", "|---" * (len(steps) + 1) + "|"]  # fmt: skip
+        for b in list(dict.fromkeys(b for _, c in steps for b in c["step_versus"])):
+            md.append(f"| {b} | " + " | ".join(
+                "–" if b not in c["step_versus"] else f"{c['step_versus'][b]['difference']['mean']:+.3f} "
+                f"({c['step_versus'][b]['beats']}/{c['step_versus'][b]['ties']}/{c['step_versus'][b]['losses']})"
+                for _, c in steps) + " |")  # fmt: skip
+        md.append("")
+    if costs:
+        md += ["What each signal cost (mean ± std across seeds; the critic is the RL run's own policy and reference):", "",
+               "| signal | CPU s | wall s | rollouts | continuations played | optimizer steps |", "|---|---|---|---|---|---|"]
+        for name in ("orm", "prm"):
+            c = costs.get(name) or {}
+            cell = lambda k: "–" if k not in c else f"{c[k]['mean']:.0f} ± {c[k]['std']:.0f}"  # noqa: E731
+            md.append(f"| {name} | {cell('cpu_s')} | {cell('wall_s')} | {cell('rollouts')} | {cell('continuations')} | "
+                      f"{cell('training_steps')} |")
+        md += ["| critic (progress advantage) | 0 | 0 | 0 | 0 | 0 |", ""]
+    return md
+
+
 def family_markdown(study: dict) -> list[str]:
     """The variants table: per regime, each family member's difference from the best baseline per application."""
     fam = study.get("family_verdicts") or {}
@@ -386,6 +482,7 @@ def study_markdown(study: dict, command: str | None = None) -> str:
                f"{s['bar_points']:.0f} on every seed: {'cleared' if s['all_seeds_clear_bar'] else 'NOT cleared'}).", ""]
     md += verdict_markdown(study)
     md += family_markdown(study)
+    md += reward_models_markdown(study)
     md += step_selection_markdown(study)
     if study.get("reductions_chosen"):
         md += ["## The reduction 5-fold CV chose (per seed)", ""]
@@ -505,11 +602,13 @@ def main(args) -> int:
         cfg = demo_config(DemoArguments(out=out_dir, config=args.config, seed=seed, fast=args.fast,
                                         no_progress=args.no_progress, noisy=args.noisy))  # fmt: skip
         cfg.variants = not args.no_variants  # the study's table covers every variant unless told otherwise
+        cfg.reward_models = not args.no_reward_models  # and the trained reward models (the paper's other claim)
         return cfg
 
     command = "progadv study --seeds " + " ".join(map(str, args.seeds)) + f" --out {args.out}"
     command += "".join(f" {f}" for f, on in ((f"--config {args.config}", args.config), ("--noisy", args.noisy),
                                               ("--fast", args.fast), ("--no-variants", args.no_variants),
+                                              ("--no-reward-models", args.no_reward_models),
                                               ("--reevaluate", args.reevaluate)) if on)  # fmt: skip
     try:
         study = run_study(args.seeds, args.out, make_config, command=command, reevaluate=args.reevaluate)

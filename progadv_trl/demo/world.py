@@ -506,3 +506,13 @@ def run_episode(task: Task, agent: Callable[[Episode, random.Random], dict], see
     while not ep.done:
         ep.step(agent(ep, rng))
     return ep
+
+
+def replay(task: Task, seed: int, assistant_messages: list[dict], config: WorldConfig | None = None) -> Episode:
+    """Episode `seed` of `task` after the given assistant turns. The world draws its dice from the episode's seed in
+    call order, so the same turns meet the same tool results and customers: the state a rollout was in, rebuilt
+    from its record (`record["metadata"]["seed"]` and its assistant messages) to continue it from there."""
+    ep = Episode(task, seed, config)
+    for m in assistant_messages:
+        ep.step(m)
+    return ep

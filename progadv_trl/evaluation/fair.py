@@ -19,6 +19,10 @@ data); `per_fold` lists the choices.
 The progress-advantage family (progress_advantage and every variant on the scores, `config.in_family`) is never a
 baseline: each member is compared, with its own CV-chosen rule, against the same best baseline (`family`).
 
+Baselines beyond the standard ones (`config.extra_baselines`: whatever other baselines the scores carry, e.g.
+trained reward models) are also compared with progress advantage head to head (`versus`): the same paired
+bootstrap of progress advantage minus that baseline, so a verdict against each stands even when it is not the best.
+
 The paired bootstrap resamples the same items for progress advantage and for the baseline with the best
 out-of-fold figure (choosing that baseline on the same data favours the baseline, never progress advantage), and
 gives the 95 % percentile interval of the difference. The verdict is "beats" or "loses" only when the interval
@@ -34,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as sps
 
-from ..config import PLAUSIBILITY_ALPHAS, PLAUSIBLE, STEP_REDUCTIONS, in_family
+from ..config import PLAUSIBILITY_ALPHAS, PLAUSIBLE, STEP_REDUCTIONS, extra_baselines, in_family
 from .attribution import _best_threshold, _valid_label, attribute_failure
 from .labels import available_methods, is_success, method_available
 from .selection import labelled_groups, pick_best
@@ -210,13 +214,17 @@ def fair_comparison(
     n_boot: int = 1000,
     success_threshold: float | None = None,
     applications: Sequence[str] = APPLICATIONS,
+    versus: Sequence[str] | None = None,
 ) -> dict:
     """{application: {"methods": {method: {"value", "rule", "per_fold", "n"}}, "best_baseline", "difference",
-    "difference_ci", "verdict", "family"}} for AUROC, best-of-N and failure attribution (see the module docstring).
-    `family`: {member: {"difference", "difference_ci", "verdict"}}, each progress-advantage family member minus the
-    best baseline; the top-level difference is progress_advantage's. Default methods: `available_methods`."""
+    "difference_ci", "verdict", "family", "versus"}} for AUROC, best-of-N and failure attribution (see the module
+    docstring). `family`: {member: {"difference", "difference_ci", "verdict"}}, each progress-advantage family member
+    minus the best baseline; the top-level difference is progress_advantage's. `versus`: {baseline: the same for
+    progress_advantage minus that baseline} for each baseline named (default: `config.extra_baselines` of the
+    methods, e.g. trained reward models). Default methods: `available_methods`."""
     scores = list(scores)
     methods = [m for m in (available_methods(scores) if methods is None else methods) if method_available(scores, m)]
+    versus = extra_baselines(methods) if versus is None else tuple(versus)
     out: dict = {"k": k, "n_boot": n_boot, "protocol": "per-method rule chosen by k-fold CV; paired bootstrap vs the "
                  "baseline with the best out-of-fold figure"}  # fmt: skip
     labelled = [ts for ts in scores if is_success(ts, success_threshold) is not None]
@@ -241,7 +249,7 @@ def fair_comparison(
 
             return stat
 
-        out["auroc"] = _compare(res, oof, diff, y.size, n_boot, seed, strata=y.astype(int))
+        out["auroc"] = _compare(res, oof, diff, y.size, n_boot, seed, strata=y.astype(int), versus=versus)
 
     # best-of-N
     groups_map = labelled_groups(scores, success_threshold)
@@ -264,7 +272,7 @@ def fair_comparison(
         def diff(a, b):
             return lambda idx: float(oof[a][idx].mean() - oof[b][idx].mean())
 
-        out["best_of_n"] = _compare(res, oof, diff, len(groups), n_boot, seed)
+        out["best_of_n"] = _compare(res, oof, diff, len(groups), n_boot, seed, versus=versus)
 
     # failure attribution: the same failed cases for every method (a labelled step inside the trajectory)
     failed = [ts for ts in labelled if is_success(ts, success_threshold) is False
@@ -283,16 +291,18 @@ def fair_comparison(
         def diff(a, b):
             return lambda idx: float(oof[a][idx].mean() - oof[b][idx].mean())
 
-        out["attribution"] = _compare(res, oof, diff, len(failed), n_boot, seed)
+        out["attribution"] = _compare(res, oof, diff, len(failed), n_boot, seed, versus=versus)
     return out
 
 
-def compare_outcomes(outcomes: dict[str, Sequence[float]], *, n_boot: int = 1000, seed: int = 0) -> dict:
+def compare_outcomes(outcomes: dict[str, Sequence[float]], *, n_boot: int = 1000, seed: int = 0,
+                     versus: Sequence[str] = ()) -> dict:
     """The same verdicts for methods that need no rule: `outcomes[method]` is a per-item figure (e.g. each task's
     success when an agent chose its steps by that method), paired across methods (the same items in the same order).
     Progress advantage and each family member are compared with the baseline of the highest mean, by a paired
     bootstrap of the mean difference; choosing that baseline on the same items favours it. Returns `_compare`'s
-    entry: {"methods": {m: {"value", "n"}}, "best_baseline", "difference", "difference_ci", "verdict", "family"}."""
+    entry: {"methods": {m: {"value", "n"}}, "best_baseline", "difference", "difference_ci", "verdict", "family"}, and
+    "versus" ({baseline: progress_advantage minus it}) for each baseline named in `versus`."""
     arrays = {m: np.asarray(v, dtype=np.float64) for m, v in outcomes.items()}
     n = {a.size for a in arrays.values()}
     if len(n) > 1:
@@ -303,10 +313,10 @@ def compare_outcomes(outcomes: dict[str, Sequence[float]], *, n_boot: int = 1000
     def diff(a, b):
         return lambda idx: float(arrays[a][idx].mean() - arrays[b][idx].mean())
 
-    return _compare(res, arrays, diff, n, n_boot, seed)
+    return _compare(res, arrays, diff, n, n_boot, seed, versus=versus)
 
 
-def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=None) -> dict:
+def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=None, versus=()) -> dict:
     entry = {"methods": res}
     family = [m for m in res if in_family(m)]
     best = _argbest({m: r["value"] for m, r in res.items() if not in_family(m)})
@@ -324,4 +334,11 @@ def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=
     if "progress_advantage" in per:
         entry.update(per["progress_advantage"])
     entry["family"] = per
+    heads = [b for b in versus if b in res and not in_family(b) and "progress_advantage" in res]
+    if heads:  # head to head with named baselines (trained reward models): the same items and resamples
+        entry["versus"] = {}
+        for b in heads:
+            ci = _paired_interval(diff("progress_advantage", b), n, n_boot, seed, strata)
+            entry["versus"][b] = {"difference": res["progress_advantage"]["value"] - res[b]["value"],
+                                  "difference_ci": ci, "verdict": verdict(ci)}  # fmt: skip
     return entry

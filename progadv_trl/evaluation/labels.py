@@ -41,18 +41,21 @@ def is_success(ts: TrajectoryScore, threshold: float | None = None) -> bool | No
 
 def available_methods(scores: Sequence[TrajectoryScore]) -> tuple[str, ...]:
     """The methods evaluation enumerates: METHODS, then every variant some score carries (`config.method_names`:
-    known variants in their order, run-time ones sorted), so a variant added by filling `ts.variants` is evaluated
-    without registering it anywhere."""
+    known variants in their order, run-time ones sorted), then every other baseline some score carries (sorted; e.g.
+    a trained reward model, `demo/reward_models.py`), so a variant added by filling `ts.variants` or a baseline added
+    by filling `ts.baselines` (under a name outside the progress-advantage family) is evaluated without registering
+    it anywhere, as a baseline."""
     from ..config import method_names
 
-    return method_names({v for ts in scores for v in ts.variants})
+    return method_names({v for ts in scores for v in ts.variants}, {b for ts in scores for b in ts.baselines})
 
 
 def check_method(method: str, scores: Sequence[TrajectoryScore] = ()) -> None:
-    """A method name is one of METHODS or a progress-advantage variant; anything else names the known ones."""
+    """A method name is one of METHODS, a progress-advantage variant or a baseline the scores carry; anything else
+    names the known ones."""
     from ..config import METHODS, in_family
 
-    if method not in METHODS and not in_family(method):
+    if method not in METHODS and not in_family(method) and not any(method in ts.baselines for ts in scores):
         known = available_methods(scores)
         raise ValueError(f"method must be one of {known} (or a progress_advantage_... variant), got {method!r}")
 
