@@ -355,8 +355,14 @@ def test_progadv_score_on_a_qwen3_checkpoint(tiny_dir, tiny_tokenizer, tmp_path,
         shutil.copytree(tiny_dir[who], tmp_path / who)
         tok.save_pretrained(tmp_path / who)
     (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(conversation(i)) for i in range(2)) + "\n")
-    assert main(["score", "--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"),
-                 str(tmp_path / "t.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 0  # fmt: skip
+    import sys
+    import warnings
+
+    with warnings.catch_warnings():  # as the interpreter shows them (pytest would record them instead)
+        warnings.simplefilter("default")
+        warnings.showwarning = lambda m, c, f, n, file=None, line=None: sys.stderr.write(warnings.formatwarning(m, c, f, n, line))
+        assert main(["score", "--policy", str(tmp_path / "policy"), "--reference", str(tmp_path / "reference"),
+                     str(tmp_path / "t.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 0  # fmt: skip
     err = capsys.readouterr().err
     assert err.count("progadv: the chat template (TRL's qwen3.jinja) rewrites earlier turns") == 1
     assert "UserWarning" not in err
