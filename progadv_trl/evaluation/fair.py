@@ -330,11 +330,18 @@ def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=
             ci = _paired_interval(diff(m, "progress_advantage"), n, n_boot, seed, strata)
             per[m]["vs_progress_advantage"] = {"difference": res[m]["value"] - res["progress_advantage"]["value"],
                                                "difference_ci": ci, "verdict": verdict(ci)}  # fmt: skip
+    heads = [b for b in versus if b in res and not in_family(b) and "progress_advantage" in res]
+    for m in family:  # every member head to head with the named baselines too (the plausible variant against an ORM)
+        if m != "progress_advantage" and heads:
+            per[m]["versus"] = {}
+            for b in heads:
+                ci = _paired_interval(diff(m, b), n, n_boot, seed, strata)
+                per[m]["versus"][b] = {"difference": res[m]["value"] - res[b]["value"], "difference_ci": ci,
+                                       "verdict": verdict(ci)}  # fmt: skip
     entry["best_baseline"] = best
     if "progress_advantage" in per:
         entry.update(per["progress_advantage"])
     entry["family"] = per
-    heads = [b for b in versus if b in res and not in_family(b) and "progress_advantage" in res]
     if heads:  # head to head with named baselines (trained reward models): the same items and resamples
         entry["versus"] = {}
         for b in heads:
