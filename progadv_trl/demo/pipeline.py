@@ -462,9 +462,10 @@ def grpo_config(cfg: DemoConfig, **overrides):
     if cfg.val_steps:
         # TRL's own evaluation and best-checkpoint machinery: greedy episodes on the validation split (rollout_func
         # plays greedily when the model is in eval mode), one per task; the checkpoint with the best eval_reward is
-        # loaded at the end (transformers keeps the first of equal ones). Checkpoints hold the weights only.
+        # loaded at the end (transformers keeps the first of equal ones). Checkpoints hold the weights only; two are
+        # kept, the best and the last, so the last step's policy stays to compare (benchmarks/demo_learning.py).
         kw.update(eval_strategy="steps", eval_steps=cfg.val_steps, save_strategy="steps", save_steps=cfg.val_steps,
-                  save_only_model=True, save_total_limit=1, load_best_model_at_end=True,
+                  save_only_model=True, save_total_limit=2, load_best_model_at_end=True,
                   metric_for_best_model="reward", greater_is_better=True, num_generations_eval=1,
                   per_device_eval_batch_size=cfg.n_val_tasks)  # fmt: skip
     kw.update(overrides)
