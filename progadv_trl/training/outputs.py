@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .. import trl_hooks
+from ..config import PLAUSIBLE
 from .figures import steps_table
 
 TABLE_DIR = "progadv"
@@ -101,7 +102,7 @@ class Outputs:
 
 
 def calibration(scores, config, success_threshold, *, step: int) -> dict | None:
-    """Platt calibration of P(success) on held-out scores, for ProgressCritic.predict_success. None without labels
+    """Platt (isotonic for the plausible variant) calibration of P(success) on held-out scores, for ProgressCritic.predict_success. None without labels
     of both kinds. It is only as good as the held-out set is like the rollouts scored later (on- or off-policy):
     the manifest says what it was fitted on."""
     from ..evaluation import Calibrator, is_success
@@ -111,7 +112,10 @@ def calibration(scores, config, success_threshold, *, step: int) -> dict | None:
     ys = [y for _, y in pairs]
     if not ys or all(ys) or not any(ys):
         return None
-    cal = Calibrator("platt").fit([x for x, _ in pairs], ys).to_dict()
+    # The plausible variant's scores are lexicographic (-1e6 per implausible step): a logistic fit on them would see
+    # two levels only, so it gets the monotone, scale-free isotonic fit instead.
+    kind = "isotonic" if config.variant == PLAUSIBLE else "platt"
+    cal = Calibrator(kind).fit([x for x, _ in pairs], ys).to_dict()
     cal.update(
         method=config.variant,
         scoring={"beta": config.beta, "token_reduction": config.token_reduction, "step_reduction": config.step_reduction},
