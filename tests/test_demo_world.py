@@ -530,15 +530,27 @@ def test_rollout_func_output_shapes(fast_run):
         accelerator = type("A", (), {"process_index": 0, "unwrap_model": staticmethod(lambda m: m)})()
         processing_class, temperature = tok, 1.0
 
-    T.model = model
+    T.model = model.train()  # TRL's mode test: training rollouts while the model trains
     out = fn([t.prompt() for t in tasks for _ in range(3)], T)
     assert len(out["prompt_ids"]) == 6 and set(out["success"]) <= {0.0, 1.0}
     for c, m, lp in zip(out["completion_ids"], out["env_mask"], out["logprobs"]):
         assert len(c) == len(m) == len(lp) and m[0] == 1
     again = make_rollout_func(tasks, seed=0, max_new_tokens=8)([t.prompt() for t in tasks for _ in range(3)], T)
     assert again["completion_ids"] == out["completion_ids"]  # seeded
-    with pytest.raises(KeyError, match="not one of the demo world's tasks"):
+    with pytest.raises(KeyError, match="not one of the demo world's training tasks"):
         fn([[{"role": "user", "content": "hello"}]], T)
+    # evaluation (the model in eval mode): the validation tasks, greedy, the same dice at every evaluation, and the
+    # training episodes' dice untouched by it
+    val = fast_run.tasks("val")[:2]
+    fn = make_rollout_func(tasks, seed=0, max_new_tokens=8, eval_tasks=val)
+    T.model = model.eval()
+    e1 = fn([t.prompt() for t in val], T)
+    e2 = fn([t.prompt() for t in val], T)
+    assert e1["completion_ids"] == e2["completion_ids"] and e1["success"] == e2["success"]
+    with pytest.raises(KeyError, match="evaluation tasks"):
+        fn([tasks[0].prompt()], T)
+    T.model = model.train()
+    assert fn([t.prompt() for t in tasks for _ in range(3)], T)["completion_ids"] == out["completion_ids"]
 
 
 def test_sample_rollouts_are_labelled_records(fast_run):

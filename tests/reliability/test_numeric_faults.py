@@ -105,6 +105,8 @@ def test_public_evaluate_leaves_a_faulted_trajectory_out(tiny_models, tiny_token
         s.advantage = float("nan")
     faulted.baselines = {k: float("nan") for k in faulted.baselines}
     faulted.step_baselines = {k: [float("nan")] * len(v) for k, v in faulted.step_baselines.items()}
+    faulted.variants = {k: float("nan") for k in faulted.variants}  # as score_from_token_stats leaves a fault
+    faulted.step_variants = {k: [float("nan")] * len(v) for k, v in faulted.step_variants.items()}
     faulted.success = True  # a label that would move AUROC if the NaN were ranked anywhere
     a = evaluate(scores + [faulted], n_boot=0)
     b = evaluate(scores, n_boot=0)
