@@ -331,15 +331,16 @@ def reevaluate(out_dir, **eval_overrides) -> dict:
         raise ValueError(f"reevaluate: {sorted(bad)} change training or rollouts; only {EVAL_ONLY_KEYS} can change")
     summary["config"] = {**summary["config"], **eval_overrides}
     cfg = DemoConfig(**summary["config"])
-    critics = _critics(out, summary["test_rollouts"])
-    rms = None
-    if cfg.reward_models:  # trained from the run's saved models: nothing else of the run changes
-        rms, summary["reward_models"] = run_reward_models(cfg)
-    evaluations = {name: evaluate_set(critics[name], summary["test_rollouts"][name]["path"], out / "report" / name, cfg,
-                                      rms) for name in SETS if name in summary["test_rollouts"]}  # fmt: skip
-    summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
-    if cfg.steer_tasks:
-        summary["step_selection"] = run_step_selection(critics, cfg, rms)
+    with _quiet(out / "logs"):  # as the demo: the libraries' chatter to the run's log, not the console
+        critics = _critics(out, summary["test_rollouts"])
+        rms = None
+        if cfg.reward_models:  # trained from the run's saved models: nothing else of the run changes
+            rms, summary["reward_models"] = run_reward_models(cfg)
+        evaluations = {name: evaluate_set(critics[name], summary["test_rollouts"][name]["path"], out / "report" / name,
+                                          cfg, rms) for name in SETS if name in summary["test_rollouts"]}  # fmt: skip
+        summary["evaluation"] = {name: headline(m) for name, m in evaluations.items()}
+        if cfg.steer_tasks:
+            summary["step_selection"] = run_step_selection(critics, cfg, rms)
     ranges = reference_ranges(cfg.free_form)
     if ranges is not None:
         summary["study_comparison"] = compare_with_study(summary, ranges)
