@@ -317,19 +317,17 @@ def _verdict(ci) -> str:
     return "beats" if ci[0] > 0 else "loses" if ci[1] < 0 else "ties"
 
 
-def family_verdicts(summaries: list[dict]) -> dict:
-    """Per regime, per member of the progress-advantage family (progress_advantage and every variant the evaluation
-    carried: centred, clipped, in-support, merged references) and per application: its difference from the best
-    baseline across seeds (mean, min, max) and how often it beat / tied / lost (from each seed's paired interval)."""
+def _tally(summaries: list[dict], figures) -> dict:
+    """Per regime, method and key: beats / ties / loses from each seed's paired 95 % interval, and the differences'
+    mean, min, max. `figures(app)`: the (key, row figure) pairs to count, the interval being `row[figure + "_ci"]`."""
     out: dict[str, dict] = {}
     for s in summaries:
         for set_name, ev in (s.get("evaluation") or {}).items():
             regime = REGIMES.get(set_name, set_name)
             for m, row in (ev.get("methods") or {}).items():
                 for app in APPLICATIONS:
-                    # against the best baseline; a variant also against plain progress advantage ("app vs PA")
-                    for key, against in ((app, "best_baseline"), (f"{app} vs PA", "progress_advantage")):
-                        d, ci = row.get(f"fair_{app}_minus_{against}"), row.get(f"fair_{app}_minus_{against}_ci")
+                    for key, fig in figures(app):
+                        d, ci = row.get(fig), row.get(f"{fig}_ci")
                         if d is None or not ci or None in ci:
                             continue
                         v = out.setdefault(regime, {}).setdefault(m, {}).setdefault(
@@ -343,29 +341,20 @@ def family_verdicts(summaries: list[dict]) -> dict:
     return out
 
 
+def family_verdicts(summaries: list[dict]) -> dict:
+    """Per regime, per member of the progress-advantage family (progress_advantage and every variant the evaluation
+    carried: centred, clipped, in-support, merged references) and per application: its difference from the best
+    baseline across seeds (mean, min, max) and how often it beat / tied / lost (from each seed's paired interval)."""
+    # against the best baseline; a variant also against plain progress advantage ("app vs PA")
+    return _tally(summaries, lambda app: ((app, f"fair_{app}_minus_best_baseline"),
+                                          (f"{app} vs PA", f"fair_{app}_minus_progress_advantage")))
+
+
 def versus_verdicts(summaries: list[dict]) -> dict:
     """Per regime, per baseline compared head to head with progress advantage (the trained reward models: the
     evaluation's `versus`) and per application: progress advantage minus that baseline across seeds (mean, min, max)
     and how often it beat / tied / lost (from each seed's paired 95 % interval)."""
-    out: dict[str, dict] = {}
-    for s in summaries:
-        for set_name, ev in (s.get("evaluation") or {}).items():
-            regime = REGIMES.get(set_name, set_name)
-            for m, row in (ev.get("methods") or {}).items():
-                for app in APPLICATIONS:
-                    d = row.get(f"fair_{app}_progress_advantage_minus_this")
-                    ci = row.get(f"fair_{app}_progress_advantage_minus_this_ci")
-                    if d is None or not ci or None in ci:
-                        continue
-                    v = out.setdefault(regime, {}).setdefault(m, {}).setdefault(
-                        app, {"beats": 0, "ties": 0, "loses": 0, "differences": []})
-                    v[_verdict(ci)] += 1
-                    v["differences"].append(float(d))
-    for members in out.values():
-        for apps in members.values():
-            for v in apps.values():
-                v.update({k: x for k, x in _stats(v["differences"]).items() if k != "n_seeds"})
-    return out
+    return _tally(summaries, lambda app: ((app, f"fair_{app}_progress_advantage_minus_this"),))
 
 
 REWARD_MODEL_COST_KEYS = ("cpu_s", "wall_s", "rollouts", "continuations", "resolved_by_world", "training_steps")
