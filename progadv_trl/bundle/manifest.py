@@ -116,14 +116,17 @@ def _manifest_tail(scoring_config, max_length, training, heldout_metrics, calibr
 
 def scoring_config_from_manifest(manifest: dict, **overrides) -> ScoringConfig:
     """The bundle's ScoringConfig (fields this version does not know are reported and ignored), with overrides.
-    A bundle from before variants has no `variant`: it loads as plain progress_advantage (the config's default)."""
+    A bundle from before variants has no `variant`: it loads as plain progress_advantage."""
     scoring = manifest.get("scoring") or {}
     stored = dict(scoring.get("config") or {})
     variant = scoring.get("variant")
     if isinstance(variant, dict) and variant.get("name") and "variant" not in stored:
         # a manifest that records the variant beside the config only: its name and parameters win over defaults
-        params = {k: v for k, v in (variant.get("params") or {}).items() if k in ("clip", "support_threshold", "plausibility_alpha", "plausibility_alpha_source")}
+        keys = ("clip", "support_threshold", "plausibility_alpha", "plausibility_alpha_source")
+        params = {k: v for k, v in (variant.get("params") or {}).items() if k in keys}
         stored.update(params, variant=variant["name"])
+    # a bundle from before variants scored with plain progress advantage, whatever this version's default is
+    stored.setdefault("variant", "progress_advantage")
     known = {f.name for f in dataclasses.fields(ScoringConfig)}
     extra = sorted(set(stored) - known)
     if extra:
