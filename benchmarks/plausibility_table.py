@@ -39,6 +39,11 @@ def _stats(xs):
     return {"mean": float(np.mean(xs)), "std": float(np.std(xs)), "n": len(xs)} if xs else None
 
 
+def _untrained(member: dict) -> str | None:
+    """The member's verdict against the best baseline that needs no training (the reward models aside)."""
+    return (member.get("vs_best_untrained") or {}).get("verdict") or member.get("verdict")
+
+
 def _fair(metrics: dict, app: str) -> dict | None:
     if app == "auroc_decision":
         return ((metrics.get("fair_by_failure_kind") or {}).get("decision") or {}).get("auroc")
@@ -61,13 +66,13 @@ def trajectory_tables(seeds: list[Path]) -> dict:
                 for m in (PA, PL, *RMS, "policy_logprob", "reference_logprob"):
                     if m in meths:
                         cells["values"].setdefault(m, []).append(meths[m]["value"])
-                best = f.get("best_baseline")
+                best = f.get("best_untrained_baseline") or f.get("best_baseline")
                 cells["best_baseline"].append(best)
                 if best in meths:
                     cells["values"].setdefault("(best baseline)", []).append(meths[best]["value"])
                 fam = f.get("family") or {}
                 pl, pa = fam.get(PL) or {}, fam.get(PA) or {}
-                pairs = {"PL - best": pl.get("verdict"), "PA - best": pa.get("verdict"),
+                pairs = {"PL - best": _untrained(pl), "PA - best": _untrained(pa),
                          "PL - PA": (pl.get("vs_progress_advantage") or {}).get("verdict")}
                 for rm in RMS:
                     pairs[f"PL - {rm}"] = ((pl.get("versus") or {}).get(rm) or {}).get("verdict")
@@ -99,12 +104,12 @@ def step_tables(seeds: list[Path]) -> dict:
                 c["values"].setdefault("(agent alone, sampled)", []).append(r["sampled"])
                 c["values"].setdefault("(agent alone, greedy)", []).append(e["greedy"])
                 comp = r["step_comparison"]
-                best = comp.get("best_baseline")
+                best = comp.get("best_untrained_baseline") or comp.get("best_baseline")
                 if best in r["step"]:
                     c["values"].setdefault("(best baseline)", []).append(r["step"][best])
                 fam = comp.get("family") or {}
                 pl, pa = fam.get(PL) or {}, fam.get(PA) or {}
-                pairs = {"PL - best": pl.get("verdict"), "PA - best": pa.get("verdict"),
+                pairs = {"PL - best": _untrained(pl), "PA - best": _untrained(pa),
                          "PL - PA": (pl.get("vs_progress_advantage") or {}).get("verdict")}
                 for rm in RMS:
                     pairs[f"PL - {rm}"] = ((pl.get("versus") or {}).get(rm) or {}).get("verdict")
@@ -151,7 +156,8 @@ def markdown(res: dict) -> str:
           f"`{res['command']}`", "",
           "Out-of-fold figures (each method's rule chosen by 5-fold CV; the variant's alpha is part of its rule), mean ± "
           "std over seeds; verdicts b/t/l: seeds where the paired 95 % interval says beats / ties / loses. PL: "
-          "progress_advantage_plausible, PA: progress_advantage.", ""]
+          "progress_advantage_plausible, PA: progress_advantage; best baseline: the best of the baselines that need "
+          "no training (log-probs, self-certainty, DeepConf), per seed; ORM / PRM: the trained reward models.", ""]
     head = ["regime", "application", "PA", "PL", "best baseline", "ORM", "PRM", "PL − best", "PL − PA", "PA − best",
             "PL − ORM", "PL − PRM", "best baseline (seeds)"]
     md += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]

@@ -132,3 +132,17 @@ def test_held_out_figures_of_the_plausible_variant_are_advantages_not_the_orderi
     # the plausible steps' advantages (0.9 and 1.9); the implausible step is counted by `implausible`, not averaged
     assert fig["p/step_advantage_mean"] == pytest.approx(1.4) and fig["p/implausible"] == pytest.approx(1 / 3)
     assert "p/score_mean" not in fig
+
+
+def test_with_a_trained_baseline_each_member_is_also_set_against_the_best_untrained_one():
+    scores = _labelled(80, 1, 0.3)
+    for ts in scores:  # an oracle "reward model": the best baseline by construction
+        ts.baselines["orm"] = float(bool(ts.success))
+        ts.step_baselines["orm"] = [float(bool(ts.success))] * len(ts.steps)
+    fair = fair_comparison(scores, methods=["progress_advantage", "policy_logprob", PLAUSIBLE, "orm"], k=4, n_boot=200)
+    a = fair["auroc"]
+    assert a["best_baseline"] == "orm" and a["best_untrained_baseline"] == "policy_logprob"
+    vs = a["family"][PLAUSIBLE]["vs_best_untrained"]
+    assert vs["baseline"] == "policy_logprob" and vs["verdict"] == "beats"
+    assert a["family"][PLAUSIBLE]["verdict"] in ("ties", "loses")  # against the oracle
+    assert a["family"][PLAUSIBLE]["versus"]["orm"]["verdict"] == a["family"][PLAUSIBLE]["verdict"]

@@ -229,7 +229,7 @@ def step_selection(critic, models: dict, tokenizer, cfg, *, ks=BUDGETS, n_boot: 
 
 def _verdicts(c: dict) -> dict:
     """The comparison without the per-method copies of the success figures (they are in "step" / "trajectory")."""
-    out = {key: c.get(key) for key in ("best_baseline", "difference", "difference_ci", "verdict", "family")}
+    out = {key: c.get(key) for key in ("best_baseline", "best_untrained_baseline", "difference", "difference_ci", "verdict", "family")}
     if c.get("versus"):  # progress advantage minus each trained reward model, paired
         out["versus"] = c["versus"]
     return out

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from scipy import stats as sps
 
-from ..config import PLAUSIBILITY_ALPHAS, PLAUSIBLE, STEP_REDUCTIONS, extra_baselines, in_family
+from ..config import BASELINES, PLAUSIBILITY_ALPHAS, PLAUSIBLE, STEP_REDUCTIONS, extra_baselines, in_family
 from .attribution import _best_threshold, _valid_label, attribute_failure
 from .labels import available_methods, is_success, method_available
 from .selection import labelled_groups, pick_best
@@ -338,7 +338,17 @@ def _compare(res: dict, oof: dict, diff, n: int, n_boot: int, seed: int, strata=
                 ci = _paired_interval(diff(m, b), n, n_boot, seed, strata)
                 per[m]["versus"][b] = {"difference": res[m]["value"] - res[b]["value"], "difference_ci": ci,
                                        "verdict": verdict(ci)}  # fmt: skip
+    # With trained baselines present (reward models) the best baseline may be one of them; every member is also set
+    # against the best of the baselines that need no training (config.BASELINES), paired the same way.
+    untrained = _argbest({m: r["value"] for m, r in res.items() if m in BASELINES})
+    if untrained is not None and untrained != best:
+        for m in family:
+            ci = _paired_interval(diff(m, untrained), n, n_boot, seed, strata)
+            per[m]["vs_best_untrained"] = {"baseline": untrained, "difference": res[m]["value"] - res[untrained]["value"],
+                                           "difference_ci": ci, "verdict": verdict(ci)}  # fmt: skip
     entry["best_baseline"] = best
+    if untrained is not None:
+        entry["best_untrained_baseline"] = untrained
     if "progress_advantage" in per:
         entry.update(per["progress_advantage"])
     entry["family"] = per
