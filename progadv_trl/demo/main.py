@@ -211,11 +211,14 @@ def _run_stages(cfg: DemoConfig, out: Path) -> tuple[dict, dict]:
             fig["kept"] = f"step {best} (validation success {trainer.state.best_metric:.3f})"
         heldout = [h for h in holder["cb"].history if h["kind"] == "heldout"]
         if heldout:
-            last = heldout[-1]["figures"]
-            pa = last.get("eval_progadv/heldout/auroc/progress_advantage")
-            pol = last.get("eval_progadv/heldout/auroc/policy_logprob")
-            if pa is not None and pol is not None:
-                fig["held-out AUROC"] = f"PA {pa:.3f}, policy log-prob {pol:.3f}"
+            from ..config import BASELINES
+
+            last, pre = heldout[-1]["figures"], "eval_progadv/heldout/auroc/"
+            pa = last.get(f"{pre}progress_advantage")
+            base = {b: last[f"{pre}{b}"] for b in BASELINES if isinstance(last.get(f"{pre}{b}"), float)}
+            if pa is not None and base:
+                best = max(base, key=base.get)
+                fig["held-out AUROC"] = f"PA {pa:.3f}, best baseline {best} {base[best]:.3f}"
     cb = holder["cb"]
     if not (out / "bundle" / "manifest.json").exists():
         raise RuntimeError(f"the callback did not export the critic bundle ({cb.errors} errors; see {out / 'logs'})")
