@@ -24,7 +24,8 @@ from session_bench import _episode
 
 
 def episode_with_reasoning(tok, min_turns: int = 12, seed: int = 0) -> tuple[list[dict], list[dict]]:
-    msgs, tools = _episode(tok, min_turns, seed)
+    msgs, tools = _episode(tok, "realistic", seed)  # the realistic shape's episode (13 agent turns)
+    assert sum(m["role"] == "assistant" for m in msgs) >= min_turns, "episode too short for the benchmark"
     out, k = [], 0
     for m in msgs:
         if m["role"] == "assistant":
