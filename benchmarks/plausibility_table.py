@@ -44,6 +44,19 @@ def _untrained(member: dict) -> str | None:
     return (member.get("vs_best_untrained") or {}).get("verdict") or member.get("verdict")
 
 
+def _pairs(comparison: dict, with_pa_rms: bool) -> dict:
+    """{pair: this seed's verdict} from one fair comparison entry (an application's, or step selection's)."""
+    fam = comparison.get("family") or {}
+    pl, pa = fam.get(PL) or {}, fam.get(PA) or {}
+    pairs = {"PL - best": _untrained(pl), "PA - best": _untrained(pa),
+             "PL - PA": (pl.get("vs_progress_advantage") or {}).get("verdict")}
+    for rm in RMS:
+        pairs[f"PL - {rm}"] = ((pl.get("versus") or {}).get(rm) or {}).get("verdict")
+        if with_pa_rms:
+            pairs[f"PA - {rm}"] = ((comparison.get("versus") or {}).get(rm) or {}).get("verdict")
+    return pairs
+
+
 def _fair(metrics: dict, app: str) -> dict | None:
     if app == "auroc_decision":
         return ((metrics.get("fair_by_failure_kind") or {}).get("decision") or {}).get("auroc")
@@ -70,14 +83,7 @@ def trajectory_tables(seeds: list[Path]) -> dict:
                 cells["best_baseline"].append(best)
                 if best in meths:
                     cells["values"].setdefault("(best baseline)", []).append(meths[best]["value"])
-                fam = f.get("family") or {}
-                pl, pa = fam.get(PL) or {}, fam.get(PA) or {}
-                pairs = {"PL - best": _untrained(pl), "PA - best": _untrained(pa),
-                         "PL - PA": (pl.get("vs_progress_advantage") or {}).get("verdict")}
-                for rm in RMS:
-                    pairs[f"PL - {rm}"] = ((pl.get("versus") or {}).get(rm) or {}).get("verdict")
-                    pairs[f"PA - {rm}"] = ((f.get("versus") or {}).get(rm) or {}).get("verdict")
-                for k, v in pairs.items():
+                for k, v in _pairs(f, with_pa_rms=True).items():
                     if v is not None:
                         cells["verdicts"].setdefault(k, []).append(v)
             out.setdefault(regime, {})[app] = {
@@ -107,13 +113,7 @@ def step_tables(seeds: list[Path]) -> dict:
                 best = comp.get("best_untrained_baseline") or comp.get("best_baseline")
                 if best in r["step"]:
                     c["values"].setdefault("(best baseline)", []).append(r["step"][best])
-                fam = comp.get("family") or {}
-                pl, pa = fam.get(PL) or {}, fam.get(PA) or {}
-                pairs = {"PL - best": _untrained(pl), "PA - best": _untrained(pa),
-                         "PL - PA": (pl.get("vs_progress_advantage") or {}).get("verdict")}
-                for rm in RMS:
-                    pairs[f"PL - {rm}"] = ((pl.get("versus") or {}).get(rm) or {}).get("verdict")
-                for kk, v in pairs.items():
+                for kk, v in _pairs(comp, with_pa_rms=False).items():
                     if v is not None:
                         c["verdicts"].setdefault(kk, []).append(v)
                 rk = r.get("candidate_ranking") or {}

@@ -19,6 +19,15 @@ def shortfalls(gaps: np.ndarray, alpha: float) -> np.ndarray:
     return np.maximum(np.asarray(gaps, dtype=np.float64) + math.log(alpha), 0.0)
 
 
+def plausibility(gap: float | None, alpha: float | None) -> dict:
+    """One step's verdict at alpha: {"plausible", "shortfall"}; {} where the gap or alpha is missing or not finite.
+    What a step's JSON and a session's candidate report."""
+    if gap is None or alpha is None or not math.isfinite(gap):
+        return {}
+    short = float(shortfalls(np.array([gap]), alpha)[0])
+    return {"plausible": short == 0.0, "shortfall": short}
+
+
 def plausible_step_values(advantages: np.ndarray, gaps: np.ndarray, alpha: float) -> np.ndarray:
     """progress_advantage_plausible per step: a plausible step keeps its advantage; an implausible one is worth
     -(IMPLAUSIBLE_OFFSET + shortfall), below every plausible step and ordered by shortfall (smallest first). The
@@ -57,9 +66,7 @@ class StepScore:
         }
         if self.gap is not None:
             d["gap"] = _json_float(self.gap)
-            if alpha is not None and math.isfinite(self.gap):
-                short = float(shortfalls(np.array([self.gap]), alpha)[0])
-                d["plausible"], d["shortfall"] = short == 0.0, short
+            d.update(plausibility(self.gap, alpha))
         if self.dropped:
             d["dropped"] = list(self.dropped)
         return d

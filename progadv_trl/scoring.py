@@ -19,6 +19,7 @@ from .scores import (  # noqa: F401 - re-exported: the score records and the pla
     TrajectoryScore,
     _json_float,
     _support_from_json,
+    plausibility,
     plausible_step_values,
     shortfalls,
 )

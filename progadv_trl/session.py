@@ -53,7 +53,8 @@ from .engine import _device, _eval_mode, _plain_model, _states_fn
 from .prefix import _common_prefix, full_attention
 from .incremental import Tokens, tokenize
 from .rendering import chat_text, render_step
-from .scoring import TokenStats, TrajectoryScore, score_from_token_stats, shortfalls, token_logprob_stats
+from .scores import plausibility
+from .scoring import TokenStats, TrajectoryScore, score_from_token_stats, token_logprob_stats
 from .trajectories import Trajectory, validate_messages
 
 # Attention implementations that take a custom 4D float mask as given (transformers' masking_utils returns a 4D
@@ -125,16 +126,8 @@ def from_step(ts: TrajectoryScore, step: int) -> CandidateScore:
         advantage=st.advantage, log_ratio=pol - ref, policy_logprob=pol, reference_logprob=ref, tokens=n,
         baselines={k: float(v[step]) for k, v in ts.step_baselines.items()},
         variants={k: float(v[step]) for k, v in ts.step_variants.items()}, truncated=bool(ts.truncation),
-        truncation=ts.truncation, error=ts.error, **_plausibility(st.gap, ts.plausibility_alpha),
+        truncation=ts.truncation, error=ts.error, gap=st.gap, **plausibility(st.gap, ts.plausibility_alpha),
     )  # fmt: skip
-
-
-def _plausibility(gap: float | None, alpha: float | None) -> dict:
-    """CandidateScore's plausible / shortfall / gap for a step's gap at alpha (None where not computed)."""
-    if gap is None or alpha is None or not np.isfinite(gap):
-        return {"gap": gap}
-    short = float(shortfalls(np.array([gap]), alpha)[0])
-    return {"plausible": short == 0.0, "shortfall": short, "gap": float(gap)}
 
 
 class CriticSession:

@@ -77,6 +77,7 @@ def implausible_share(scores: Sequence[TrajectoryScore], alpha: float | None = N
     """Share of scored steps that fail the policy's plausibility constraint at `alpha` (default: each trajectory's
     own), over a set; None where no trajectory carries the plausibility gaps."""
     from ..config import DEFAULT_ALPHA
+    from ..scores import shortfalls
 
     with_gaps = [ts for ts in scores if ts.gaps is not None]
     if not with_gaps:
@@ -84,7 +85,7 @@ def implausible_share(scores: Sequence[TrajectoryScore], alpha: float | None = N
     alpha = alpha or with_gaps[0].plausibility_alpha or DEFAULT_ALPHA
     g = np.concatenate([ts.gaps for ts in with_gaps])
     g = g[~np.isnan(g)]
-    flags = g > -math.log(alpha)
+    flags = shortfalls(g, alpha) > 0  # the one rule (scores.shortfalls), as each trajectory's own share
     return {"share": float(flags.mean()) if flags.size else None, "n_steps": int(flags.size), "alpha": alpha,
             "trajectories_with_an_implausible_step": sum(bool(ts.implausible_share(alpha) > 0) for ts in with_gaps)}
 
