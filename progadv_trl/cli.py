@@ -342,8 +342,11 @@ def main(argv: list[str] | None = None) -> int:
     from . import distributed
 
     quiet = not distributed.is_main()  # several processes: the main process reports every rank's error once
+    ok = False
     try:
-        return COMMANDS[command][3](*values) or 0
+        rc = COMMANDS[command][3](*values) or 0
+        ok = True
+        return rc
     except _user_errors() as e:
         if not quiet:
             print(f"progadv: error: {e}", file=sys.stderr)
@@ -356,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             print("progadv: interrupted; no output was left half-written", file=sys.stderr)
         return 130
     finally:
-        distributed.finish()
+        distributed.finish(barrier=ok)
 
 
 if __name__ == "__main__":

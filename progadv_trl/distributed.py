@@ -274,11 +274,15 @@ def score_many(scorer, trajectories, configs: dict, *, progress: bool = False, s
     return out
 
 
-def finish() -> None:
-    """Tear the process group down (end of a command)."""
+def finish(barrier: bool = False) -> None:
+    """Tear the process group down (end of a command). `barrier` after a success: no rank tears gloo down while a
+    peer is still writing (that peer aborts, "terminate called without an active exception"); never after an error,
+    where a peer may not come."""
     if not active():
         return
     import torch.distributed as dist
 
     if dist.is_initialized():
+        if barrier:
+            dist.barrier()
         dist.destroy_process_group()

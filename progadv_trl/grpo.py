@@ -157,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
         bundle = callback.export_dir or Path(training_args.output_dir) / "progadv_bundle"
         where = f"; critic bundle: {bundle} (progadv inspect {bundle})" if callback.export else ""
         print(f"progadv grpo: model saved to {training_args.output_dir}{where}", file=sys.stderr)
+    # Every rank waits here for the main process's writing above: a rank that tears its gloo group down while a peer
+    # is still busy aborts ("terminate called without an active exception", exit 1 after a finished run).
+    trainer.accelerator.wait_for_everyone()
     if Version(transformers.__version__) >= Version("5.18.0"):
         trainer.end()  # finish the trackers, destroy the process group (as trl grpo does)
     return 0
