@@ -76,16 +76,19 @@ def test_over_a_trajectory_sum_counts_implausible_steps_first_and_attribution_bl
 
 
 def _labelled(n, seed, alpha_sep):
-    """Failures hold one step whose gap lies between -log(0.3) and -log(alpha_sep): plausible at looser alphas,
-    implausible at alpha_sep and tighter; advantages are noise, so only the right alpha separates."""
+    """Failures hold one step whose gap lies just above -log(alpha_sep): plausible at looser (smaller) alphas,
+    implausible at alpha_sep and tighter. Successes hold one step just below it, implausible at the next tighter
+    alpha of the grid. Advantages are noise, so only alpha_sep separates."""
     rng = np.random.default_rng(seed)
     out = []
     for i in range(n):
         ok = i % 2 == 0
         adv = rng.normal(0, 1, 3)
-        gaps = rng.uniform(0, 0.5, 3)
+        gaps = rng.uniform(0, 0.1, 3)
         if not ok:
-            gaps[1] = -math.log(alpha_sep) + 0.05 if alpha_sep < 1 else 0.0
+            gaps[1] = -math.log(alpha_sep) + 0.05
+        else:
+            gaps[2] = -math.log(alpha_sep) - 0.3  # 0.9 for 0.3: implausible from alpha 0.5 on (-log 0.5 = 0.69)
         from progadv_trl.scoring import StepScore
 
         steps = [StepScore(index=j, message_index=j, advantage=float(adv[j]), tokens=3, truncated=False, gap=float(g))
@@ -100,10 +103,11 @@ def _labelled(n, seed, alpha_sep):
 
 
 def test_alpha_is_part_of_the_rule_chosen_by_cross_validation():
-    # the failures' bad step is implausible only at alpha >= 0.3 (gap just above -log 0.3 = 1.2)
+    # the failures' bad step is implausible only at alpha >= 0.3 (gap just above -log 0.3 = 1.2); from 0.5 on every
+    # success holds an implausible step too
     scores = _labelled(80, 0, 0.3)
     rv = rule_values(scores[1], PLAUSIBLE)
-    assert {"sum@a0.01", "sum@a0.03", "sum@a0.1", "sum@a0.3", "native"} <= set(rv)
+    assert {"sum@a0.01", "sum@a0.03", "sum@a0.1", "sum@a0.3", "sum@a0.9", "native"} <= set(rv)
     fair = fair_comparison(scores, methods=["progress_advantage", "policy_logprob", PLAUSIBLE], k=4, n_boot=200)
     r = fair["auroc"]["methods"][PLAUSIBLE]
     assert r["rule"].endswith("@a0.3") and r["value"] > 0.95
