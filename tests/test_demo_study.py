@@ -221,6 +221,44 @@ def test_verdicts_ranges_and_the_demo_beside_the_study():
     assert "not comparable" not in compare_with_study(dict(inside, config={**inside["config"], "grpo_p_timeout": None}), r)[-1]
 
 
+def test_a_run_without_reward_models_is_set_beside_the_studys_untrained_baselines():
+    # The study trained reward models, and an ORM was the best baseline on one seed; a demo run without them is
+    # compared with the study's PA - best untrained baseline, not with PA - ORM (seen: every on-policy line
+    # "OUTSIDE (above)" for a run that reproduced a study seed).
+    from progadv_trl.demo.study import compare_with_study, study_ranges
+
+    sums = [
+        _with_comparison(_summary(0, 0.55, 0.90, 0.9, 0.8), {"reference": {"auroc": (0.05, "beats", "policy_logprob")},
+                                                             "policy": {"auroc": (-0.50, "loses", "orm")}}),
+        _with_comparison(_summary(1, 0.60, 0.88, 0.9, 0.8), {"reference": {"auroc": (0.01, "ties", "policy_logprob")},
+                                                             "policy": {"auroc": (-0.08, "ties", "reference_logprob")}}),
+    ]  # fmt: skip
+    c = sums[0]["evaluation"]["policy"]["comparison"]["auroc"]
+    c["best_untrained_baseline"] = "reference_logprob"
+    c["vs_best_untrained"] = {"baseline": "reference_logprob", "difference": -0.10, "difference_ci": [-0.2, 0.0],
+                              "verdict": "ties"}  # fmt: skip
+    sums[1]["evaluation"]["policy"]["comparison"]["auroc"]["best_untrained_baseline"] = "reference_logprob"
+    for s in sums:
+        s["reward_models"] = {"orm": {}, "prm": {}}
+    st = aggregate(sums)
+    on = st["verdicts"]["on-policy"]["auroc"]
+    assert on["differences"] == [-0.50, -0.08] and on["untrained"]["differences"] == [-0.10, -0.08]
+    assert (on["untrained"]["ties"], on["untrained"]["loses"]) == (2, 0)
+    r = study_ranges(st)["regimes"]["on-policy"]["auroc"]
+    assert r["difference_untrained"] == {"min": -0.10, "mean": pytest.approx(-0.09), "max": -0.08}
+
+    run = _with_comparison(_summary(7, 0.5, 0.8, 0.9, 0.8), {"reference": {"auroc": (0.02, "ties", "policy_logprob")},
+                                                             "policy": {"auroc": (-0.09, "ties", "reference_logprob")}})
+    line = next(x for x in compare_with_study(run, study_ranges(st)) if x.startswith("  on-policy, auroc"))
+    assert "best untrained baseline" in line and line.endswith("inside")
+    run["reward_models"] = {"orm": {}}  # with reward models of its own, the run is set beside the study's best
+    line = next(x for x in compare_with_study(run, study_ranges(st)) if x.startswith("  on-policy, auroc"))
+    assert "best untrained" not in line and line.endswith("inside")
+    run["evaluation"]["policy"]["comparison"]["auroc"]["difference"] = -0.01
+    line = next(x for x in compare_with_study(run, study_ranges(st)) if x.startswith("  on-policy, auroc"))
+    assert line.endswith("OUTSIDE (above)")
+
+
 def test_family_verdicts_from_each_seeds_paired_interval():
     """The variants table: a family member's verdict per seed comes from its paired interval (beats only when the
     interval is above zero), and baselines never appear as members."""

@@ -410,6 +410,12 @@ def _add_reward_models(trajectories, reward_models: dict):
     return lambda scores: add_reward_model_scores(scores, trajectories, reward_models)
 
 
+# `vs_best_untrained`: PA against the best baseline that needs no training, present when a trained reward model is
+# the best baseline; a demo run without reward models is set beside the study through it (demo/ranges.py).
+COMPARISON_KEYS = ("best_baseline", "difference", "difference_ci", "verdict", "versus", "best_untrained_baseline",
+                   "vs_best_untrained")
+
+
 def headline(metrics: dict) -> dict:
     """Per method: AUROC (all rollouts; successes + decision failures only), best-of-N, attribution by the
     min-cumsum rule (`attribution_min_cumsum_*`), and the fair figures (each method's rule chosen by 5-fold CV, out-of-fold: `fair_*`); `comparison`: progress
@@ -461,8 +467,8 @@ def headline(metrics: dict) -> dict:
         "pass_at_n": ref.get("pass_at_n"),
         "attribution_chance": (metrics.get("attribution_chance") or {}).get("exact"),
         "cv_reduction": {"chosen": sel.get("chosen"), "out_of_fold_auroc": sel.get("out_of_fold")},
-        "comparison": {app: {k: f.get(k) for k in ("best_baseline", "difference", "difference_ci", "verdict", "versus")
-                             if k in f} for app, f in apps.items() if f and "verdict" in f},
+        "comparison": {app: {k: f.get(k) for k in COMPARISON_KEYS if k in f} for app, f in apps.items()
+                       if f and "verdict" in f},
     }
 
 

@@ -59,9 +59,13 @@ def study_ranges(study: dict) -> dict:
             cell = pa.get(f"fair_{app}")
             if v is None and cell is None:
                 continue
+            u = (v or {}).get("untrained")
             apps[app] = {"progress_advantage": rng(cell) if cell else None,
                          "difference": rng(v) if v else None,
-                         "verdicts": {k: v[k] for k in ("beats", "ties", "loses")} if v else None}  # fmt: skip
+                         "verdicts": {k: v[k] for k in ("beats", "ties", "loses")} if v else None,
+                         # against the best untrained baseline: what a run without reward models is set beside
+                         "difference_untrained": rng(u) if u else None,
+                         "verdicts_untrained": {k: u[k] for k in ("beats", "ties", "loses")} if u else None}  # fmt: skip
         regimes[regime] = apps
     return {"command": study.get("command"), "seeds": study["seeds"], "config": study["config"],
             "world": "noisy" if study["config"].get("free_form") else "plain",
@@ -106,14 +110,18 @@ def compare_with_study(summary: dict, ranges: dict) -> list[str]:
         regime = REGIMES.get(set_name, set_name)
         for app, r in (ranges["regimes"].get(regime) or {}).items():
             c = (ev.get("comparison") or {}).get(app) or {}
-            d, dr = c.get("difference"), r.get("difference")
+            d, dr, vs, what = c.get("difference"), r.get("difference"), r.get("verdicts") or {}, "best baseline"
+            if not summary.get("reward_models") and r.get("difference_untrained"):
+                # like with like: this run's baselines need no training, so its best is set beside the study's best
+                # untrained baseline, not beside a reward model the study trained
+                dr, vs, what = r["difference_untrained"], r.get("verdicts_untrained") or {}, "best untrained baseline"
             if d is None or dr is None:
                 continue
             w = where(d, dr)
             outside += w.startswith("OUTSIDE")
-            vs = r.get("verdicts") or {}
-            lines.append(f"  {regime}, {app}: PA - best baseline {d:+.3f} ({c.get('verdict')}); study {fmt(dr)}, "
-                         f"beats/ties/loses on {vs.get('beats', 0)}/{vs.get('ties', 0)}/{vs.get('loses', 0)} seeds: {w}")  # fmt: skip
+            lines.append(f"  {regime}, {app}: PA - best baseline {d:+.3f} ({c.get('verdict')}); study, PA - {what} "
+                         f"{fmt(dr)}, beats/ties/loses on {vs.get('beats', 0)}/{vs.get('ties', 0)}/{vs.get('loses', 0)} "
+                         f"seeds: {w}")  # fmt: skip
     if outside or (g is not None and gr and where(g, gr).startswith("OUTSIDE")):
         lines.append("  Figures marked OUTSIDE fall outside every seed of the study: this run is another draw (another "
                      "CPU rounds differently and the RL run diverges); judge the method from the study, not one run.")  # fmt: skip

@@ -292,7 +292,9 @@ def reductions_chosen(summaries: list[dict]) -> dict:
 def verdicts(summaries: list[dict]) -> dict:
     """Per regime and application, across seeds: how often progress advantage beat / tied / lost to the best
     baseline (each method with its rule chosen by CV; "beats"/"loses" only where the seed's paired 95 % interval
-    excludes zero), the differences per seed and which baseline was best how often."""
+    excludes zero), the differences per seed and which baseline was best how often. `untrained`: the same against
+    the best baseline that needs no training (the one a run without reward models is compared with); it equals the
+    above on seeds where no reward model was best, and is left out where no seed said (older summaries)."""
     out: dict[str, dict] = {}
     for s in summaries:
         for set_name, ev in (s.get("evaluation") or {}).items():
@@ -302,14 +304,27 @@ def verdicts(summaries: list[dict]) -> dict:
                     continue
                 v = out.setdefault(regime, {}).setdefault(app, {"beats": 0, "ties": 0, "loses": 0, "differences": [],
                                                                  "best_baseline": {}})  # fmt: skip
-                v[c.get("verdict", "ties")] = v.get(c.get("verdict", "ties"), 0) + 1
-                v["differences"].append(float(c["difference"]))
+                _count(v, c)
                 b = c.get("best_baseline") or "?"
                 v["best_baseline"][b] = v["best_baseline"].get(b, 0) + 1
+                trained_best = c.get("best_untrained_baseline") not in (None, b)
+                if trained_best and not c.get("vs_best_untrained"):
+                    continue  # no paired figure against the untrained ones on this seed
+                u = v.setdefault("untrained", {"beats": 0, "ties": 0, "loses": 0, "differences": []})
+                _count(u, c["vs_best_untrained"] if trained_best else c)
     for apps in out.values():
         for v in apps.values():
-            v.update({k: x for k, x in _stats(v["differences"]).items() if k != "n_seeds"})
+            for w in (v, v.get("untrained")):
+                if w:
+                    w.update({k: x for k, x in _stats(w["differences"]).items() if k != "n_seeds"})
+            if v.get("untrained") and len(v["untrained"]["differences"]) != len(v["differences"]):
+                del v["untrained"]  # some seeds lack it: no across-seed figure
     return out
+
+
+def _count(v: dict, c: dict) -> None:
+    v[c.get("verdict", "ties")] = v.get(c.get("verdict", "ties"), 0) + 1
+    v["differences"].append(float(c["difference"]))
 
 
 def _verdict(ci) -> str:
