@@ -284,5 +284,10 @@ def finish(barrier: bool = False) -> None:
 
     if dist.is_initialized():
         if barrier:
-            dist.barrier()
+            import datetime
+
+            try:  # gloo's monitored barrier gives up on a rank that never comes, not after the group's 6 hours
+                dist.monitored_barrier(timeout=datetime.timedelta(minutes=30))
+            except RuntimeError:
+                pass  # a rank that did not come, or a backend without it: tear down all the same
         dist.destroy_process_group()
