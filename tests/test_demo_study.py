@@ -246,6 +246,10 @@ def test_a_run_without_reward_models_is_set_beside_the_studys_untrained_baseline
     assert (on["untrained"]["ties"], on["untrained"]["loses"]) == (2, 0)
     r = study_ranges(st)["regimes"]["on-policy"]["auroc"]
     assert r["difference_untrained"] == {"min": -0.10, "mean": pytest.approx(-0.09), "max": -0.08}
+    del c["vs_best_untrained"]  # a summary from before the figure was kept: no untrained range, not a wrong one
+    assert "untrained" not in aggregate(sums)["verdicts"]["on-policy"]["auroc"]
+    c["vs_best_untrained"] = {"baseline": "reference_logprob", "difference": -0.10, "difference_ci": [-0.2, 0.0],
+                              "verdict": "ties"}  # fmt: skip
 
     run = _with_comparison(_summary(7, 0.5, 0.8, 0.9, 0.8), {"reference": {"auroc": (0.02, "ties", "policy_logprob")},
                                                              "policy": {"auroc": (-0.09, "ties", "reference_logprob")}})

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..config import BASELINES
 from .ranges import (  # noqa: F401 - re-exported: they used to live here
     ADDED_KEYS,
     APPLICATIONS,
@@ -294,7 +295,8 @@ def verdicts(summaries: list[dict]) -> dict:
     baseline (each method with its rule chosen by CV; "beats"/"loses" only where the seed's paired 95 % interval
     excludes zero), the differences per seed and which baseline was best how often. `untrained`: the same against
     the best baseline that needs no training (the one a run without reward models is compared with); it equals the
-    above on seeds where no reward model was best, and is left out where no seed said (older summaries)."""
+    above on seeds where no reward model was best, and is left out where a seed whose best was a reward model has
+    no such figure (summaries from before it was kept)."""
     out: dict[str, dict] = {}
     for s in summaries:
         for set_name, ev in (s.get("evaluation") or {}).items():
@@ -307,9 +309,9 @@ def verdicts(summaries: list[dict]) -> dict:
                 _count(v, c)
                 b = c.get("best_baseline") or "?"
                 v["best_baseline"][b] = v["best_baseline"].get(b, 0) + 1
-                trained_best = c.get("best_untrained_baseline") not in (None, b)
+                trained_best = b not in BASELINES  # a reward model
                 if trained_best and not c.get("vs_best_untrained"):
-                    continue  # no paired figure against the untrained ones on this seed
+                    continue  # no paired figure against the untrained ones on this seed (an older summary)
                 u = v.setdefault("untrained", {"beats": 0, "ties": 0, "loses": 0, "differences": []})
                 _count(u, c["vs_best_untrained"] if trained_best else c)
     for apps in out.values():
