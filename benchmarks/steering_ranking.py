@@ -71,7 +71,7 @@ def main(argv=None) -> int:
                     step = {m: [float(ep.success) for ep in v] for m, v in eps.items()}
                     c = compare_outcomes(step, n_boot=cfg.n_boot, seed=cfg.seed)
                     fam = c["family"]["progress_advantage_plausible"]
-                    res[f"a{alpha or 'bundle'}/{agent}/k{k}"] = {
+                    r = res[f"a{alpha or 'bundle'}/{agent}/k{k}"] = {
                         "alpha": alpha or bundle_alpha[agent], "agent": agent, "k": k,
                         "step": {m: float(np.mean(v)) for m, v in step.items()},
                         "best_baseline": c["best_baseline"],
@@ -80,7 +80,6 @@ def main(argv=None) -> int:
                         "ranking": stats["candidate_ranking"]["methods"],
                         "states_with_a_choice": stats["candidate_ranking"]["states_with_a_choice"],
                     }  # fmt: skip
-                    r = res[f"a{alpha or 'bundle'}/{agent}/k{k}"]
                     print(f"{run} alpha={r['alpha']} {agent} K={k}: PL {r['step']['progress_advantage_plausible']:.3f} "
                           f"best {c['best_baseline']} {r['step'][c['best_baseline']]:.3f} ({fam['verdict']}); ranking "
                           f"PL {r['ranking']['progress_advantage_plausible']}", file=sys.stderr, flush=True)  # fmt: skip
